@@ -1,0 +1,107 @@
+"""The model switchboard: every Libra part is a separate, typed setting.
+
+A ``ModelConfig`` is plain data (it round-trips through YAML); ``libra_rcnn.models.build_model``
+turns it into a ``torch.nn.Module`` that follows torchvision's detection contract. Each row of the
+paper's ablation tables (2, 4, 5, 6) is a ``ModelConfig`` that differs from the baseline in a few
+fields, never new code. Defaults are the paper's (mmdetection's) settings for ResNet-50-FPN
+Faster R-CNN *without* the Libra parts; the ``libra_*`` builders switch them on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+Arch = Literal["faster_rcnn", "retinanet", "rpn", "fast_rcnn"]
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d"]
+NormKind = Literal["frozen_bn", "bn", "gn"]
+NeckKind = Literal["fpn", "pafpn"]
+RefineKind = Literal["none", "conv", "non_local"]
+BoxLossKind = Literal["smooth_l1", "l1", "balanced_l1"]
+
+
+@dataclass
+class BalancedFeaturePyramidConfig:
+    """Sec. 3.2. ``refine_level`` indexes the neck's output levels (0 = finest)."""
+
+    enabled: bool = False
+    refine_level: int = 2
+    refine_type: RefineKind = "non_local"
+
+
+@dataclass
+class SamplerConfig:
+    """Sec. 3.1. ``pos_balance``: equal positives per ground truth; ``neg_balance``:
+    IoU-balanced negatives in ``num_bins`` bins (mmdetection's floor variant via
+    ``floor_thr >= 0`` and ``floor_fraction``). Both off is random sampling."""
+
+    num: int = 512
+    pos_fraction: float = 0.25
+    neg_pos_ub: float = -1.0
+    add_gt_as_proposals: bool = True
+    pos_balance: bool = False
+    neg_balance: bool = False
+    num_bins: int = 3
+    floor_thr: float = -1.0
+    floor_fraction: float = 0.0
+
+
+@dataclass
+class BoxLossConfig:
+    """Box regression loss. ``beta``: smooth-L1 / balanced-L1 inlier threshold;
+    ``alpha``/``gamma``: Eq. 7-9 (balanced L1 only)."""
+
+    kind: BoxLossKind = "smooth_l1"
+    beta: float = 1.0
+    alpha: float = 0.5
+    gamma: float = 1.5
+    loss_weight: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = "faster_rcnn"
+    # classes *including* background for two-stage models (torchvision convention: 91 for COCO
+    # category ids, 81 for contiguous COCO labels); foreground classes + 1 for RetinaNet as well,
+    # label 0 is never predicted.
+    num_classes: int = 81
+
+    # backbone
+    backbone: BackboneName = "resnet50"
+    # None, a torchvision weight-enum name ("IMAGENET1K_V1", "DEFAULT"), or a path to a .pth
+    backbone_weights: Optional[str] = None
+    trainable_backbone_layers: int = 3
+    norm: NormKind = "frozen_bn"
+
+    # neck
+    neck: NeckKind = "fpn"
+    fpn_channels: int = 256
+    bfp: BalancedFeaturePyramidConfig = field(default_factory=BalancedFeaturePyramidConfig)
+
+    # input transform (GeneralizedRCNNTransform)
+    min_size: int = 800
+    max_size: int = 1333
+
+    # RPN (faster_rcnn / rpn)
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_box_loss: BoxLossConfig = field(
+        default_factory=lambda: BoxLossConfig(kind="smooth_l1", beta=1.0 / 9.0)
+    )
+
+    # RoI heads (faster_rcnn / fast_rcnn)
+    roi_sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    box_loss: BoxLossConfig = field(default_factory=BoxLossConfig)
+    representation_size: int = 1024
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+
+    # RetinaNet
+    retina_box_loss: BoxLossConfig = field(
+        default_factory=lambda: BoxLossConfig(kind="l1", beta=0.11)
+    )
