@@ -1,0 +1,240 @@
+"""PASCAL VOC XML annotations -> a COCO instances dict.
+
+Two layouts are recognised:
+
+* the VOC release layout ``folder/Annotations/*.xml`` + ``folder/JPEGImages/*``
+  (optionally restricted to ``folder/ImageSets/Main/<image_set>.txt``);
+* a flat folder with each ``name.xml`` next to its image (what labelImg writes).
+
+Conventions of the conversion:
+
+* **Coordinates.** VOC stores 1-based, inclusive pixel indices. A box covering pixel columns
+  ``xmin..xmax`` (1-based) covers ``[xmin - 1, xmax)`` in the 0-based continuous coordinates
+  COCO uses, so ``x = xmin - 1`` and ``w = xmax - xmin + 1`` (same for y). Boxes are clipped to
+  the image; boxes empty after clipping are dropped, counted and logged.
+* **Image size.** The size of the image file itself (as displayed, EXIF orientation applied) is
+  authoritative. ``<size>`` is only used when the image cannot be read; a missing ``<size>`` or
+  one of ``0 x 0`` (common in exported data) is therefore harmless.
+* **Image lookup.** ``<filename>`` is tried first, then any image with the XML's stem.
+  Formats are sniffed from content, so a ``.jpg`` holding PNG data is fine.
+* **Difficult objects** stay normal annotations and carry ``"difficult": 1``. With
+  ``difficult_as_crowd=True`` they also get ``iscrowd=1``, which makes COCO evaluation ignore
+  them (neither true nor false positive, as VOC's own protocol does) and training drop them.
+* **Classes.** ``class_names=None`` takes the sorted set of names found; a fixed list makes an
+  unknown name an error naming the XML file. Category ids are ``1..C`` in list order.
+* ``area`` is the box area (VOC has no masks).
+
+Conversion counts are stored under ``d["info"]["conversion"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from typing import List, Optional, Sequence, Tuple
+
+from .errors import BadAnnotationError, BadImageError, PathLike
+from .image_io import read_image_size
+
+__all__ = ["voc_to_coco", "write_coco_json", "IMAGE_EXTENSIONS"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+                    ".JPG", ".JPEG", ".PNG")
+
+
+def _find_layout(folder: str, image_set: Optional[str]) -> Tuple[List[str], str]:
+    """Return (xml paths, image directory)."""
+    ann_dir = os.path.join(folder, "Annotations")
+    if os.path.isdir(ann_dir):
+        image_dir = os.path.join(folder, "JPEGImages")
+        if image_set is not None:
+            list_file = os.path.join(folder, "ImageSets", "Main", f"{image_set}.txt")
+            if not os.path.isfile(list_file):
+                raise ValueError(f"image_set {image_set!r}: {list_file!r} does not exist")
+            with open(list_file, "r", encoding="utf-8") as f:
+                stems = [line.split()[0] for line in f if line.strip()]
+            return [os.path.join(ann_dir, f"{s}.xml") for s in stems], image_dir
+        xmls = sorted(os.path.join(ann_dir, n) for n in os.listdir(ann_dir) if n.lower().endswith(".xml"))
+        return xmls, image_dir
+    if image_set is not None:
+        raise ValueError(f"image_set={image_set!r} needs the VOC layout (folder/Annotations, "
+                         f"folder/ImageSets/Main), not found in {folder!r}")
+    xmls = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(".xml"))
+    return xmls, folder
+
+
+def _find_image(xml_path: str, filename: Optional[str], image_dir: str) -> Optional[str]:
+    candidates = []
+    if filename:
+        # Only the base name: exported XMLs often hold absolute paths from another machine.
+        candidates.append(os.path.join(image_dir, os.path.basename(filename.replace("\\", "/"))))
+    stem = os.path.splitext(os.path.basename(xml_path))[0]
+    candidates.extend(os.path.join(image_dir, stem + ext) for ext in IMAGE_EXTENSIONS)
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _number(node: ET.Element, tag: str, xml_path: str) -> float:
+    text = node.findtext(tag)
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise BadAnnotationError(xml_path, f"<{tag}> is {text!r}, not a number") from None
+    if not math.isfinite(value):
+        raise BadAnnotationError(xml_path, f"<{tag}> is {text!r}, not a finite number")
+    return value
+
+
+def _xml_size(root: ET.Element) -> Tuple[int, int]:
+    size = root.find("size")
+    if size is None:
+        return 0, 0
+    try:
+        return int(float(size.findtext("width"))), int(float(size.findtext("height")))
+    except (TypeError, ValueError):
+        return 0, 0
+
+
+def voc_to_coco(
+    folder: PathLike,
+    *,
+    class_names: Optional[Sequence[str]] = None,
+    difficult_as_crowd: bool = False,
+    image_set: Optional[str] = None,
+) -> dict:
+    """Convert a VOC-style folder into a COCO instances dict (conventions in the module doc).
+
+    ``file_name`` entries are relative to ``folder``, so use ``folder`` as the dataset's
+    ``image_root``. Images are numbered ``1..N`` in sorted XML order.
+
+    Raises:
+        ValueError: ``folder`` is not a directory, ``class_names`` is empty or has duplicates,
+            ``image_set`` cannot be found.
+        BadAnnotationError: malformed XML, an object without a name or box, an unknown class
+            with a fixed ``class_names``, an image whose size can be found neither in the file
+            nor in the XML, or a folder without any XML.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"folder {folder!r} is not an existing directory")
+    if class_names is not None:
+        class_names = [str(n) for n in class_names]
+        if not class_names or len(set(class_names)) != len(class_names):
+            raise ValueError(f"class_names must be non-empty and unique, got {class_names!r}")
+    xml_paths, image_dir = _find_layout(folder, image_set)
+    if not xml_paths:
+        raise BadAnnotationError(folder, "no .xml annotation files found")
+
+    counts = {"images": 0, "objects": 0, "difficult": 0, "clipped_boxes": 0,
+              "dropped_empty_boxes": 0, "size_from_image": 0, "size_from_xml": 0,
+              "missing_images": 0}
+    parsed = []  # (xml_path, image_path, width, height, objects)
+    found_names = set()
+    for xml_path in xml_paths:
+        if not os.path.isfile(xml_path):
+            raise BadAnnotationError(xml_path, f"annotation file missing (listed in image_set {image_set!r})")
+        try:
+            root = ET.parse(xml_path).getroot()
+        except (ET.ParseError, OSError) as exc:
+            raise BadAnnotationError(xml_path, f"malformed XML: {exc}") from exc
+        image_path = _find_image(xml_path, root.findtext("filename"), image_dir)
+        width = height = 0
+        if image_path is not None:
+            try:
+                width, height = read_image_size(image_path)
+                counts["size_from_image"] += 1
+            except BadImageError as exc:
+                logger.warning("%s: cannot read size of %s (%s); using <size>", xml_path, image_path, exc.reason)
+        else:
+            counts["missing_images"] += 1
+            logger.warning("%s: image file not found (filename %r)", xml_path, root.findtext("filename"))
+        if width <= 0 or height <= 0:
+            width, height = _xml_size(root)
+            if width <= 0 or height <= 0:
+                raise BadAnnotationError(xml_path, "image size unknown: image unreadable or missing "
+                                                   "and <size> absent or 0x0")
+            counts["size_from_xml"] += 1
+        objects = []
+        for obj in root.iter("object"):
+            name = (obj.findtext("name") or "").strip()
+            if not name:
+                raise BadAnnotationError(xml_path, "<object> without a <name>")
+            if class_names is not None and name not in class_names:
+                raise BadAnnotationError(xml_path, f"unknown class {name!r}; expected one of {class_names}")
+            box = obj.find("bndbox")
+            if box is None:
+                raise BadAnnotationError(xml_path, f"<object> {name!r} without <bndbox>")
+            xmin, ymin, xmax, ymax = (_number(box, t, xml_path) for t in ("xmin", "ymin", "xmax", "ymax"))
+            difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true", "True")
+            objects.append((name, xmin - 1.0, ymin - 1.0, xmax, ymax, difficult))
+            found_names.add(name)
+        rel = os.path.relpath(image_path, folder) if image_path is not None else os.path.relpath(
+            os.path.join(image_dir, os.path.basename(root.findtext("filename") or "")), folder)
+        parsed.append((xml_path, rel.replace(os.sep, "/"), width, height, objects))
+
+    names = list(class_names) if class_names is not None else sorted(found_names)
+    if not names:
+        raise BadAnnotationError(folder, "no objects found, so no class names (pass class_names)")
+    cat_ids = {name: i + 1 for i, name in enumerate(names)}
+    images, annotations = [], []
+    for image_id, (xml_path, rel, width, height, objects) in enumerate(parsed, start=1):
+        images.append({"id": image_id, "file_name": rel, "width": width, "height": height})
+        for name, x1, y1, x2, y2, difficult in objects:
+            cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+            cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
+            if cx2 <= cx1 or cy2 <= cy1:
+                counts["dropped_empty_boxes"] += 1
+                logger.warning("%s: dropping empty box %r for %r in a %dx%d image",
+                               xml_path, (x1 + 1, y1 + 1, x2, y2), name, width, height)
+                continue
+            if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+                counts["clipped_boxes"] += 1
+            w, h = cx2 - cx1, cy2 - cy1
+            counts["objects"] += 1
+            counts["difficult"] += int(difficult)
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": cat_ids[name],
+                "bbox": [cx1, cy1, w, h],
+                "area": w * h,
+                "iscrowd": int(difficult and difficult_as_crowd),
+                "difficult": int(difficult),
+            })
+    counts["images"] = len(images)
+    return {
+        "info": {"description": f"converted from PASCAL VOC XML in {folder}", "conversion": counts},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": cat_ids[n], "name": n, "supercategory": "none"} for n in names],
+    }
+
+
+def write_coco_json(data: dict, path: PathLike) -> str:
+    """Write ``data`` as JSON to ``path`` atomically (temporary file in the same folder, then
+    ``os.replace``), so readers never see a half-written file. Returns the path."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
