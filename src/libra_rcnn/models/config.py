@@ -89,6 +89,9 @@ class ModelConfig:
     rpn_post_nms_top_n_test: int = 1000
     rpn_batch_size_per_image: int = 256
     rpn_positive_fraction: float = 0.5
+    # at most this many sampled negative anchors per sampled positive (-1: no cap);
+    # mmdetection's Libra Faster R-CNN uses 5 (added by the models helper)
+    rpn_neg_pos_ub: float = -1.0
     rpn_box_loss: BoxLossConfig = field(
         default_factory=lambda: BoxLossConfig(kind="smooth_l1", beta=1.0 / 9.0)
     )

@@ -1,0 +1,102 @@
+"""Detectors: torchvision's Faster R-CNN / RetinaNet / RPN / Fast R-CNN with the Libra parts.
+
+Start with :func:`build_model` and a :class:`ModelConfig` from :func:`libra_model_config` or
+:func:`baseline_model_config`, or with one of the torchvision-style builders
+(``libra_faster_rcnn_resnet50_fpn(num_classes=81, weights_backbone="IMAGENET1K_V1")``).
+"""
+
+from .backbone import (
+    LastLevelP6P7FromC5,
+    LibraBackboneWithFPN,
+    build_resnet,
+    freeze_backbone_layers,
+    load_backbone_weights,
+    norm_layer_factory,
+    resnet_fpn_backbone,
+    resolve_backbone_weights,
+)
+from .box_losses import box_regression_loss_sum, check_box_loss_config
+from .builders import (
+    ARCHS,
+    apply_overrides,
+    baseline_model_config,
+    build_model,
+    check_model_config,
+    fast_rcnn_resnet50_fpn,
+    faster_rcnn_resnet50_fpn,
+    faster_rcnn_resnet101_fpn,
+    faster_rcnn_resnext101_64x4d_fpn,
+    libra_fast_rcnn_resnet50_fpn,
+    libra_faster_rcnn_resnet50_fpn,
+    libra_faster_rcnn_resnet101_fpn,
+    libra_faster_rcnn_resnext101_64x4d_fpn,
+    libra_model_config,
+    libra_retinanet_resnet50_fpn,
+    libra_rpn_resnet50_fpn,
+    retinanet_resnet50_fpn,
+    rpn_resnet50_fpn,
+    rpn_resnet101_fpn,
+    rpn_resnext101_64x4d_fpn,
+)
+from .config import BalancedFeaturePyramidConfig, BoxLossConfig, ModelConfig, SamplerConfig
+from .faster_rcnn import LibraFastRCNN, LibraFasterRCNN
+from .proposals import dump_proposals, load_proposals, select_proposals
+from .retinanet import LibraRetinaNet, LibraRetinaNetHead, LibraRetinaNetRegressionHead
+from .roi_heads import LibraRoIHeads, check_sampler_config, fastrcnn_loss, match_proposals
+from .rpn import LibraRegionProposalNetwork, LibraRPN
+from .validation import validate_images, validate_inputs, validate_proposals, validate_targets
+
+__all__ = [
+    "ARCHS",
+    "BalancedFeaturePyramidConfig",
+    "BoxLossConfig",
+    "LastLevelP6P7FromC5",
+    "LibraBackboneWithFPN",
+    "LibraFastRCNN",
+    "LibraFasterRCNN",
+    "LibraRPN",
+    "LibraRegionProposalNetwork",
+    "LibraRetinaNet",
+    "LibraRetinaNetHead",
+    "LibraRetinaNetRegressionHead",
+    "LibraRoIHeads",
+    "ModelConfig",
+    "SamplerConfig",
+    "apply_overrides",
+    "baseline_model_config",
+    "box_regression_loss_sum",
+    "build_model",
+    "build_resnet",
+    "check_box_loss_config",
+    "check_model_config",
+    "check_sampler_config",
+    "dump_proposals",
+    "fast_rcnn_resnet50_fpn",
+    "fastrcnn_loss",
+    "faster_rcnn_resnet50_fpn",
+    "faster_rcnn_resnet101_fpn",
+    "faster_rcnn_resnext101_64x4d_fpn",
+    "freeze_backbone_layers",
+    "libra_fast_rcnn_resnet50_fpn",
+    "libra_faster_rcnn_resnet50_fpn",
+    "libra_faster_rcnn_resnet101_fpn",
+    "libra_faster_rcnn_resnext101_64x4d_fpn",
+    "libra_model_config",
+    "libra_retinanet_resnet50_fpn",
+    "libra_rpn_resnet50_fpn",
+    "load_backbone_weights",
+    "load_proposals",
+    "match_proposals",
+    "norm_layer_factory",
+    "resnet_fpn_backbone",
+    "resolve_backbone_weights",
+    "retinanet_resnet50_fpn",
+    "rpn_resnet50_fpn",
+    "rpn_resnet101_fpn",
+    "rpn_resnext101_64x4d_fpn",
+    "select_proposals",
+    "validate_images",
+    "validate_inputs",
+    "validate_proposals",
+    "validate_targets",
+]

@@ -1,0 +1,346 @@
+"""ResNet / ResNeXt feature pyramids: ``body -> neck (FPN or PAFPN) -> optional BFP``.
+
+The composition is :class:`LibraBackboneWithFPN`, a subclass of torchvision's
+``BackboneWithFPN`` that keeps its parameter names (``body.*``, ``fpn.*``) and adds the
+balanced feature pyramid of Sec. 3.2 as ``bfp.*``. A torchvision detector's backbone state dict
+therefore loads unchanged; only the ``bfp.*`` (and, for PAFPN, the bottom-up) parameters are new.
+
+Two layouts are used by the detectors (all levels finest first, keys as torchvision's):
+
+* Faster R-CNN / RPN / Fast R-CNN: C2-C5 (``layer1..layer4``) + ``LastLevelMaxPool`` -> P2-P6,
+  keys ``"0", "1", "2", "3", "pool"``; the paper's BFP refines at level 2 (the C4 size).
+* RetinaNet: C3-C5 + ``LastLevelP6P7`` computed from C5 -> P3-P7, keys
+  ``"0", "1", "2", "p6", "p7"``; mmdetection's Libra RetinaNet refines at level 1.
+
+Backbone weights (``backbone_weights``) are ``None``, the name of a member of the model's
+torchvision weight enum (``"IMAGENET1K_V1"``, ``"DEFAULT"``, or qualified like
+``"ResNet50_Weights.IMAGENET1K_V1"``), or the path of a ``.pth`` file holding the state dict of
+the plain torchvision classification model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Callable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torchvision import models as tv_models
+from torchvision.models import WeightsEnum
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+
+from ..ops.balanced_feature_pyramid import BalancedFeaturePyramid
+from ..ops.pafpn import PAFPN
+from .config import BalancedFeaturePyramidConfig
+
+__all__ = [
+    "BACKBONE_NAMES",
+    "NORM_KINDS",
+    "NECK_KINDS",
+    "LastLevelP6P7FromC5",
+    "LibraBackboneWithFPN",
+    "build_resnet",
+    "freeze_backbone_layers",
+    "load_backbone_weights",
+    "norm_layer_factory",
+    "resnet_fpn_backbone",
+    "resolve_backbone_weights",
+]
+
+BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d")
+NORM_KINDS = ("frozen_bn", "bn", "gn")
+NECK_KINDS = ("fpn", "pafpn")
+_GN_GROUPS = 32
+# Layers from the top down; the first ``trainable_layers`` of them stay trainable.
+_LAYERS_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "conv1")
+
+WeightsSource = Union[None, str, os.PathLike, WeightsEnum]
+
+
+def norm_layer_factory(norm: str) -> Callable[[int], nn.Module]:
+    """Normalisation constructor ``f(num_channels)`` for ``norm`` in ``NORM_KINDS``.
+
+    ``frozen_bn``: ``FrozenBatchNorm2d`` (fixed statistics and affine, the detection default);
+    ``bn``: trainable ``BatchNorm2d``; ``gn``: ``GroupNorm`` with 32 groups.
+    """
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return _group_norm
+    raise ValueError(f"norm must be one of {NORM_KINDS}, got {norm!r}")
+
+
+def _group_norm(num_channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(_GN_GROUPS, num_channels)
+
+
+def _weights_enum(backbone_name: str) -> type:
+    return tv_models.get_model_weights(backbone_name)
+
+
+def _resolve_weight_name(source: str, backbone_name: str) -> Optional[WeightsEnum]:
+    """The member of ``backbone_name``'s weight enum named ``source``, else ``None``."""
+    enum_cls = _weights_enum(backbone_name)
+    name = source
+    if "." in source:
+        enum_name, _, name = source.partition(".")
+        if enum_name != enum_cls.__name__:
+            return None
+    try:
+        return enum_cls[name]
+    except KeyError:
+        return None
+
+
+def _load_state_dict_file(path: str) -> Mapping[str, Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ValueError(f"backbone_weights file {path!r} could not be read as a torch state dict: "
+                         f"{err}") from None
+    # common checkpoint wrappers: {"state_dict": sd} / {"model": sd}
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"backbone_weights file {path!r} does not hold a state dict "
+                         f"(a mapping of parameter names to tensors)")
+    return obj
+
+
+def _is_optional_key(key: str) -> bool:
+    # the classifier is not part of the detection body; BatchNorm's step counter is not a weight
+    return key.startswith("fc.") or key.endswith("num_batches_tracked")
+
+
+def _load_into(model: nn.Module, state_dict: Mapping[str, Tensor], origin: str,
+               backbone_name: str) -> None:
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"backbone_weights {origin} does not fit {backbone_name}: {err}") from None
+    missing = [k for k in result.missing_keys if not _is_optional_key(k)]
+    unexpected = [k for k in result.unexpected_keys if not _is_optional_key(k)]
+    if missing or unexpected:
+        raise ValueError(
+            f"backbone_weights {origin} does not fit {backbone_name}: "
+            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+            f"{unexpected[:5]}"
+        )
+
+
+def resolve_backbone_weights(source: WeightsSource, backbone_name: str
+                             ) -> Union[None, WeightsEnum, str]:
+    """What ``source`` names, without loading anything.
+
+    Returns ``None``, a member of ``backbone_name``'s weight enum (for a member, its name such
+    as ``"IMAGENET1K_V1"`` / ``"DEFAULT"``, or a qualified ``"ResNet50_Weights.IMAGENET1K_V1"``),
+    or the path of an existing file (an existing file wins over an enum name of the same
+    spelling).
+
+    Raises:
+        ValueError: a weight of another model, or a string that is neither a file nor a name.
+    """
+    if backbone_name not in BACKBONE_NAMES:
+        raise ValueError(f"backbone must be one of {BACKBONE_NAMES}, got {backbone_name!r}")
+    if source is None:
+        return None
+    if isinstance(source, WeightsEnum):
+        if not isinstance(source, _weights_enum(backbone_name)):
+            raise ValueError(f"backbone_weights {source} is not a weight of {backbone_name}")
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"backbone_weights must be None, a weight name or a file path, got {source!r}")
+    path = os.fspath(source)
+    if os.path.isfile(path):
+        return path
+    weights = _resolve_weight_name(path, backbone_name)
+    if weights is None:
+        names = list(_weights_enum(backbone_name).__members__)
+        raise ValueError(
+            f"backbone_weights={path!r} is neither an existing file nor a weight of "
+            f"{backbone_name} (one of {names})"
+        )
+    return weights
+
+
+def load_backbone_weights(model: nn.Module, source: WeightsSource, backbone_name: str,
+                          *, progress: bool = True) -> None:
+    """Load ImageNet weights into the classification model ``model`` in place.
+
+    Args:
+        model: a torchvision ``ResNet`` built for ``backbone_name``.
+        source: see :func:`resolve_backbone_weights`; enum weights are downloaded by torchvision
+            (or taken from its cache), files are read with ``torch.load(weights_only=True)``.
+        backbone_name: one of ``BACKBONE_NAMES`` (selects the weight enum, names errors).
+
+    Raises:
+        ValueError: see :func:`resolve_backbone_weights`; also an unreadable file, or a state
+            dict whose keys or shapes do not fit (the message names the file). ``fc.*`` and
+            ``num_batches_tracked`` entries may be absent or extra.
+    """
+    resolved = resolve_backbone_weights(source, backbone_name)
+    if resolved is None:
+        return
+    if isinstance(resolved, WeightsEnum):
+        state_dict = resolved.get_state_dict(progress=progress, check_hash=True)
+        _load_into(model, state_dict, str(resolved), backbone_name)
+    else:
+        _load_into(model, _load_state_dict_file(resolved), f"file {resolved!r}", backbone_name)
+
+
+def freeze_backbone_layers(model: nn.Module, trainable_layers: int) -> None:
+    """Freeze all but the top ``trainable_layers`` stages of a ResNet, in place.
+
+    ``trainable_layers`` in ``[0, 5]`` counts stages from the top: 3 trains layer2-layer4
+    (torchvision's default, mmdetection's ``frozen_stages=1``); 5 trains everything, stem
+    included. Only ``requires_grad`` changes; norm layers' statistics are the norm's business.
+    """
+    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) \
+            or not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_backbone_layers must be an int in [0, 5], got {trainable_layers!r}")
+    trainable = list(_LAYERS_TOP_DOWN[:trainable_layers])
+    if trainable_layers == 5:
+        trainable.append("bn1")
+    for name, parameter in model.named_parameters():
+        if not any(name.startswith(prefix) for prefix in trainable):
+            parameter.requires_grad_(False)
+
+
+def build_resnet(backbone_name: str, *, norm: str = "frozen_bn", weights: WeightsSource = None,
+                 trainable_layers: int = 3, progress: bool = True) -> nn.Module:
+    """A torchvision classification ResNet/ResNeXt with ``norm``, ``weights`` and freezing."""
+    if backbone_name not in BACKBONE_NAMES:
+        raise ValueError(f"backbone must be one of {BACKBONE_NAMES}, got {backbone_name!r}")
+    norm_layer = norm_layer_factory(norm)
+    if norm == "gn" and weights is not None:
+        raise ValueError("norm='gn' cannot take ImageNet BatchNorm weights (backbone_weights); "
+                         "use norm='frozen_bn' or 'bn', or backbone_weights=None")
+    model = tv_models.get_model(backbone_name, weights=None, norm_layer=norm_layer)
+    load_backbone_weights(model, weights, backbone_name, progress=progress)
+    freeze_backbone_layers(model, trainable_layers)
+    return model
+
+
+class LastLevelP6P7FromC5(LastLevelP6P7):
+    """RetinaNet's P6/P7, always computed from C5 (mmdetection's ``add_extra_convs='on_input'``).
+
+    torchvision's ``LastLevelP6P7`` silently switches to P5 when C5 happens to have as many
+    channels as the FPN; this subclass does not. Parameters stay ``p6.*`` / ``p7.*``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels)
+        self.use_P5 = False
+
+
+class LibraBackboneWithFPN(BackboneWithFPN):
+    """``body -> fpn (FPN or PAFPN) -> bfp (optional)``, a torchvision ``BackboneWithFPN``.
+
+    Args:
+        backbone, return_layers, in_channels_list, out_channels, extra_blocks, norm_layer:
+            as torchvision's ``BackboneWithFPN``.
+        neck: ``"fpn"`` (torchvision's ``FeaturePyramidNetwork``) or ``"pafpn"``
+            (:class:`libra_rcnn.ops.PAFPN`, same parameter names plus the bottom-up path).
+        bfp: an optional :class:`libra_rcnn.ops.BalancedFeaturePyramid` over all neck levels.
+
+    ``forward(x: Tensor[B, 3, H, W]) -> OrderedDict[str, Tensor[B, out_channels, h, w]]``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        return_layers: dict[str, str],
+        in_channels_list: list[int],
+        out_channels: int,
+        extra_blocks: Optional[ExtraFPNBlock] = None,
+        norm_layer: Optional[Callable[..., nn.Module]] = None,
+        *,
+        neck: str = "fpn",
+        bfp: Optional[BalancedFeaturePyramid] = None,
+    ) -> None:
+        if neck not in NECK_KINDS:
+            raise ValueError(f"neck must be one of {NECK_KINDS}, got {neck!r}")
+        super().__init__(backbone, return_layers, in_channels_list, out_channels,
+                         extra_blocks=extra_blocks, norm_layer=norm_layer)
+        if neck == "pafpn":
+            self.fpn = PAFPN(in_channels_list, out_channels, extra_blocks=self.fpn.extra_blocks,
+                             norm_layer=norm_layer)
+        self.neck = neck
+        self.bfp = bfp
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        features = self.fpn(self.body(x))
+        if self.bfp is not None:
+            features = self.bfp(features)
+        return features
+
+
+def resnet_fpn_backbone(
+    *,
+    backbone_name: str,
+    weights: WeightsSource = None,
+    norm: str = "frozen_bn",
+    trainable_layers: int = 3,
+    out_channels: int = 256,
+    neck: str = "fpn",
+    bfp: Optional[BalancedFeaturePyramidConfig] = None,
+    layout: str = "two_stage",
+    progress: bool = True,
+) -> LibraBackboneWithFPN:
+    """Build the feature pyramid of one detector family.
+
+    Args:
+        backbone_name: one of ``BACKBONE_NAMES``.
+        weights: see :func:`load_backbone_weights`.
+        norm: one of ``NORM_KINDS`` (backbone only; the FPN has no norm, as torchvision's).
+        trainable_layers: see :func:`freeze_backbone_layers`.
+        out_channels: channels of every pyramid level.
+        neck: ``"fpn"`` or ``"pafpn"``.
+        bfp: balanced feature pyramid settings; ``None`` or ``enabled=False`` for none.
+        layout: ``"two_stage"`` (C2-C5 + max-pool P6) or ``"retinanet"`` (C3-C5 + P6/P7 from C5).
+
+    Returns:
+        :class:`LibraBackboneWithFPN` with ``out_channels`` and five output levels.
+    """
+    if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+        raise ValueError(f"fpn_channels must be a positive int, got {out_channels!r}")
+    if neck not in NECK_KINDS:
+        raise ValueError(f"neck must be one of {NECK_KINDS}, got {neck!r}")
+    if layout not in ("two_stage", "retinanet"):
+        raise ValueError(f"layout must be 'two_stage' or 'retinanet', got {layout!r}")
+    body = build_resnet(backbone_name, norm=norm, weights=weights,
+                        trainable_layers=trainable_layers, progress=progress)
+    stage_channels = [_stage_out_channels(body, i) for i in range(1, 5)]
+    if layout == "two_stage":
+        returned = [1, 2, 3, 4]
+        extra_blocks: ExtraFPNBlock = LastLevelMaxPool()
+        num_extra = 1
+    else:  # retinanet
+        returned = [2, 3, 4]
+        extra_blocks = LastLevelP6P7FromC5(stage_channels[-1], out_channels)
+        num_extra = 2
+    return_layers = {f"layer{k}": str(v) for v, k in enumerate(returned)}
+    in_channels_list = [stage_channels[k - 1] for k in returned]
+
+    bfp_module = None
+    if bfp is not None and bfp.enabled:
+        bfp_module = BalancedFeaturePyramid(out_channels, len(returned) + num_extra,
+                                            refine_level=bfp.refine_level,
+                                            refine_type=bfp.refine_type)
+    return LibraBackboneWithFPN(body, return_layers, in_channels_list, out_channels,
+                                extra_blocks=extra_blocks, neck=neck, bfp=bfp_module)
+
+
+def _stage_out_channels(resnet: nn.Module, stage: int) -> int:
+    """Output channels of ``layer{stage}`` (its last block's last conv)."""
+    last_block = getattr(resnet, f"layer{stage}")[-1]
+    last_conv = last_block.conv3 if hasattr(last_block, "conv3") else last_block.conv2
+    return last_conv.out_channels

@@ -1,0 +1,257 @@
+"""Box RoI heads with IoU-balanced sampling (Sec. 3.1) and a configurable box loss (Sec. 3.3).
+
+:class:`LibraRoIHeads` is torchvision's ``RoIHeads`` (box branch only) with two overrides:
+
+* :meth:`~LibraRoIHeads.select_training_samples` matches proposals to ground truth with
+  ``box_iou`` + ``Matcher`` as torchvision does, but samples the RoI minibatch with
+  :func:`libra_rcnn.ops.sample_positives_negatives`: instance-balanced positives
+  (``pos_balance``), IoU-balanced negatives (``neg_balance``, Eq. 2), or random sampling when both
+  are off, from a ``torch.Generator`` owned by the module (``None``: the global RNG).
+* :meth:`~LibraRoIHeads.forward` computes the classification loss as torchvision and the box loss
+  named by a :class:`~libra_rcnn.models.config.BoxLossConfig` (smooth L1, L1 or balanced L1),
+  normalised as torchvision's ``fastrcnn_loss``: the sum over the class-specific deltas of the
+  sampled positives divided by the number of sampled RoIs.
+
+Inference is torchvision's ``postprocess_detections``, unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import boxes as box_ops
+
+from ..ops.iou_balanced_sampler import sample_positives_negatives
+from .box_losses import box_regression_loss_sum, check_box_loss_config
+from .config import BoxLossConfig, SamplerConfig
+
+__all__ = ["LibraRoIHeads", "check_sampler_config", "match_proposals", "fastrcnn_loss"]
+
+
+def check_sampler_config(cfg: SamplerConfig, name: str = "roi_sampler") -> SamplerConfig:
+    """Validate ``cfg`` (``ValueError`` naming ``name`` and the field) and return it."""
+    if not isinstance(cfg, SamplerConfig):
+        raise ValueError(f"{name} must be a SamplerConfig, got {type(cfg).__name__}")
+    if isinstance(cfg.num, bool) or not isinstance(cfg.num, int) or cfg.num < 1:
+        raise ValueError(f"{name}.num must be a positive int, got {cfg.num!r}")
+    if not 0.0 <= cfg.pos_fraction <= 1.0:
+        raise ValueError(f"{name}.pos_fraction must lie in [0, 1], got {cfg.pos_fraction!r}")
+    if not math.isfinite(cfg.neg_pos_ub) or (cfg.neg_pos_ub < 0 and cfg.neg_pos_ub != -1):
+        raise ValueError(f"{name}.neg_pos_ub must be -1 (no cap) or a finite number >= 0, "
+                         f"got {cfg.neg_pos_ub!r}")
+    if isinstance(cfg.num_bins, bool) or not isinstance(cfg.num_bins, int) or cfg.num_bins < 1:
+        raise ValueError(f"{name}.num_bins must be an int >= 1, got {cfg.num_bins!r}")
+    if math.isnan(cfg.floor_thr) or cfg.floor_thr >= 1.0:
+        raise ValueError(f"{name}.floor_thr must be < 1 (negative disables the floor set), "
+                         f"got {cfg.floor_thr!r}")
+    if not 0.0 <= cfg.floor_fraction <= 1.0:
+        raise ValueError(f"{name}.floor_fraction must lie in [0, 1], got {cfg.floor_fraction!r}")
+    for flag in ("add_gt_as_proposals", "pos_balance", "neg_balance"):
+        if not isinstance(getattr(cfg, flag), bool):
+            raise ValueError(f"{name}.{flag} must be a bool, got {getattr(cfg, flag)!r}")
+    return cfg
+
+
+def match_proposals(
+    proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, matcher: det_utils.Matcher
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Assign each proposal of one image to a ground truth (torchvision's rule).
+
+    Args:
+        proposals: ``[N, 4]`` boxes; gt_boxes: ``[G, 4]``; gt_labels: int64 ``[G]``.
+        matcher: IoU ``Matcher`` (foreground >= its high threshold, background below its low one).
+
+    Returns:
+        ``labels`` int64 ``[N]`` (class >= 1 foreground, 0 background, -1 ignored),
+        ``max_overlaps`` ``[N]`` (largest IoU with any ground truth; 0 without ground truth),
+        ``matched_gt_inds`` int64 ``[N]`` (index of the best ground truth, clamped to >= 0).
+    """
+    n = proposals.shape[0]
+    if gt_boxes.numel() == 0:
+        zeros = torch.zeros(n, dtype=torch.int64, device=proposals.device)
+        return zeros, torch.zeros(n, dtype=proposals.dtype, device=proposals.device), zeros.clone()
+    iou = box_ops.box_iou(gt_boxes, proposals)
+    max_overlaps = iou.max(dim=0).values
+    matched = matcher(iou)
+    matched_gt_inds = matched.clamp(min=0)
+    labels = gt_labels[matched_gt_inds].to(torch.int64)
+    labels[matched == matcher.BELOW_LOW_THRESHOLD] = 0
+    labels[matched == matcher.BETWEEN_THRESHOLDS] = -1
+    return labels, max_overlaps, matched_gt_inds
+
+
+def fastrcnn_loss(
+    class_logits: Tensor,
+    box_regression: Tensor,
+    labels: list[Tensor],
+    regression_targets: list[Tensor],
+    box_loss: BoxLossConfig,
+) -> tuple[Tensor, Tensor]:
+    """Fast R-CNN losses (Eq. 4) with a configurable localisation loss.
+
+    Args:
+        class_logits: ``[R, num_classes]`` for the ``R`` sampled RoIs of the batch.
+        box_regression: ``[R, num_classes * 4]`` class-specific deltas.
+        labels: per image int64 ``[R_i]`` (0 background).
+        regression_targets: per image ``[R_i, 4]`` encoded targets.
+        box_loss: the localisation loss.
+
+    Returns:
+        ``(loss_classifier, loss_box_reg)``: cross-entropy averaged over the ``R`` RoIs, and
+        ``sum over positives' coordinates of L_loc(t^u - v) / R`` (torchvision's normaliser).
+    """
+    all_labels = torch.cat(labels, dim=0)
+    all_targets = torch.cat(regression_targets, dim=0)
+    num_rois = all_labels.numel()
+    if num_rois == 0:  # nothing sampled anywhere: zero losses that still reach the parameters
+        zero = class_logits.sum() * 0.0 + box_regression.sum() * 0.0
+        return zero, zero.clone()
+    loss_classifier = F.cross_entropy(class_logits, all_labels)
+    pos = torch.where(all_labels > 0)[0]
+    deltas = box_regression.reshape(num_rois, -1, 4)[pos, all_labels[pos]]
+    loss_box_reg = box_regression_loss_sum(deltas, all_targets[pos], box_loss) / num_rois
+    return loss_classifier, loss_box_reg
+
+
+class LibraRoIHeads(RoIHeads):
+    """Box RoI heads with a configurable RoI sampler and box loss.
+
+    Args:
+        box_roi_pool, box_head, box_predictor: as torchvision's ``RoIHeads``.
+        fg_iou_thresh, bg_iou_thresh: RoI matching thresholds (0.5 / 0.5).
+        sampler: :class:`SamplerConfig` (``num`` RoIs per image, ``pos_fraction``, balancing).
+        box_loss: :class:`BoxLossConfig` of the localisation loss.
+        bbox_reg_weights: ``BoxCoder`` weights (``None``: ``(10, 10, 5, 5)``).
+        score_thresh, nms_thresh, detections_per_img: inference post-processing.
+        generator: optional ``torch.Generator`` for the RoI sampling.
+    """
+
+    def __init__(
+        self,
+        box_roi_pool: nn.Module,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        *,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        sampler: Optional[SamplerConfig] = None,
+        box_loss: Optional[BoxLossConfig] = None,
+        bbox_reg_weights: Optional[tuple[float, float, float, float]] = None,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        sampler = check_sampler_config(SamplerConfig() if sampler is None else sampler)
+        super().__init__(
+            box_roi_pool,
+            box_head,
+            box_predictor,
+            fg_iou_thresh,
+            bg_iou_thresh,
+            sampler.num,
+            sampler.pos_fraction,
+            bbox_reg_weights,
+            score_thresh,
+            nms_thresh,
+            detections_per_img,
+        )
+        self.sampler = sampler
+        self.box_loss = check_box_loss_config(BoxLossConfig() if box_loss is None else box_loss, "box_loss")
+        self.generator = generator
+
+    def sample_image(self, labels: Tensor, max_overlaps: Tensor, matched_gt_inds: Tensor) -> Tensor:
+        """Indices of the RoIs sampled in one image: positives first, then negatives."""
+        cfg = self.sampler
+        pos, neg = sample_positives_negatives(
+            labels,
+            max_overlaps,
+            matched_gt_inds,
+            num=cfg.num,
+            pos_fraction=cfg.pos_fraction,
+            neg_pos_ub=cfg.neg_pos_ub,
+            pos_balance=cfg.pos_balance,
+            neg_balance=cfg.neg_balance,
+            num_bins=cfg.num_bins,
+            floor_thr=cfg.floor_thr,
+            floor_fraction=cfg.floor_fraction,
+            generator=self.generator,
+        )
+        return torch.cat([pos, neg])
+
+    def select_training_samples(
+        self, proposals: list[Tensor], targets: Optional[list[dict[str, Tensor]]]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Match, sample and encode the training RoIs of every image.
+
+        Args:
+            proposals: per image ``[N_i, 4]`` boxes in the transformed image's coordinates.
+            targets: per image ``{"boxes": [G_i, 4], "labels": int64 [G_i]}``.
+
+        Returns:
+            torchvision's tuple ``(proposals, matched_idxs, labels, regression_targets)`` of the
+            sampled RoIs: ``[R_i, 4]``, int64 ``[R_i]``, int64 ``[R_i]``, ``[R_i, 4]``.
+        """
+        self.check_targets(targets)
+        assert targets is not None  # for type checkers; check_targets raised otherwise
+        dtype, device = proposals[0].dtype, proposals[0].device
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        if self.sampler.add_gt_as_proposals:
+            proposals = self.add_gt_proposals(proposals, gt_boxes)
+
+        sampled_proposals, sampled_matched, sampled_labels, matched_gt_boxes = [], [], [], []
+        for props, boxes, classes in zip(proposals, gt_boxes, gt_labels):
+            labels, max_overlaps, matched = match_proposals(props, boxes, classes, self.proposal_matcher)
+            keep = self.sample_image(labels, max_overlaps, matched)
+            sampled_proposals.append(props[keep])
+            sampled_labels.append(labels[keep])
+            sampled_matched.append(matched[keep])
+            if boxes.numel() == 0:  # background-only image: targets of negatives are never read
+                boxes = torch.zeros((1, 4), dtype=dtype, device=device)
+            matched_gt_boxes.append(boxes[matched[keep]])
+        regression_targets = self.box_coder.encode(matched_gt_boxes, sampled_proposals)
+        return sampled_proposals, sampled_matched, sampled_labels, list(regression_targets)
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: Optional[list[dict[str, Tensor]]] = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """Box branch of torchvision's ``RoIHeads.forward`` with :func:`fastrcnn_loss`.
+
+        Returns ``([], {"loss_classifier", "loss_box_reg"})`` in training and
+        ``([{"boxes", "labels", "scores"}, ...], {})`` at inference.
+        """
+        if targets is not None:
+            for index, t in enumerate(targets):
+                if not t["boxes"].is_floating_point():
+                    raise ValueError(f"image {index}: target boxes must be float, got {t['boxes'].dtype}")
+                if t["labels"].dtype != torch.int64:
+                    raise ValueError(f"image {index}: target labels must be int64, got {t['labels'].dtype}")
+        labels: list[Tensor] = []
+        regression_targets: list[Tensor] = []
+        if self.training:
+            proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+
+        if self.training:
+            loss_classifier, loss_box_reg = fastrcnn_loss(
+                class_logits, box_regression, labels, regression_targets, self.box_loss
+            )
+            return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+
+        boxes, scores, classes = self.postprocess_detections(class_logits, box_regression, proposals,
+                                                             image_shapes)
+        detections = [{"boxes": b, "labels": c, "scores": s} for b, c, s in zip(boxes, classes, scores)]
+        return detections, {}

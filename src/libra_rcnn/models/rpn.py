@@ -1,0 +1,311 @@
+"""Region proposal network with a configurable box loss, and the RPN-only detector.
+
+:class:`LibraRegionProposalNetwork` is torchvision's ``RegionProposalNetwork`` with
+
+* the anchor sampler of :func:`libra_rcnn.ops.sample_positives_negatives` (random, as
+  torchvision's, plus mmdetection's ``neg_pos_ub``: at most ``neg_pos_ub`` negatives per sampled
+  positive, 5 in mmdetection's Libra Faster R-CNN) drawing from a generator the module owns;
+* a configurable box loss (``smooth_l1`` with ``beta = 1/9`` as torchvision, ``l1``, or the
+  balanced L1 loss of Sec. 3.3), normalised as torchvision's: the sum over the coordinates of
+  the sampled positive anchors divided by the number of sampled anchors;
+* :meth:`~LibraRegionProposalNetwork.propose`, which also returns the proposals' objectness
+  scores (torchvision's ``forward`` drops them), for RPN-only models and proposal dumping.
+
+:class:`LibraRPN` is the RPN as a detector of its own (Table 3): transform + backbone + RPN,
+returning losses in training and per-image ``{"boxes", "scores"}`` at inference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import (
+    RegionProposalNetwork,
+    RPNHead,
+    concat_box_prediction_layers,
+)
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from ..ops.iou_balanced_sampler import sample_positives_negatives
+from .box_losses import box_regression_loss_sum, check_box_loss_config
+from .config import BoxLossConfig
+from .validation import validate_inputs
+
+__all__ = ["LibraRegionProposalNetwork", "LibraRPN", "default_rpn_anchor_generator"]
+
+
+def default_rpn_anchor_generator() -> AnchorGenerator:
+    """One anchor size per FPN level P2-P6 (32..512 px) times 3 aspect ratios (torchvision's,
+    mmdetection's ``scales=[8]`` with strides 4..64)."""
+    sizes = ((32,), (64,), (128,), (256,), (512,))
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+
+
+def _default_rpn_box_loss() -> BoxLossConfig:
+    return BoxLossConfig(kind="smooth_l1", beta=1.0 / 9.0)
+
+
+class LibraRegionProposalNetwork(RegionProposalNetwork):
+    """torchvision's RPN with a configurable anchor sampler and box loss.
+
+    Args:
+        anchor_generator, head: as torchvision's ``RegionProposalNetwork``.
+        fg_iou_thresh, bg_iou_thresh: anchor matching thresholds (0.7 / 0.3).
+        batch_size_per_image, positive_fraction: anchors sampled per image (256 / 0.5).
+        pre_nms_top_n, post_nms_top_n: ``{"training": int, "testing": int}``.
+        nms_thresh, score_thresh: proposal post-processing.
+        box_loss: :class:`BoxLossConfig` of the anchor regression loss.
+        neg_pos_ub: when ``>= 0``, sample at most ``int(neg_pos_ub * max(num_pos, 1))``
+            negatives per image; ``-1`` disables the cap (torchvision's behaviour).
+        generator: optional ``torch.Generator`` for the anchor sampling (``None``: global RNG).
+    """
+
+    def __init__(
+        self,
+        anchor_generator: AnchorGenerator,
+        head: nn.Module,
+        *,
+        fg_iou_thresh: float = 0.7,
+        bg_iou_thresh: float = 0.3,
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        pre_nms_top_n: dict[str, int],
+        post_nms_top_n: dict[str, int],
+        nms_thresh: float = 0.7,
+        score_thresh: float = 0.0,
+        box_loss: Optional[BoxLossConfig] = None,
+        neg_pos_ub: float = -1.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        _check_positive_int(batch_size_per_image, "rpn_batch_size_per_image")
+        if not 0.0 <= positive_fraction <= 1.0:
+            raise ValueError(f"rpn_positive_fraction must lie in [0, 1], got {positive_fraction!r}")
+        if not math.isfinite(neg_pos_ub) or (neg_pos_ub < 0 and neg_pos_ub != -1):
+            raise ValueError(f"rpn_neg_pos_ub must be -1 (no cap) or a finite number >= 0, got {neg_pos_ub!r}")
+        for key in ("training", "testing"):
+            _check_positive_int(pre_nms_top_n.get(key), f"rpn_pre_nms_top_n[{key!r}]")
+            _check_positive_int(post_nms_top_n.get(key), f"rpn_post_nms_top_n[{key!r}]")
+        super().__init__(
+            anchor_generator,
+            head,
+            fg_iou_thresh,
+            bg_iou_thresh,
+            batch_size_per_image,
+            positive_fraction,
+            pre_nms_top_n,
+            post_nms_top_n,
+            nms_thresh,
+            score_thresh=score_thresh,
+        )
+        self.box_loss = check_box_loss_config(
+            _default_rpn_box_loss() if box_loss is None else box_loss, "rpn_box_loss")
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.neg_pos_ub = float(neg_pos_ub)
+        self.generator = generator
+
+    def subsample(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Sample anchors per image.
+
+        Args:
+            labels: per image ``Tensor[A]`` with 1 (positive), 0 (negative), -1 (ignored), as
+                ``assign_targets_to_anchors`` returns them (float).
+        Returns:
+            ``(pos_inds, neg_inds)``: per image LongTensors of anchor indices.
+        """
+        pos_per_image, neg_per_image = [], []
+        for labels_per_image in labels:
+            int_labels = labels_per_image.to(torch.int64)
+            # IoU-balanced parts are off here, so the overlaps are never read
+            unused = torch.zeros_like(int_labels)
+            pos, neg = sample_positives_negatives(
+                int_labels,
+                unused.to(torch.float32),
+                unused,
+                num=self.batch_size_per_image,
+                pos_fraction=self.positive_fraction,
+                neg_pos_ub=self.neg_pos_ub,
+                generator=self.generator,
+            )
+            pos_per_image.append(pos)
+            neg_per_image.append(neg)
+        return pos_per_image, neg_per_image
+
+    def compute_loss(
+        self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor],
+        regression_targets: list[Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """Objectness BCE (mean over sampled anchors) and box loss (sum over sampled positives'
+        coordinates / number of sampled anchors), as torchvision's ``compute_loss``.
+
+        Shapes: ``objectness [sum_i A_i, 1]``, ``pred_bbox_deltas [sum_i A_i, 4]``,
+        ``labels`` / ``regression_targets`` per image ``[A_i]`` / ``[A_i, 4]``.
+        """
+        pos_per_image, neg_per_image = self.subsample(labels)
+        offsets = [0]
+        for labels_per_image in labels[:-1]:
+            offsets.append(offsets[-1] + labels_per_image.numel())
+        sampled_pos = torch.cat([p + o for p, o in zip(pos_per_image, offsets)])
+        sampled_neg = torch.cat([n + o for n, o in zip(neg_per_image, offsets)])
+        sampled = torch.cat([sampled_pos, sampled_neg])
+
+        objectness = objectness.flatten()
+        all_labels = torch.cat(labels, dim=0)
+        all_targets = torch.cat(regression_targets, dim=0)
+
+        box_loss = box_regression_loss_sum(
+            pred_bbox_deltas[sampled_pos], all_targets[sampled_pos], self.box_loss
+        ) / max(sampled.numel(), 1)
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled], all_labels[sampled])
+        return objectness_loss, box_loss
+
+    def propose(
+        self,
+        images: ImageList,
+        features: dict[str, Tensor],
+        targets: Optional[list[dict[str, Tensor]]] = None,
+    ) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
+        """Proposals, their objectness probabilities and (in training) the losses.
+
+        Returns:
+            ``boxes``: per image ``Tensor[K, 4]`` in the transformed image's coordinates,
+            sorted by decreasing score; ``scores``: per image ``Tensor[K]`` in ``[0, 1]``;
+            ``losses``: ``{"loss_objectness", "loss_rpn_box_reg"}`` in training, else ``{}``.
+        """
+        feature_maps = list(features.values())
+        objectness, pred_bbox_deltas = self.head(feature_maps)
+        anchors = self.anchor_generator(images, feature_maps)
+
+        num_images = len(anchors)
+        num_anchors_per_level = [o[0].numel() for o in objectness]
+        objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        # proposals do not back-propagate into the RPN (as in torchvision / Faster R-CNN)
+        proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(num_images, -1, 4)
+        boxes, scores = self.filter_proposals(proposals, objectness, images.image_sizes,
+                                              num_anchors_per_level)
+
+        losses: dict[str, Tensor] = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode")
+            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+            regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
+            loss_objectness, loss_rpn_box_reg = self.compute_loss(
+                objectness, pred_bbox_deltas, labels, regression_targets
+            )
+            losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
+        return boxes, scores, losses
+
+    def forward(
+        self,
+        images: ImageList,
+        features: dict[str, Tensor],
+        targets: Optional[list[dict[str, Tensor]]] = None,
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """torchvision's contract: ``(boxes per image, losses)``."""
+        boxes, _, losses = self.propose(images, features, targets)
+        return boxes, losses
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class LibraRPN(nn.Module):
+    """RPN-only detector: ``transform -> backbone -> rpn`` (the paper's Table 3 models).
+
+    Parameter names (``backbone.*``, ``rpn.*``) match torchvision's ``FasterRCNN``, so its
+    weights load into a Faster R-CNN non-strictly and vice versa.
+
+    Args:
+        backbone: module with ``out_channels`` returning an ``OrderedDict`` of 5 levels.
+        min_size, max_size, image_mean, image_std, **transform_kwargs: for
+            ``GeneralizedRCNNTransform``.
+        rpn_*: see :class:`LibraRegionProposalNetwork`.
+        num_classes: only used to check target labels when given (the RPN is class-agnostic).
+
+    ``forward(images, targets=None)``: training returns
+    ``{"loss_objectness", "loss_rpn_box_reg"}``; inference returns per image
+    ``{"boxes": Tensor[K, 4], "scores": Tensor[K]}`` in original image coordinates, sorted by
+    decreasing objectness (``K <= rpn_post_nms_top_n_test``).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        num_classes: Optional[int] = None,
+        min_size: int = 800,
+        max_size: int = 1333,
+        image_mean: Optional[list[float]] = None,
+        image_std: Optional[list[float]] = None,
+        rpn_anchor_generator: Optional[AnchorGenerator] = None,
+        rpn_head: Optional[nn.Module] = None,
+        rpn_pre_nms_top_n_train: int = 2000,
+        rpn_pre_nms_top_n_test: int = 1000,
+        rpn_post_nms_top_n_train: int = 2000,
+        rpn_post_nms_top_n_test: int = 1000,
+        rpn_nms_thresh: float = 0.7,
+        rpn_fg_iou_thresh: float = 0.7,
+        rpn_bg_iou_thresh: float = 0.3,
+        rpn_batch_size_per_image: int = 256,
+        rpn_positive_fraction: float = 0.5,
+        rpn_score_thresh: float = 0.0,
+        rpn_box_loss: Optional[BoxLossConfig] = None,
+        rpn_neg_pos_ub: float = -1.0,
+        generator: Optional[torch.Generator] = None,
+        **transform_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not hasattr(backbone, "out_channels"):
+            raise ValueError("backbone must have an out_channels attribute")
+        anchor_generator = (default_rpn_anchor_generator() if rpn_anchor_generator is None
+                            else rpn_anchor_generator)
+        head = (RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0])
+                if rpn_head is None else rpn_head)
+        self.num_classes = num_classes
+        self.transform = GeneralizedRCNNTransform(
+            min_size, max_size,
+            image_mean if image_mean is not None else [0.485, 0.456, 0.406],
+            image_std if image_std is not None else [0.229, 0.224, 0.225],
+            **transform_kwargs,
+        )
+        self.backbone = backbone
+        self.rpn = LibraRegionProposalNetwork(
+            anchor_generator,
+            head,
+            fg_iou_thresh=rpn_fg_iou_thresh,
+            bg_iou_thresh=rpn_bg_iou_thresh,
+            batch_size_per_image=rpn_batch_size_per_image,
+            positive_fraction=rpn_positive_fraction,
+            pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+            post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
+            nms_thresh=rpn_nms_thresh,
+            score_thresh=rpn_score_thresh,
+            box_loss=rpn_box_loss,
+            neg_pos_ub=rpn_neg_pos_ub,
+            generator=generator,
+        )
+
+    def forward(
+        self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None
+    ) -> Any:
+        validate_inputs(images, targets, training=self.training, num_classes=self.num_classes,
+                        require_labels=False)
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)
+        if isinstance(features, Tensor):
+            features = {"0": features}
+        boxes, scores, losses = self.rpn.propose(image_list, features, targets)
+        if self.training:
+            return losses
+        results = [{"boxes": b, "scores": s} for b, s in zip(boxes, scores)]
+        return self.transform.postprocess(results, image_list.image_sizes, original_sizes)

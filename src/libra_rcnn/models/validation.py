@@ -1,0 +1,139 @@
+"""Input checks shared by every detector in this package.
+
+torchvision's detectors check a few things with ``torch._assert`` (an ``AssertionError``, and
+only after resizing). These checks run first and raise ``ValueError`` messages that name the
+image index and the problem, so a bad sample in a data set is found at once.
+
+The contract (torchvision's, unchanged):
+
+* ``images``: a list/tuple of ``Tensor[3, H, W]`` float images (any ``H, W >= 1``).
+* ``targets`` (training; optional at inference): one dict per image with
+  ``"boxes"``: float ``Tensor[N, 4]`` in ``(x1, y1, x2, y2)`` pixels, finite, ``x2 > x1`` and
+  ``y2 > y1``; ``"labels"``: int64 ``Tensor[N]`` in ``[1, num_classes)`` (0 is background).
+  Other keys (``"image_id"``, ``"proposals"``, ...) are passed through unchecked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["validate_images", "validate_targets", "validate_proposals", "validate_inputs"]
+
+
+def validate_images(images: Any) -> None:
+    """Raise ``ValueError`` unless ``images`` is a non-empty list of float ``[3, H, W]`` tensors."""
+    if not isinstance(images, (list, tuple)):
+        raise ValueError(f"images must be a list of Tensor[3, H, W], got {type(images).__name__}")
+    if len(images) == 0:
+        raise ValueError("images must hold at least one image, got an empty list")
+    for index, image in enumerate(images):
+        if not isinstance(image, Tensor):
+            raise ValueError(f"image {index}: expected a Tensor[3, H, W], got {type(image).__name__}")
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image {index}: expected shape [3, H, W], got {tuple(image.shape)}")
+        if image.shape[1] < 1 or image.shape[2] < 1:
+            raise ValueError(f"image {index}: empty image of shape {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise ValueError(f"image {index}: expected a floating-point tensor, got dtype {image.dtype}")
+
+
+def _check_boxes(boxes: Any, index: int, what: str, *, allow_score: bool = False) -> None:
+    widths = (4, 5) if allow_score else (4,)
+    shape_text = "[N, 4] or [N, 5]" if allow_score else "[N, 4]"
+    if not isinstance(boxes, Tensor):
+        raise ValueError(f"image {index}: {what} must be a Tensor{shape_text}, got {type(boxes).__name__}")
+    if boxes.dim() != 2 or boxes.shape[1] not in widths:
+        raise ValueError(f"image {index}: {what} must have shape {shape_text}, got {tuple(boxes.shape)}")
+    if not boxes.is_floating_point():
+        raise ValueError(f"image {index}: {what} must be a floating-point tensor, got dtype {boxes.dtype}")
+    if boxes.numel() == 0:
+        return
+    bad = ~torch.isfinite(boxes).all(dim=1)
+    if bad.any():
+        row = int(torch.nonzero(bad)[0])
+        raise ValueError(f"image {index}: {what} {row} has a NaN or infinite value: {boxes[row].tolist()}")
+    coords = boxes[:, :4]
+    degenerate = (coords[:, 2] <= coords[:, 0]) | (coords[:, 3] <= coords[:, 1])
+    if degenerate.any():
+        row = int(torch.nonzero(degenerate)[0])
+        raise ValueError(
+            f"image {index}: {what} {row} has zero or negative width/height "
+            f"(need x2 > x1 and y2 > y1): {coords[row].tolist()}"
+        )
+
+
+def validate_targets(targets: Any, *, num_images: int, num_classes: Optional[int],
+                     require_labels: bool = True) -> None:
+    """Raise ``ValueError`` (naming the image index) unless ``targets`` follows the contract.
+
+    Args:
+        targets: list of per-image dicts.
+        num_images: how many images they belong to.
+        num_classes: labels must lie in ``[1, num_classes)``; ``None`` skips the range check.
+        require_labels: ``False`` for class-agnostic models (RPN): ``"labels"`` may be absent,
+            and is still checked when present.
+    """
+    if not isinstance(targets, (list, tuple)):
+        raise ValueError(f"targets must be a list of dicts, got {type(targets).__name__}")
+    if len(targets) != num_images:
+        raise ValueError(f"targets must hold one dict per image: got {len(targets)} for {num_images} images")
+    for index, target in enumerate(targets):
+        if not isinstance(target, dict):
+            raise ValueError(f"image {index}: target must be a dict, got {type(target).__name__}")
+        if "boxes" not in target:
+            raise ValueError(f"image {index}: target has no 'boxes'")
+        boxes = target["boxes"]
+        _check_boxes(boxes, index, "box")
+        if "labels" not in target:
+            if require_labels:
+                raise ValueError(f"image {index}: target has no 'labels'")
+            continue
+        labels = target["labels"]
+        if not isinstance(labels, Tensor) or labels.dim() != 1:
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"image {index}: labels must be a Tensor[N], got {shape}")
+        if labels.dtype != torch.int64:
+            raise ValueError(f"image {index}: labels must be int64, got dtype {labels.dtype}")
+        if labels.shape[0] != boxes.shape[0]:
+            raise ValueError(
+                f"image {index}: {boxes.shape[0]} boxes but {labels.shape[0]} labels"
+            )
+        if num_classes is not None and labels.numel() > 0:
+            out_of_range = (labels < 1) | (labels >= num_classes)
+            if out_of_range.any():
+                row = int(torch.nonzero(out_of_range)[0])
+                raise ValueError(
+                    f"image {index}: label {int(labels[row])} of box {row} is outside "
+                    f"[1, {num_classes}) (0 is background; num_classes={num_classes})"
+                )
+
+
+def validate_proposals(proposals: Any, *, num_images: int) -> None:
+    """Raise ``ValueError`` unless ``proposals`` is one float ``[K, 4]`` / ``[K, 5]`` per image.
+
+    Columns are ``(x1, y1, x2, y2[, score])``; boxes must be finite with positive size.
+    """
+    if not isinstance(proposals, (list, tuple)):
+        raise ValueError(f"proposals must be a list of Tensor[K, 4], got {type(proposals).__name__}")
+    if len(proposals) != num_images:
+        raise ValueError(
+            f"proposals must hold one tensor per image: got {len(proposals)} for {num_images} images"
+        )
+    for index, boxes in enumerate(proposals):
+        _check_boxes(boxes, index, "proposal", allow_score=True)
+
+
+def validate_inputs(images: Any, targets: Any, *, training: bool, num_classes: Optional[int],
+                    require_labels: bool = True) -> None:
+    """Check images always, and targets when training (required) or when given."""
+    validate_images(images)
+    if targets is None:
+        if training:
+            raise ValueError("targets are required in training mode")
+        return
+    validate_targets(targets, num_images=len(images), num_classes=num_classes,
+                     require_labels=require_labels)
+

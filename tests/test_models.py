@@ -1,0 +1,456 @@
+"""Detector tests: training/inference contract for every architecture, fidelity to torchvision with
+the Libra switches off, and the effect of each switch (sampler, box loss)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FrozenBatchNorm2d, box_iou
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from libra_rcnn.models import (
+    ARCHS,
+    BoxLossConfig,
+    LibraFastRCNN,
+    LibraFasterRCNN,
+    LibraRegionProposalNetwork,
+    LibraRetinaNet,
+    LibraRoIHeads,
+    LibraRPN,
+    SamplerConfig,
+    baseline_model_config,
+    build_model,
+    libra_model_config,
+)
+from libra_rcnn.models.faster_rcnn import build_box_branch
+from libra_rcnn.models.rpn import default_rpn_anchor_generator
+from libra_rcnn.ops.balanced_feature_pyramid import BalancedFeaturePyramid
+from libra_rcnn.ops.balanced_l1_loss import balanced_l1_loss
+
+NUM_CLASSES = 5
+CHANNELS = 32
+# CPU-sized settings; every other field keeps the paper's default.
+SMALL = dict(
+    num_classes=NUM_CLASSES,
+    min_size=64,
+    max_size=96,
+    fpn_channels=CHANNELS,
+    representation_size=64,
+    rpn_pre_nms_top_n_train=100,
+    rpn_post_nms_top_n_train=60,
+    rpn_pre_nms_top_n_test=100,
+    rpn_post_nms_top_n_test=60,
+    roi_sampler={"num": 32},
+)
+MODEL_CLASSES = {"faster_rcnn": LibraFasterRCNN, "retinanet": LibraRetinaNet, "rpn": LibraRPN,
+                 "fast_rcnn": LibraFastRCNN}
+
+
+def _images(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, 64, 80, generator=g), torch.rand(3, 72, 56, generator=g)]
+
+
+def _targets():
+    # image 1 has no boxes: background-only images must train too
+    return [
+        {"boxes": torch.tensor([[5.0, 6.0, 40.0, 50.0], [20.0, 10.0, 70.0, 40.0]]),
+         "labels": torch.tensor([1, 3])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+
+
+def _proposals():
+    # original image coordinates, with a score column for image 0
+    return [torch.tensor([[0.0, 0.0, 30.0, 30.0, 0.9], [10.0, 10.0, 50.0, 45.0, 0.5],
+                          [4.0, 8.0, 42.0, 47.0, 0.4]]),
+            torch.tensor([[1.0, 2.0, 20.0, 30.0], [5.0, 5.0, 50.0, 60.0]])]
+
+
+# ---------------------------------------------------------------------------------------------
+# contract: every architecture, baseline and Libra
+
+
+@pytest.mark.parametrize("libra", [False, True], ids=["baseline", "libra"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_backward_and_eval_contract(arch, libra):
+    make_config = libra_model_config if libra else baseline_model_config
+    model = build_model(make_config(arch, "resnet18", **SMALL), generator=torch.Generator().manual_seed(0))
+    assert isinstance(model, MODEL_CLASSES[arch])
+    assert (model.backbone.bfp is not None) == libra
+    extra = {"proposals": _proposals()} if arch == "fast_rcnn" else {}
+
+    model.train()
+    losses = model(_images(), _targets(), **extra)
+    expected_keys = {
+        "faster_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
+        "fast_rcnn": {"loss_classifier", "loss_box_reg"},
+        "rpn": {"loss_objectness", "loss_rpn_box_reg"},
+        "retinanet": {"classification", "bbox_regression"},
+    }[arch]
+    assert set(losses) == expected_keys
+    for name, value in losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads[-4:])  # heads receive gradients
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+    model.eval()
+    with torch.no_grad():
+        outputs = model(_images(), **extra)
+    assert len(outputs) == 2
+    keys = {"boxes", "scores"} if arch == "rpn" else {"boxes", "scores", "labels"}
+    for out, image in zip(outputs, _images()):
+        assert set(out) == keys
+        boxes = out["boxes"]
+        assert boxes.dim() == 2 and boxes.shape[1] == 4 and out["scores"].shape == boxes.shape[:1]
+        if boxes.numel():  # in original image coordinates
+            assert boxes[:, 2].max() <= image.shape[2] + 1e-3 and boxes[:, 3].max() <= image.shape[1] + 1e-3
+        if "labels" in out:
+            assert out["labels"].dtype == torch.int64
+            assert ((out["labels"] >= 1) & (out["labels"] < NUM_CLASSES)).all()
+    if arch == "rpn":
+        assert all(o["boxes"].shape[0] > 0 for o in outputs)
+        assert all((o["scores"][:-1] >= o["scores"][1:]).all() for o in outputs)
+
+
+def test_libra_switches_reach_the_modules():
+    frcnn = build_model(libra_model_config("faster_rcnn", "resnet18", **SMALL))
+    assert isinstance(frcnn.backbone.bfp, BalancedFeaturePyramid)
+    assert (frcnn.backbone.bfp.num_levels, frcnn.backbone.bfp.refine_level) == (5, 2)
+    assert frcnn.backbone.bfp.refine_type == "non_local"
+    assert frcnn.rpn.neg_pos_ub == 5.0
+    assert frcnn.roi_heads.sampler.pos_balance and frcnn.roi_heads.sampler.neg_balance
+    assert frcnn.roi_heads.sampler.num == 32  # the dict override kept the Libra sampler fields
+    assert frcnn.roi_heads.box_loss == BoxLossConfig("balanced_l1", beta=1.0, alpha=0.5, gamma=1.5)
+
+    retina = build_model(libra_model_config("retinanet", "resnet18", **SMALL))
+    assert retina.backbone.bfp.refine_level == 1
+    assert retina.head.regression_head.box_loss.kind == "balanced_l1"
+    assert retina.head.regression_head.box_loss.beta == pytest.approx(0.11)
+
+
+# ---------------------------------------------------------------------------------------------
+# fidelity: switches off == torchvision
+
+
+def _randomize_(model, seed):
+    """Non-trivial FrozenBatchNorm statistics and affine terms, reproducibly (convolutions keep
+    their random initialisation); scales stay moderate so activations stay in range."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                n = module.weight.numel()
+                module.weight.copy_(0.2 + 0.3 * torch.rand(n, generator=g))
+                module.bias.copy_(0.1 * torch.randn(n, generator=g))
+                module.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                module.running_var.copy_(0.5 + torch.rand(n, generator=g))
+
+
+def _torchvision_body():
+    return torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
+
+
+def _torchvision_faster_rcnn():
+    backbone = BackboneWithFPN(_torchvision_body(), {f"layer{k}": str(k - 1) for k in range(1, 5)},
+                               [64, 128, 256, 512], CHANNELS)
+    return FasterRCNN(
+        backbone, num_classes=None, min_size=64, max_size=96,
+        rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=60,
+        box_head=TwoMLPHead(CHANNELS * 49, 64), box_predictor=FastRCNNPredictor(64, NUM_CLASSES),
+        box_score_thresh=0.0,
+    )
+
+
+def _assert_same_detections(ours, theirs):
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a["boxes"].shape[0] > 0
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-4)
+
+
+def test_faster_rcnn_matches_torchvision_and_loads_its_state_dict():
+    reference = _torchvision_faster_rcnn()
+    _randomize_(reference, seed=1)
+    ours = build_model(baseline_model_config("faster_rcnn", "resnet18", box_score_thresh=0.0, **SMALL))
+    ours.load_state_dict(reference.state_dict())  # strict: identical parameter names
+    reference.eval()
+    ours.eval()
+    with torch.no_grad():
+        _assert_same_detections(ours(_images()), reference(_images()))
+
+    libra = build_model(libra_model_config("faster_rcnn", "resnet18", **SMALL))
+    result = libra.load_state_dict(reference.state_dict(), strict=False)
+    bfp_keys = sorted(k for k in libra.state_dict() if k.startswith("backbone.bfp."))
+    assert bfp_keys and sorted(result.missing_keys) == bfp_keys
+    assert result.unexpected_keys == []
+
+
+def test_retinanet_matches_torchvision_in_eval_and_losses():
+    backbone = BackboneWithFPN(_torchvision_body(), {"layer2": "0", "layer3": "1", "layer4": "2"},
+                               [128, 256, 512], CHANNELS, extra_blocks=LastLevelP6P7(512, CHANNELS))
+    reference = RetinaNet(backbone, NUM_CLASSES, min_size=64, max_size=96, score_thresh=0.0,
+                          detections_per_img=100)
+    _randomize_(reference, seed=2)
+    ours = build_model(baseline_model_config("retinanet", "resnet18", box_score_thresh=0.0, **SMALL))
+    ours.load_state_dict(reference.state_dict())
+    reference.eval()
+    ours.eval()
+    with torch.no_grad():
+        _assert_same_detections(ours(_images()), reference(_images()))
+
+    # no sampling in RetinaNet: with the L1 box loss the training losses agree as well
+    reference.train()
+    ours.train()
+    expected = reference(_images(), _targets())
+    got = ours(_images(), _targets())
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert expected["bbox_regression"] > 0
+
+
+def test_retinanet_balanced_l1_box_loss_is_recomputed_exactly():
+    cfg = libra_model_config("retinanet", "resnet18", **SMALL)
+    model = build_model(cfg).train()
+    head = model.head.regression_head
+    g = torch.Generator().manual_seed(3)
+    num_anchors = 50
+    anchors = [torch.tensor([[0.0, 0.0, 20.0, 20.0]]).repeat(num_anchors, 1) + torch.rand(num_anchors, 4, generator=g) * 10
+               for _ in range(2)]
+    deltas = torch.randn(2, num_anchors, 4, generator=g)
+    matched = [torch.randint(-2, 2, (num_anchors,), generator=g) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[2.0, 3.0, 25.0, 30.0], [8.0, 1.0, 33.0, 22.0]])} for _ in range(2)]
+    loss = head.compute_loss(targets, {"bbox_regression": deltas}, anchors, matched)
+
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    per_image = []
+    for i in range(2):
+        fg = matched[i] >= 0
+        encoded = coder.encode_single(targets[i]["boxes"][matched[i][fg]], anchors[i][fg])
+        per_image.append(balanced_l1_loss(deltas[i][fg], encoded, beta=0.11, reduction="sum") / max(1, int(fg.sum())))
+    torch.testing.assert_close(loss, sum(per_image) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoI heads: sampler and box loss switches
+
+
+IMAGE_SIZE = (200, 200)
+
+
+def _roi_heads(sampler, box_loss=None, seed=0):
+    torch.manual_seed(0)  # identical head weights for every variant
+    pool, head, predictor = build_box_branch(CHANNELS, NUM_CLASSES, 64)
+    return LibraRoIHeads(pool, head, predictor, sampler=sampler, box_loss=box_loss,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def _roi_problem(seed=0):
+    """One 200x200 image, 2 ground truths, many far-away proposals and a few near ones."""
+    g = torch.Generator().manual_seed(seed)
+    gt = torch.tensor([[20.0, 20.0, 80.0, 80.0], [110.0, 120.0, 170.0, 190.0]])
+    xy = torch.rand(1500, 2, generator=g) * 170
+    wh = 5 + torch.rand(1500, 2, generator=g) * 25
+    far = torch.cat([xy, (xy + wh).clamp(max=200)], dim=1)
+    near = gt[torch.randint(0, 2, (300,), generator=g)] + torch.randn(300, 4, generator=g) * 18
+    near = torch.cat([near[:, :2], torch.maximum(near[:, 2:], near[:, :2] + 4)], dim=1)
+    proposals = [torch.cat([far, near])]
+    targets = [{"boxes": gt, "labels": torch.tensor([1, 2])}]
+    features = {str(k): torch.randn(1, CHANNELS, 200 // 2 ** (k + 2), 200 // 2 ** (k + 2), generator=g)
+                for k in range(4)}
+    return features, proposals, targets
+
+
+def _sampled_negative_ious(heads, proposals, targets):
+    props, _, labels, _ = heads.select_training_samples(proposals, targets)
+    negatives = props[0][labels[0] == 0]
+    return box_iou(negatives, targets[0]["boxes"]).max(dim=1).values, labels[0]
+
+
+def test_iou_balanced_negatives_are_harder_than_random():
+    _, proposals, targets = _roi_problem()
+    random_heads = _roi_heads(SamplerConfig(num=128))
+    balanced_heads = _roi_heads(SamplerConfig(num=128, neg_balance=True))
+    random_heads.train()
+    balanced_heads.train()
+    random_ious, random_labels = _sampled_negative_ious(random_heads, proposals, targets)
+    balanced_ious, balanced_labels = _sampled_negative_ious(balanced_heads, proposals, targets)
+    assert (random_labels == 0).sum() == (balanced_labels == 0).sum() > 90
+    # Eq. 2 spreads the negatives over 3 IoU bins of [0, 0.5): far more of them overlap a gt
+    assert balanced_ious.mean() > random_ious.mean() + 0.1
+    assert (balanced_ious > 0.05).float().mean() > (random_ious > 0.05).float().mean() + 0.3
+
+
+def test_instance_balanced_positives_even_out_ground_truths():
+    g = torch.Generator().manual_seed(5)
+    gt = torch.tensor([[20.0, 20.0, 80.0, 80.0], [110.0, 120.0, 170.0, 190.0]])
+    # 200 good proposals for gt 0, only 12 for gt 1
+    jitter = lambda n: torch.randn(n, 4, generator=g) * 2.0  # noqa: E731
+    proposals = [torch.cat([gt[0] + jitter(200), gt[1] + jitter(12)])]
+    targets = [{"boxes": gt, "labels": torch.tensor([1, 2])}]
+    counts = {}
+    for pos_balance in (False, True):
+        heads = _roi_heads(SamplerConfig(num=64, pos_fraction=0.5, add_gt_as_proposals=False,
+                                         pos_balance=pos_balance)).train()
+        _, matched, labels, _ = heads.select_training_samples(proposals, targets)
+        positives = matched[0][labels[0] > 0]
+        assert positives.numel() == 32
+        counts[pos_balance] = int((positives == 1).sum())
+    assert counts[True] == 12  # every positive of the rare instance
+    assert counts[False] < 8
+
+
+@pytest.mark.parametrize("kind", ["balanced_l1", "smooth_l1", "l1"])
+def test_roi_box_loss_equals_loss_of_sampled_targets(kind):
+    features, proposals, targets = _roi_problem(seed=1)
+    box_loss = BoxLossConfig(kind=kind, beta=1.0, alpha=0.5, gamma=1.5, loss_weight=2.0)
+    sampler = SamplerConfig(num=64, pos_balance=True, neg_balance=True)
+    heads = _roi_heads(sampler, box_loss, seed=11).train()
+    sampled, _, labels, _ = heads.select_training_samples(proposals, targets)
+    heads.generator = torch.Generator().manual_seed(11)  # forward draws the same sample
+    _, losses = heads(features, proposals, [IMAGE_SIZE], targets)
+
+    # recompute from the sampled RoIs with torchvision's pieces
+    logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, sampled, [IMAGE_SIZE])))
+    labels = labels[0]
+    pos = labels > 0
+    gt = targets[0]["boxes"]
+    matched_gt = gt[box_iou(sampled[0][pos], gt).argmax(dim=1)]
+    reg_targets = BoxCoder((10.0, 10.0, 5.0, 5.0)).encode_single(matched_gt, sampled[0][pos])
+    pred = deltas.reshape(labels.numel(), NUM_CLASSES, 4)[pos, labels[pos]]
+    if kind == "balanced_l1":
+        elementwise = balanced_l1_loss(pred, reg_targets, beta=1.0, alpha=0.5, gamma=1.5, reduction="none")
+    elif kind == "smooth_l1":
+        elementwise = torch.nn.functional.smooth_l1_loss(pred, reg_targets, beta=1.0, reduction="none")
+    else:
+        elementwise = (pred - reg_targets).abs()
+    expected = 2.0 * elementwise.sum() / labels.numel()
+    assert pos.sum() > 0
+    torch.testing.assert_close(losses["loss_box_reg"], expected)
+    torch.testing.assert_close(losses["loss_classifier"], torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_balanced_l1_changes_the_roi_box_loss():
+    features, proposals, targets = _roi_problem(seed=1)
+    values = {}
+    for kind in ("smooth_l1", "balanced_l1"):
+        heads = _roi_heads(SamplerConfig(num=64), BoxLossConfig(kind=kind), seed=4).train()
+        values[kind] = heads(features, proposals, [IMAGE_SIZE], targets)[1]["loss_box_reg"]
+    assert not torch.isclose(values["smooth_l1"], values["balanced_l1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# RPN: neg_pos_ub and the box loss
+
+
+def _rpn(**kwargs):
+    anchor_generator = default_rpn_anchor_generator()
+    return LibraRegionProposalNetwork(
+        anchor_generator, RPNHead(CHANNELS, 3),
+        pre_nms_top_n={"training": 100, "testing": 100}, post_nms_top_n={"training": 50, "testing": 50},
+        **kwargs)
+
+
+def test_rpn_neg_pos_ub_caps_negatives():
+    labels = torch.zeros(2000)
+    labels[:3] = 1.0
+    labels[3:40] = -1.0
+    for ub, expected_neg in ((-1.0, 256 - 3), (5.0, 15)):
+        rpn = _rpn(neg_pos_ub=ub, generator=torch.Generator().manual_seed(0))
+        pos, neg = rpn.subsample([labels, labels.clone()])
+        assert [p.numel() for p in pos] == [3, 3]
+        assert [n.numel() for n in neg] == [expected_neg, expected_neg]
+        assert (labels[neg[0]] == 0).all() and (labels[pos[0]] == 1).all()
+
+
+def test_rpn_balanced_l1_box_loss_is_recomputed_exactly():
+    g = torch.Generator().manual_seed(6)
+    sizes = [700, 500]
+    labels = [torch.randint(-1, 2, (n,), generator=g).float() for n in sizes]
+    reg_targets = [torch.randn(n, 4, generator=g) * 0.3 for n in sizes]
+    objectness = torch.randn(sum(sizes), 1, generator=g)
+    deltas = torch.randn(sum(sizes), 4, generator=g) * 0.3
+    cfg = BoxLossConfig(kind="balanced_l1", alpha=0.5, gamma=1.5, beta=1.0)
+    rpn = _rpn(box_loss=cfg, neg_pos_ub=5.0, generator=torch.Generator().manual_seed(9))
+    loss_obj, loss_box = rpn.compute_loss(objectness, deltas, labels, reg_targets)
+
+    rpn.generator = torch.Generator().manual_seed(9)
+    pos, neg = rpn.subsample(labels)
+    pos = torch.cat([pos[0], pos[1] + sizes[0]])
+    neg = torch.cat([neg[0], neg[1] + sizes[0]])
+    all_targets, all_labels = torch.cat(reg_targets), torch.cat(labels)
+    num_sampled = pos.numel() + neg.numel()
+    expected_box = balanced_l1_loss(deltas[pos], all_targets[pos], reduction="sum") / num_sampled
+    sampled = torch.cat([pos, neg])
+    expected_obj = torch.nn.functional.binary_cross_entropy_with_logits(objectness[sampled, 0], all_labels[sampled])
+    torch.testing.assert_close(loss_box, expected_box)
+    torch.testing.assert_close(loss_obj, expected_obj)
+
+
+def test_rpn_propose_keeps_scores_of_forward_boxes():
+    rpn = _rpn().eval()
+    g = torch.Generator().manual_seed(8)
+    images = ImageList(torch.rand(1, 3, 64, 64, generator=g), [(64, 64)])
+    features = {str(k): torch.randn(1, CHANNELS, 16 // 2**k, 16 // 2**k, generator=g) for k in range(5)}
+    boxes, scores, losses = rpn.propose(images, features)
+    forward_boxes, _ = rpn(images, features)
+    assert losses == {}
+    torch.testing.assert_close(boxes[0], forward_boxes[0])
+    assert scores[0].shape == boxes[0].shape[:1] and ((scores[0] >= 0) & (scores[0] <= 1)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast R-CNN proposal handling
+
+
+def test_fast_rcnn_rescales_proposals_and_requires_them():
+    model = build_model(baseline_model_config("fast_rcnn", "resnet18", **SMALL)).eval()
+    seen = {}
+
+    def record_proposals(module, args):
+        seen["proposals"] = args[1]  # roi_heads(features, proposals, image_shapes, targets)
+
+    hook = model.roi_heads.register_forward_pre_hook(record_proposals)
+    image = [torch.rand(3, 32, 40)]  # min_size 64 doubles it
+    proposals = [torch.tensor([[2.0, 4.0, 20.0, 30.0, 0.7]])]
+    with torch.no_grad():
+        model(image, proposals=proposals)
+    hook.remove()
+    torch.testing.assert_close(seen["proposals"][0], torch.tensor([[4.0, 8.0, 40.0, 60.0]]))
+
+    with pytest.raises(ValueError, match="precomputed proposals"):
+        model(image)
+    with pytest.raises(ValueError, match="image 0: proposal"):
+        model(image, proposals=[torch.tensor([[2.0, 4.0, 1.0, 30.0]])])
+    with pytest.raises(ValueError, match="one tensor per image"):
+        model(image, proposals=proposals * 2)
+    # proposals may also ride along in the targets
+    model.train()
+    target = [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 25.0]]), "labels": torch.tensor([2]),
+               "proposals": proposals[0]}]
+    losses = model(image, target)
+    assert set(losses) == {"loss_classifier", "loss_box_reg"}
+
+
+def test_box_loss_config_errors_at_construction():
+    with pytest.raises(ValueError, match="box_loss.kind"):
+        _roi_heads(SamplerConfig(), BoxLossConfig(kind="giou"))
+    with pytest.raises(ValueError, match="alpha"):
+        _roi_heads(SamplerConfig(), BoxLossConfig(kind="balanced_l1", alpha=0.0))
+    with pytest.raises(ValueError, match="roi_sampler.num_bins"):
+        _roi_heads(dataclasses.replace(SamplerConfig(), num_bins=0))
+    with pytest.raises(ValueError, match="rpn_neg_pos_ub"):
+        _rpn(neg_pos_ub=-3.0)
