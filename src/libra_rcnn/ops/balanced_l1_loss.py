@@ -107,6 +107,8 @@ def _elementwise_balanced_l1(pred: Tensor, target: Tensor, *, b: float, alpha: f
     # for huge errors; torch.where would otherwise propagate 0 * inf = NaN into the gradient.
     u_in = u.clamp(max=1.0)
     inlier = alpha / b * (b * u_in + 1.0) * torch.log1p(b * u_in) - alpha * u_in
+    # (1+z)ln(1+z) - z cancels for tiny z = b*u and can round below 0; the true value is >= 0.
+    inlier = inlier.clamp_min(0.0)
     outlier = gamma * u + (gamma / b - alpha)
     return beta * torch.where(u < 1.0, inlier, outlier)
 
