@@ -1,0 +1,169 @@
+"""Smoke tests of the benchmark scripts (benchmarks/): they must keep running, not measure.
+
+Each script runs once in ``--smoke`` mode (tiny sizes, one or two rounds, one thread) in its own
+process, as a user would run it, and its JSON is checked for the rows the docs describe. The
+shared measurement helpers get small unit tests with independently known answers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_smoke(name: str, tmp_path: Path, *extra: str):
+    out = tmp_path / f"{name}.json"
+    command = [sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--threads", "1",
+               "--out", str(out), *extra]
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    payload = json.loads(out.read_text(encoding="utf-8"))
+    assert payload["benchmark"] == name
+    assert payload["environment"]["smoke"] is True
+    assert payload["environment"]["torch_threads"] == 1
+    assert f"wrote {out}" in proc.stdout
+    return payload, proc.stdout
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """The benchmarks package, importable for this test only."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    return importlib.import_module("benchmarks._common")
+
+
+# ---------------------------------------------------------------------------------------------
+# the scripts
+
+
+def test_sampler_script_smoke(tmp_path):
+    payload, stdout = _run_smoke("sampler", tmp_path)
+    rows = payload["rows"]
+    cases = ("torchvision", "random", "pos_balance", "neg_balance", "libra")
+    assert [r["case"] for r in rows] == list(cases) * 2
+    assert {(r["proposals"], r["gt"]) for r in rows} == {(200, 1), (200, 5)}
+    for row in rows:
+        assert _positive_finite(row["median_us"]) and row["p25_us"] <= row["p75_us"]
+        assert row["candidates_pos"] > 0  # the synthetic images do have positives
+    assert all(r["ratio_vs_torchvision"] == 1.0 for r in rows if r["case"] == "torchvision")
+    assert payload["target"] is None  # a smoke run judges no target
+    assert "median us" in stdout
+
+
+def test_losses_script_smoke(tmp_path):
+    payload, _ = _run_smoke("losses", tmp_path)
+    rows = payload["rows"]
+    assert {(r["boxes"], r["pass"], r["case"]) for r in rows} == {
+        (n, p, c) for n in (16, 64) for p in ("fwd", "fwd+bwd") for c in ("smooth_l1", "l1", "balanced_l1")
+    }
+    assert all(_positive_finite(r["median_us"]) for r in rows)
+
+
+def test_pyramid_script_smoke(tmp_path):
+    payload, _ = _run_smoke("pyramid", tmp_path)
+    rows = {r["case"]: r for r in payload["rows"]}
+    assert list(rows) == ["fpn", "fpn+bfp(none)", "fpn+bfp(conv)", "fpn+bfp(non_local)", "pafpn",
+                          "pafpn+bfp(non_local)"]
+    for row in rows.values():
+        assert _positive_finite(row["median_ms"]) and _positive_finite(row["peak_mib"])
+    # the parameter-free integration adds nothing; refinement and PAFPN add parameters
+    assert rows["fpn+bfp(none)"]["params_m"] == rows["fpn"]["params_m"]
+    assert rows["fpn+bfp(non_local)"]["params_m"] > rows["fpn"]["params_m"]
+    assert rows["pafpn"]["params_m"] > rows["fpn"]["params_m"]
+
+
+def test_end_to_end_script_smoke(tmp_path):
+    payload, stdout = _run_smoke("end_to_end", tmp_path, "--no-parts")
+    rows = payload["rows"]
+    keys = {(r["arch"], r["phase"], r["model"]) for r in rows}
+    assert keys == {(a, p, m) for a in ("faster_rcnn", "retinanet") for p in ("train", "infer")
+                    for m in ("torchvision", "ours_baseline", "libra")}
+    for row in rows:
+        assert _positive_finite(row["median_ms"]) and _positive_finite(row["peak_mib"])
+        if row["phase"] == "infer":
+            assert _positive_finite(row["gflop"]) and _positive_finite(row["gflops_per_s"])
+    for arch in payload["architectures"]:
+        # torchvision's weights fill our baseline entirely; Libra adds only the pyramid's
+        assert arch["loading"]["ours_baseline"]["new_parameters"] == 0
+        assert arch["loading"]["libra"]["new_parameters"] > 0
+    assert _positive_finite(payload["matmul_peak"]["flops_per_second"])
+    assert "target:" not in stdout  # a smoke run judges no target
+
+
+# ---------------------------------------------------------------------------------------------
+# the helpers
+
+
+def test_summarize_and_paired_ratio(bench):
+    stats = bench.summarize([3.0, 1.0, 2.0, 10.0])
+    assert stats["median"] == 2.5 and stats["min"] == 1.0 and stats["n"] == 4
+    # rounds: 2/1 = 2, 9/3 = 3, 4/1 = 4 -> median 3 (the ratio of the medians would be 4/1)
+    assert bench.paired_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 1.0]) == 3.0
+    with pytest.raises(ValueError):
+        bench.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_alternating_timings_rotates_the_order(bench):
+    calls = []
+    cases = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    times = bench.alternating_timings(cases, rounds=3, warmup=1, inner=2, device=torch.device("cpu"))
+    assert "".join(calls) == "aabbcc" + "bbccaa" + "ccaabb" + "aabbcc"
+    assert all(len(values) == 3 and min(values) >= 0 for values in times.values())
+
+
+def test_cpu_peak_memory_counts_live_tensor_bytes(bench):
+    mib = 2**20
+
+    def allocate():
+        a = torch.ones(mib // 4)  # 1 MiB of float32
+        b = torch.ones(mib)  # 4 MiB, while a is alive -> peak 5 MiB
+        del a
+        c = torch.ones(mib // 2)  # 2 MiB after a is gone -> live 6 MiB, the peak
+        del b, c
+
+    peak = bench.peak_memory_bytes(allocate, torch.device("cpu"))
+    assert 6 * mib <= peak < 6 * mib + 64 * 1024
+
+
+def test_count_flops_of_a_matmul(bench):
+    a, b = torch.ones(16, 32), torch.ones(32, 8)
+    assert bench.count_flops(lambda: a @ b) == 2 * 16 * 32 * 8
+
+
+def test_format_table_aligns_and_marks_missing(bench):
+    text = bench.format_table([{"x": "a", "y": 1.5}, {"x": "bbb", "y": None}],
+                              [("x", "name", ""), ("y", "value", ".2f")])
+    lines = text.splitlines()
+    assert lines[0].split() == ["name", "value"]
+    assert lines[2].split() == ["a", "1.50"] and lines[3].split() == ["bbb", "-"]
+    assert len({len(line) for line in lines}) == 1
+
+
+def test_one_part_variants_differ_from_the_baseline_in_that_part_only(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    e2e = importlib.import_module("benchmarks.end_to_end")
+    faster = e2e.variant_changes(e2e.model_variants("faster_rcnn", "resnet18", 81, True))
+    assert faster == {
+        "torchvision": "torchvision reference",
+        "ours_baseline": [],
+        "+sampler": ["roi_sampler", "rpn_neg_pos_ub"],
+        "+pyramid": ["bfp"],
+        "+loss": ["box_loss"],
+        "libra": ["bfp", "box_loss", "roi_sampler", "rpn_neg_pos_ub"],
+    }
+    retina = e2e.variant_changes(e2e.model_variants("retinanet", "resnet18", 81, True))
+    assert retina["+pyramid"] == ["bfp"] and retina["+loss"] == ["retina_box_loss"]
+    assert retina["libra"] == ["bfp", "retina_box_loss"] and "+sampler" not in retina
