@@ -10,6 +10,8 @@ Subcommands::
     libra-rcnn check-data CONFIG
     libra-rcnn demo [--output-dir D] [--quick]
     libra-rcnn configs
+    libra-rcnn analyze iou-hist|loss-curves|samples|bfp-heatmaps ...
+    libra-rcnn ablate CONFIG (--table tableN | --variant NAME k=v ...) [--max-iters N] ...
 
 CONFIG is a YAML file or the name of a shipped config (``libra-rcnn configs`` lists them).
 Multi-GPU / multi-process: ``torchrun --nproc_per_node N -m libra_rcnn train CONFIG``.
@@ -114,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("configs", help="list the shipped configs")
     p.set_defaults(func=_cmd_configs)
+
+    from libra_rcnn.analysis import add_ablate_command, add_analyze_subcommands  # torch-free
+
+    p = sub.add_parser("analyze", help="the paper's figures as PNG/CSV: iou-hist (Fig. 3), "
+                       "bfp-heatmaps (Fig. 4), loss-curves (Fig. 5), samples (Fig. 6)")
+    add_analyze_subcommands(p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True))
+    p = sub.add_parser("ablate", help="train + evaluate config variants into a paper-style "
+                       "ablation table (Tables 2, 4, 5, 6)")
+    add_ablate_command(p)
     return parser
 
 
