@@ -348,3 +348,16 @@ def test_cli_commands_write_their_files(checkpoint, shapes, tmp_path, capsys):
     args = _parse(["samples", str(checkpoint), "--index", "99", "--out", str(out / "x.png")])
     with pytest.raises(ValueError, match="index must lie in"):
         args.func(args)
+
+
+def test_analyze_and_ablate_are_wired_into_the_libra_rcnn_command(tmp_path, capsys):
+    from libra_rcnn.cli import main
+
+    out = tmp_path / "curves"
+    assert main(["analyze", "loss-curves", "--setting", "0.5,1.5", "--out-dir", str(out)]) == 0
+    assert (out / "loss_curves.png").is_file() and (out / "loss_curves.csv").is_file()
+
+    # a user error in ablate is one line on stderr and exit code 2, no traceback
+    code = main(["ablate", str(tmp_path / "missing.yaml"), "--table", "table2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.yaml" in err and "Traceback" not in err
