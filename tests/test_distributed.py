@@ -165,7 +165,6 @@ def test_two_process_gloo_training_matches_one_process(ddp_case):
     _assert_same_training(two, ddp_case["one"], ddp_case["cfg"])
 
 
-@pytest.mark.slow
 def test_torchrun_cli_matches_one_process(ddp_case):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1")
