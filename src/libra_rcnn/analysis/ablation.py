@@ -36,6 +36,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from ..io_utils import atomic_write_text
+
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
@@ -212,9 +214,7 @@ def evaluate_checkpoint(cfg: Any, checkpoint: PathLike, *, device: Any = None,
 
 def _write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (temporary file + rename), so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def _write_outputs(output_dir: Path, *, title: Optional[str], base: str, shared:
               f"Base config: `{base}`; seed {seed}; budget: "
               + ", ".join(f"{k}={v}" for k, v in budget.items()) + ".",
               "Metrics: COCO bbox on the validation set, x100.", "", ""]
-    (output_dir / "ablation.md").write_text("\n".join(header) + table + "\n")
+    atomic_write_text(output_dir / "ablation.md", "\n".join(header) + table + "\n")
     _write_json(output_dir / "ablation.json", {
         "title": title, "base_config": base, "shared_overrides": shared, "budget": budget,
         "seed": seed, "variants": done})

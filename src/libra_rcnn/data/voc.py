@@ -29,15 +29,14 @@ Conversion counts are stored under ``d["info"]["conversion"]``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 from typing import List, Optional, Sequence, Tuple
 
+from ..io_utils import atomic_write
 from .errors import BadAnnotationError, BadImageError, PathLike
 from .image_io import read_image_size
 
@@ -220,21 +219,9 @@ def voc_to_coco(
 
 
 def write_coco_json(data: dict, path: PathLike) -> str:
-    """Write ``data`` as JSON to ``path`` atomically (temporary file in the same folder, then
-    ``os.replace``), so readers never see a half-written file. Returns the path."""
+    """Write ``data`` as JSON to ``path`` atomically (:func:`libra_rcnn.io_utils.atomic_write`:
+    temporary file in the same folder, fsync, ``os.replace``), so readers never see a
+    half-written file. Returns the path."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: json.dump(data, f), binary=False, encoding="utf-8")
     return path
-

@@ -30,13 +30,14 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
+
+from libra_rcnn.io_utils import atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -125,43 +126,34 @@ def _serialize(state: dict, fileobj) -> None:
     torch.save(state, fileobj)
 
 
+def _os_error_reason(exc: BaseException) -> Optional[str]:
+    """The ``strerror`` of the first ``OSError`` in ``exc``'s cause/context chain, if any."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def save_checkpoint(path: PathLike, state: dict) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same directory is written,
-    flushed and fsync'ed, then renamed over ``path``. On any failure (e.g. a full disk) the
-    temporary file is removed and an existing ``path`` is left untouched; the error is re-raised
-    as :class:`CheckpointError` naming the file.
+    """Write ``state`` to ``path`` atomically (:func:`libra_rcnn.io_utils.atomic_write`): a
+    temporary file in the same directory is written, flushed and fsync'ed, then renamed over
+    ``path``. On any failure (e.g. a full disk) the temporary file is removed and an existing
+    ``path`` is left untouched; the error is re-raised as :class:`CheckpointError` naming the file
+    (``KeyboardInterrupt`` and other non-I/O exceptions propagate unchanged).
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot write checkpoint: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _serialize(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        # torch's zip writer reports a failed write (e.g. a full disk) as a RuntimeError
-        if isinstance(exc, (OSError, RuntimeError)):
-            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-            raise CheckpointError(f"{path}: cannot write checkpoint: {reason}") from exc
-        raise
-    # make the rename itself durable (best effort: not every filesystem allows a dir fsync)
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+        # ``_serialize`` is looked up at call time (tests replace it to simulate failures)
+        atomic_write(path, lambda f: _serialize(state, f))
+    except (OSError, RuntimeError) as exc:
+        # torch's zip writer reports a failed write (e.g. a full disk) as a RuntimeError whose
+        # own text is cryptic; the OSError that caused it, if chained, says what happened
+        reason = _os_error_reason(exc) or str(exc).splitlines()[0]
+        raise CheckpointError(f"{path}: cannot write checkpoint: {reason}") from exc
     return path
 
 

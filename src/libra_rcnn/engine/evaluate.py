@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from libra_rcnn.io_utils import atomic_write
 
 __all__ = [
     "BBOX_METRIC_NAMES",
@@ -365,19 +366,8 @@ def proposal_recall_eval(
 # Results files
 # --------------------------------------------------------------------------------------------
 def write_results_file(results: Sequence[Mapping], path: str | os.PathLike) -> Path:
-    """Write COCO results json atomically (temporary file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(list(results), f)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    return path
+    """Write COCO results json atomically (:func:`libra_rcnn.io_utils.atomic_write`)."""
+    return atomic_write(path, lambda f: json.dump(list(results), f), binary=False)
 
 
 def _validate_results_list(results: Any, *, source: str) -> None:

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..io_utils import atomic_write
+
 __all__ = ["dump_proposals", "load_proposals", "select_proposals"]
 
 PathLike = Union[str, os.PathLike]
@@ -83,12 +85,7 @@ def dump_proposals(
     finally:
         model.train(was_training)
 
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    torch.save(table, tmp_path)
-    os.replace(tmp_path, path)
+    atomic_write(path, lambda f: torch.save(table, f))
     return table
 
 

@@ -1,0 +1,409 @@
+"""Faults during training, with real processes: SIGKILL in the middle of a checkpoint write,
+SIGTERM, a file-size limit hit while saving (a full disk as the kernel reports it), exact resume
+after each, bad data, and the shared atomic-write helper.
+
+The training runs use the shipped ``demo_quick`` config (Libra Faster R-CNN, ResNet-18, 64 px)
+on four generated 64 px images: 2 iterations per epoch, 3 epochs. The child processes run
+``python -m libra_rcnn train ...`` through a small wrapper (:data:`_CHILD`) that only adds a
+pause at a chosen point so the parent can deliver its signal there deterministically; the
+training code itself is the package's.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from libra_rcnn.cli import main
+from libra_rcnn.data import make_shapes_dataset
+from libra_rcnn.engine.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, \
+    save_checkpoint
+from libra_rcnn.io_utils import atomic_write, atomic_write_bytes, atomic_write_text, \
+    temporary_files_of
+
+CHILD_TIMEOUT_S = 180
+
+# Runs the CLI exactly as ``python -m libra_rcnn`` after installing one pause point chosen by
+# FAULT_HOOK ("half_save:N": the N-th checkpoint write stops half-way through the file;
+# "pause_after_step:N": after the N-th optimizer step). At the pause the child creates
+# FAULT_READY and waits: for SIGKILL (half_save) or for the file FAULT_GO (pause_after_step).
+_CHILD = r"""
+import io, os, runpy, sys, time
+from pathlib import Path
+
+hook, n = os.environ["FAULT_HOOK"].split(":")
+n = int(n)
+ready = Path(os.environ["FAULT_READY"])
+
+def signal_ready(text):
+    # complete before it appears: the parent may act the moment it sees the file
+    tmp = ready.with_name(ready.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, ready)
+
+def wait_for(path, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            sys.exit("fault hook: the parent never answered")
+        time.sleep(0.02)
+
+if hook == "half_save":
+    from libra_rcnn.engine import checkpoint
+    real_serialize, calls = checkpoint._serialize, []
+
+    def serialize(state, fileobj):
+        calls.append(1)
+        if len(calls) < n:
+            return real_serialize(state, fileobj)
+        buffer = io.BytesIO()
+        real_serialize(state, buffer)
+        data = buffer.getvalue()
+        fileobj.write(data[: len(data) // 2])
+        fileobj.flush()
+        os.fsync(fileobj.fileno())
+        signal_ready(str(len(data)))
+        time.sleep(120)
+        sys.exit("fault hook: not killed")
+
+    checkpoint._serialize = serialize
+elif hook == "pause_after_step":
+    from libra_rcnn.engine.train import _Trainer
+    real_step, calls = _Trainer._step, []
+
+    def step(self, images, targets):
+        result = real_step(self, images, targets)
+        calls.append(1)
+        if len(calls) == n:
+            signal_ready("paused")
+            wait_for(Path(os.environ["FAULT_GO"]))
+        return result
+
+    _Trainer._step = step
+else:
+    sys.exit(f"fault hook: unknown {hook!r}")
+runpy.run_module("libra_rcnn", run_name="__main__", alter_sys=True)
+"""
+
+# Full disk as the kernel reports it: RLIMIT_FSIZE makes a write past the limit fail with EFBIG
+# (SIGXFSZ ignored, else the process would be killed instead). argv: path, limit, tensor size.
+_SAVE_OVER_LIMIT = r"""
+import resource, signal, sys
+import torch
+from libra_rcnn.engine.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
+
+path, limit, numel = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+state = {"format": CHECKPOINT_FORMAT, "format_version": 1, "model_config": {}, "epoch": 2,
+         "model": {"w": torch.ones(numel)}}
+try:
+    save_checkpoint(path, state)
+except CheckpointError as exc:
+    # the kernel's error, wherever torch's writer left it in the chain of exceptions
+    chain, error = [], exc
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    errnos = [e.errno for e in chain if isinstance(e, OSError)]
+    print(exc)
+    print(*errnos)
+    sys.exit(3)
+"""
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _train_args(data: dict, out: Path, *extra: str) -> list[str]:
+    return ["train", "demo_quick", "--output-dir", str(out), "--device", "cpu",
+            "--set", f"data.train_ann={data['train_json']}",
+            "--set", f"data.train_images={data['train_images']}",
+            "--set", "data.val_ann=null", "--set", "data.val_images=null",
+            "--set", "train.epochs=3", "--set", "train.checkpoint_period=100",
+            "--set", "train.log_period=1", "--set", "train.tensorboard=false",
+            "--set", "train.deterministic=true", *extra]
+
+
+def _child_env(**extra: str) -> dict:
+    # demo_quick trains with one intra-op thread (train.num_threads); OpenMP is told the same
+    return dict(os.environ, OMP_NUM_THREADS="1", **extra)
+
+
+def _start_child(tmp_path: Path, argv: list[str], **hook_env: str) -> subprocess.Popen:
+    stdout = open(tmp_path / "child.out", "w")
+    stderr = open(tmp_path / "child.err", "w")
+    with stdout, stderr:
+        return subprocess.Popen([sys.executable, "-c", _CHILD, "--quiet", *argv],
+                                stdout=stdout, stderr=stderr, env=_child_env(**hook_env))
+
+
+def _child_output(tmp_path: Path) -> str:
+    return (tmp_path / "child.out").read_text() + (tmp_path / "child.err").read_text()
+
+
+def _wait_for_file(path: Path, child: subprocess.Popen, tmp_path: Path) -> None:
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while not path.exists():
+        if child.poll() is not None:
+            pytest.fail(f"child exited with {child.returncode} before {path.name}:\n"
+                        f"{_child_output(tmp_path)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"child never reached {path.name}")
+        time.sleep(0.02)
+
+
+def _stop(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.kill()
+        child.wait(timeout=30)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    """iteration -> total loss of the train records in ``out/log.jsonl`` (the last one wins)."""
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {r["iter"]: r["loss"] for r in records if r["type"] == "train"}
+
+
+def _assert_same_weights(path_a: Path, path_b: Path) -> None:
+    a, b = load_checkpoint(path_a)["model"], load_checkpoint(path_b)["model"]
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults_data")
+    return make_shapes_dataset(root, num_train=4, num_val=0, image_size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """One uninterrupted run (3 epochs x 2 iterations) in this process."""
+    out = tmp_path_factory.mktemp("faults_reference") / "run"
+    assert main(["--quiet", *_train_args(data, out)]) == 0
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    return {"out": out, "losses": losses}
+
+
+# ------------------------------------------------------------------------------ SIGKILL
+
+
+@pytest.fixture(scope="module")
+def killed_mid_save(data, tmp_path_factory):
+    """A training process SIGKILLed half-way through writing its second ``latest.pth``
+    (end of epoch 2, iteration 4); the first one (end of epoch 1, iteration 2) is complete."""
+    tmp_path = tmp_path_factory.mktemp("faults_kill")
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    child = _start_child(tmp_path, _train_args(data, out), FAULT_HOOK="half_save:2",
+                         FAULT_READY=str(ready))
+    try:
+        _wait_for_file(ready, child, tmp_path)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=CHILD_TIMEOUT_S)
+    finally:
+        _stop(child)
+    assert child.returncode == -signal.SIGKILL, _child_output(tmp_path)
+    return {"out": out, "full_size": int(ready.read_text())}
+
+
+def test_sigkill_mid_save_leaves_the_last_complete_checkpoint(killed_mid_save):
+    out = killed_mid_save["out"]
+    latest = out / "latest.pth"
+    state = load_checkpoint(latest)  # weights_only
+    assert (state["epoch"], state["iter_in_epoch"], state["iteration"]) == (1, 0, 2)
+    assert torch.isfinite(state["model"]["backbone.body.conv1.weight"]).all()
+    # the half-written file is a hidden temporary next to it, never named latest.pth
+    leftovers = temporary_files_of(latest)
+    assert len(leftovers) == 1
+    assert 0 < leftovers[0].stat().st_size < killed_mid_save["full_size"]
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(leftovers[0])
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["config.yaml", "latest.pth", "log.jsonl"]
+    assert sorted(_losses(out)) == [1, 2, 3, 4]  # it was killed while saving after iteration 4
+
+
+def test_resume_after_sigkill_continues_to_the_same_losses(killed_mid_save, reference, data,
+                                                           tmp_path):
+    out = killed_mid_save["out"]
+    # the steps the killed run took match the uninterrupted run's ...
+    killed = _losses(out)
+    assert killed == {i: reference["losses"][i] for i in killed}
+    # ... and resuming from its last complete checkpoint reproduces the rest exactly
+    resumed = tmp_path / "resumed"
+    code = main(["--quiet", *_train_args(data, resumed, "--resume", str(out / "latest.pth"))])
+    assert code == 0
+    assert _losses(resumed) == {i: reference["losses"][i] for i in (3, 4, 5, 6)}
+    _assert_same_weights(resumed / "latest.pth", reference["out"] / "latest.pth")
+
+
+# ------------------------------------------------------------------------------ SIGTERM
+
+
+def test_sigterm_writes_a_checkpoint_exits_143_and_resume_continues(data, reference, tmp_path):
+    out, ready, go = tmp_path / "run", tmp_path / "ready", tmp_path / "go"
+    # pause after the first step of epoch 2 (iteration 3), so the stop is mid-epoch
+    child = _start_child(tmp_path, _train_args(data, out), FAULT_HOOK="pause_after_step:3",
+                         FAULT_READY=str(ready), FAULT_GO=str(go))
+    try:
+        _wait_for_file(ready, child, tmp_path)
+        child.send_signal(signal.SIGTERM)
+        go.touch()
+        code = child.wait(timeout=CHILD_TIMEOUT_S)
+    finally:
+        _stop(child)
+    output = _child_output(tmp_path)
+    assert code == 128 + signal.SIGTERM, output
+    assert "interrupted at epoch 1, iteration 3" in output
+    assert f"resume with --resume {out / 'latest.pth'}" in output
+    assert "Traceback" not in output
+    state = load_checkpoint(out / "latest.pth")
+    assert (state["epoch"], state["iter_in_epoch"], state["iteration"]) == (1, 1, 3)
+    assert temporary_files_of(out / "latest.pth") == []
+    assert _losses(out) == {i: reference["losses"][i] for i in (1, 2, 3)}
+
+    assert main(["--quiet", *_train_args(data, out, "--resume", str(out / "latest.pth"))]) == 0
+    assert _losses(out) == reference["losses"]
+    _assert_same_weights(out / "latest.pth", reference["out"] / "latest.pth")
+
+
+# ------------------------------------------------------------------------------ full disk
+
+
+def test_file_size_limit_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "latest.pth"
+    previous = {"format": CHECKPOINT_FORMAT, "format_version": 1, "model_config": {}, "epoch": 1,
+                "model": {"w": torch.arange(16.0)}}
+    save_checkpoint(path, previous)
+    before = path.read_bytes()
+    limit = 256 * 1024
+    result = subprocess.run(
+        [sys.executable, "-c", _SAVE_OVER_LIMIT, str(path), str(limit), str(limit)],  # 4 bytes each
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=_child_env())
+    assert result.returncode == 3, result.stdout + result.stderr
+    message, errnos = result.stdout.strip().splitlines()
+    assert message.startswith(f"{path}: cannot write checkpoint: ")
+    assert message.endswith(os.strerror(errno.EFBIG)), message  # the cause, not torch's wording
+    assert errnos.split() == [str(errno.EFBIG)]  # a real "File too large" from the kernel
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pth"]
+
+
+@pytest.mark.slow
+def test_training_that_cannot_save_stops_with_one_line_and_keeps_latest(data, reference, tmp_path):
+    """The same limit on a real training run that resumes from a copy of the reference's last
+    checkpoint and must save again after one more epoch."""
+    out = tmp_path / "run"
+    out.mkdir()
+    latest = out / "latest.pth"
+    shutil.copyfile(reference["out"] / "latest.pth", latest)
+    before = latest.stat().st_size, load_checkpoint(latest)["iteration"]
+    limit = 4 * 1024 * 1024  # far above the logs, far below a checkpoint (~90 MB)
+    child_code = (
+        "import resource, runpy, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, "
+        "resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "runpy.run_module('libra_rcnn', run_name='__main__', alter_sys=True)\n")
+    # one more epoch (iterations 7-8), then a mid-run latest.pth save (no epoch_N.pth file)
+    argv = _train_args(data, out, "--resume", str(latest), "--set", "train.epochs=5",
+                       "--set", "train.max_iters=8")
+    result = subprocess.run([sys.executable, "-c", child_code, "--quiet", *argv],
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                            env=_child_env())
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert lines[-1].startswith(f"libra-rcnn: error: {latest}: cannot write checkpoint: "), lines
+    assert (latest.stat().st_size, load_checkpoint(latest)["iteration"]) == before
+    assert [p.name for p in out.iterdir() if p.suffix == ".tmp"] == []
+    assert sorted(_losses(out)) == [7, 8]  # the epoch was trained, only its save failed
+
+
+# ------------------------------------------------------------------------------ bad data
+
+
+@pytest.fixture
+def bad_data(tmp_path):
+    paths = make_shapes_dataset(tmp_path / "bad", num_train=4, num_val=0, image_size=64, seed=0)
+    corrupt = Path(paths["train_images"]) / "000001.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not image data")
+    missing = Path(paths["train_images"]) / "000002.png"
+    missing.unlink()
+    return paths, str(corrupt), str(missing)
+
+
+def test_check_data_names_a_corrupt_and_a_missing_image(bad_data, capsys):
+    paths, corrupt, missing = bad_data
+    code = main(["--quiet", "check-data", "demo_quick", "--split", "train",
+                 "--set", f"data.train_ann={paths['train_json']}",
+                 "--set", f"data.train_images={paths['train_images']}"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    # one of the four images has no box and is left out of training (remove_empty)
+    assert "images: 3 (1 readable, 2 bad, 0 size mismatches)" in out
+    problem_lines = [line.strip() for line in out.splitlines() if line.startswith("    ")]
+    assert len(problem_lines) == 2, out
+    assert problem_lines[0].startswith(f"{corrupt}: ")
+    assert problem_lines[1] == f"{missing}: file not found"
+
+
+def test_strict_training_refuses_bad_data_with_one_line(bad_data, tmp_path, capsys):
+    paths, corrupt, missing = bad_data
+    out = tmp_path / "run"
+    code = main(["--quiet", *_train_args(paths, out, "--strict")])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err
+    assert len(lines) == 1 and lines[0].startswith(f"libra-rcnn: error: {corrupt}: "), lines
+    assert lines[0].endswith("(and 1 more problems; run `libra-rcnn check-data`)")
+    assert not out.exists()  # refused before writing anything
+
+
+# ------------------------------------------------------------------------------ atomic writes
+
+
+def test_atomic_write_replaces_or_keeps_the_old_file(tmp_path):
+    path = tmp_path / "sub" / "f.json"
+    assert atomic_write_text(path, "old ✓") == path
+    assert path.read_text(encoding="utf-8") == "old ✓"
+
+    def half_then(exc):
+        def write(f):
+            f.write(b"half")
+            raise exc
+        return write
+
+    for exc in (OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            atomic_write(path, half_then(exc))
+        assert path.read_text(encoding="utf-8") == "old ✓"
+        assert temporary_files_of(path) == [] and os.listdir(path.parent) == ["f.json"]
+
+    atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new" and os.listdir(path.parent) == ["f.json"]
+    with pytest.raises(ValueError, match="encoding='latin-1' is only valid with binary=False"):
+        atomic_write(path, lambda f: None, encoding="latin-1")
+
+
+def test_temporary_files_of_finds_only_this_files_leftovers(tmp_path):
+    (tmp_path / ".a[1].pth.x1.tmp").write_bytes(b"")
+    (tmp_path / ".a[1].pth.x2.tmp").write_bytes(b"")
+    (tmp_path / ".b.pth.x3.tmp").write_bytes(b"")
+    (tmp_path / "a[1].pth").write_bytes(b"")
+    assert [p.name for p in temporary_files_of(tmp_path / "a[1].pth")] == \
+        [".a[1].pth.x1.tmp", ".a[1].pth.x2.tmp"]
+    assert temporary_files_of(tmp_path / "missing_dir" / "a.pth") == []
