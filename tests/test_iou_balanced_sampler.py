@@ -496,6 +496,35 @@ def test_value_errors_name_the_argument():
         sample_positives_negatives(labels.float(), max_overlaps, matched)
 
 
+def test_half_precision_overlaps_match_float32():
+    # bfloat16 has no NumPy type: it must be accepted and bin exactly like its float32 values
+    labels, max_overlaps, matched = _image(seed=6)
+    neg_inds = torch.nonzero(labels == 0).squeeze(1)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = max_overlaps.to(dtype)
+        a = iou_balanced_negative_sample(neg_inds, low, 100, generator=_gen(8))
+        b = iou_balanced_negative_sample(neg_inds, low.float(), 100, generator=_gen(8))
+        assert torch.equal(a, b)
+        _assert_distinct_subset(a, neg_inds)
+
+
+def test_combined_integer_overlaps_rejected_when_binning():
+    labels, max_overlaps, matched = _image(num_pos=10, num_neg=20, num_ign=0)
+    with pytest.raises(ValueError, match="max_overlaps"):
+        sample_positives_negatives(labels, matched, matched, num=8, neg_balance=True)
+
+
+def test_all_taken_result_does_not_alias_input():
+    cands = torch.tensor([5, 1, 3])
+    for out in (
+        random_choice(cands, 5),
+        iou_balanced_negative_sample(cands, torch.rand(6), 5),
+        instance_balanced_positive_sample(cands, torch.zeros(6, dtype=torch.long), 5),
+    ):
+        out[0] = -7
+        assert cands.tolist() == [5, 1, 3]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_inputs_with_cpu_generator():
     labels, max_overlaps, matched = _image(num_pos=300, seed=5)

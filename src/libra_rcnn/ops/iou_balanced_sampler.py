@@ -24,7 +24,13 @@ Conventions shared by every function here (all inputs describe ONE image):
 * Returned indices are ``LongTensor`` indices into the ``N`` candidates, on the device of the
   candidate indices, never repeated, in no particular order.
 * ``generator``: an optional ``torch.Generator``; the result is a deterministic function of the
-  inputs and the generator's state. Random numbers are drawn on the generator's device and moved.
+  inputs and the generator's state (without one, torch's default generator of the candidates'
+  device is used). Random numbers are drawn on the generator's device and moved.
+
+Implementation note: the balanced samplers work on at most a few thousand candidates per image,
+where the cost of ~40 small torch calls is all dispatcher overhead. So the random numbers come
+from one torch call per sampler (for reproducibility with torch generators) and the grouping,
+ranking and selection run in NumPy on the host; results are the same on every device.
 
 Choices (mmdetection's ``IoUBalancedNegSampler`` / ``InstanceBalancedPosSampler`` /
 ``CombinedSampler`` semantics unless stated):
@@ -54,6 +60,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -66,15 +73,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# helpers
-
-
-def _randperm(n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-    """A random permutation of ``range(n)`` on ``device`` drawn from ``generator``."""
-    if generator is None:
-        return torch.randperm(n, device=device)
-    perm = torch.randperm(n, generator=generator, device=generator.device)
-    return perm.to(device)
+# checks
 
 
 def _check_num(num: int, name: str = "num") -> None:
@@ -100,53 +99,201 @@ def _check_index_vector(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
 
 
-def _uniform_keys(n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-    """``n`` i.i.d. U[0, 1) float32 keys on ``device``."""
+def _check_overlaps(max_overlaps: Tensor) -> None:
+    if not isinstance(max_overlaps, Tensor) or max_overlaps.dim() != 1:
+        raise ValueError("max_overlaps must be a 1-D tensor")
+    if not max_overlaps.is_floating_point():
+        raise ValueError(f"max_overlaps must be a floating tensor, got dtype {max_overlaps.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# random numbers (torch, for reproducibility) and host arrays
+
+
+def _randperm(n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """A random permutation of ``range(n)`` drawn on the generator's device (else ``device``)."""
     if generator is None:
-        return torch.rand(n, device=device)
-    return torch.rand(n, generator=generator, device=generator.device).to(device)
+        return torch.randperm(n, device=device)
+    return torch.randperm(n, generator=generator, device=generator.device)
 
 
-def _sample_with_group_quota(
-    inds: Tensor,
-    group: Tensor,
-    quota: Tensor,
+def _uniform_keys(n: int, generator: Optional[torch.Generator], device: torch.device) -> np.ndarray:
+    """``n`` i.i.d. U[0, 1) float64 keys as a host array, drawn in one torch call."""
+    if generator is None:
+        keys = torch.rand(n, dtype=torch.float64, device=device)
+    else:
+        keys = torch.rand(n, dtype=torch.float64, generator=generator, device=generator.device)
+    return keys.cpu().numpy()
+
+
+def _host(t: Tensor) -> np.ndarray:
+    """A host NumPy view (or copy) of a 1-D tensor; bfloat16 has no NumPy type, so float32."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.cpu().numpy()
+
+
+def _device_tensor(a: np.ndarray, device: torch.device) -> Tensor:
+    """LongTensor on ``device`` holding the host index array ``a`` (always a fresh tensor)."""
+    t = torch.from_numpy(np.array(a, dtype=np.int64))
+    return t if device.type == "cpu" else t.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# host implementations; every ``inds`` is an int64 array of distinct candidate indices and
+# ``device`` is where random numbers are drawn when no generator is given
+
+
+def _np_random_choice(
+    inds: np.ndarray, num: int, generator: Optional[torch.Generator], device: torch.device
+) -> np.ndarray:
+    """Host twin of :func:`random_choice` (same draws, same result)."""
+    if inds.size <= num:
+        return inds
+    return inds[_randperm(inds.size, generator, device).cpu().numpy()[:num]]
+
+
+def _np_sample_with_group_quota(
+    inds: np.ndarray,
+    group: np.ndarray,
+    quota: np.ndarray,
     num: int,
     generator: Optional[torch.Generator],
-) -> Tensor:
+    device: torch.device,
+) -> np.ndarray:
     """Pick ``num`` of ``inds``: up to ``quota[g]`` uniformly from each group, then even out.
 
     Args:
-        inds: LongTensor[M] distinct candidate indices, ``M >= num``.
-        group: LongTensor[M], group id in ``[0, G)`` of each candidate.
-        quota: LongTensor[G], how many to draw from each group.
+        inds: int64[M] distinct candidate indices, ``M >= num``.
+        group: int[M], group id in ``[0, G)`` of each candidate (``G < 2**40``).
+        quota: int64[G], how many to draw from each group.
         num: how many to return.
     Returns:
-        LongTensor[num] of distinct entries of ``inds``. If the groups' picks fall short of
-        ``num``, the shortfall is filled uniformly from the unpicked candidates; if they exceed it,
-        a uniform subset of the picks is kept.
+        int64[num] distinct entries of ``inds``. If the groups' picks fall short of ``num``, the
+        shortfall is filled uniformly from the unpicked candidates; if they exceed it, a uniform
+        subset of the picks is kept.
 
-    Vectorised: a uniform random permutation followed by a *stable* sort on the group id puts
-    every group's members in a contiguous run in uniformly random order, so the position inside
-    the run is a uniform random rank and the first ``quota[g]`` ranks are picked. A second random
-    key, shifted below zero for the picked candidates, then selects the ``num`` smallest in one
-    ``topk``.
+    One draw of ``2 M`` uniform keys. Sorting on ``group + key / 2`` puts every group's members
+    in a contiguous run in uniformly random order, so the position inside the run is a uniform
+    random rank and the first ``quota[g]`` ranks are picked (a float64 tie, of probability
+    ~1e-8 per call, only falls back to index order). The second half of the keys, shifted below
+    zero for the picked candidates, then selects the ``num`` smallest in one partition.
     """
-    m = inds.numel()
-    perm = _randperm(m, generator, inds.device)
-    sorted_group, perm_order = torch.sort(group[perm], stable=True)
-    order = perm[perm_order]
-    # first slot of each group's run; (torch.searchsorted would do it in one op but goes
-    # multi-threaded on ~1e3 elements and is then orders of magnitude slower on a busy CPU)
-    counts = torch.bincount(group, minlength=quota.numel())
-    run_starts = torch.cumsum(counts, 0) - counts
-    rank_in_group = torch.arange(m, device=inds.device) - run_starts[sorted_group]
+    m = inds.size
+    if num >= m:
+        return inds
+    if num == 0:
+        return inds[:0]
+    keys = _uniform_keys(2 * m, generator, device)
+    order = (group + 0.5 * keys[:m]).argsort()
+    sorted_group = group[order]
+    counts = np.bincount(group, minlength=quota.size)
+    run_starts = np.cumsum(counts) - counts
+    rank_in_group = np.arange(m) - run_starts[sorted_group]
     picked = rank_in_group < quota[sorted_group]
     # picked keys lie in [-1, 0), the rest in [0, 1): the smallest num are all picks (or a
-    # uniform subset of them) plus a uniform subset of the rest (float32 ties only fix an order)
-    fill_keys = _uniform_keys(m, generator, inds.device) - picked.float()
-    take = torch.topk(fill_keys, num, largest=False, sorted=False).indices
+    # uniform subset of them) plus a uniform subset of the rest
+    fill_keys = keys[m:] - picked
+    take = fill_keys.argpartition(num - 1)[:num]
     return inds[order[take]]
+
+
+def _np_sample_by_iou_bins(
+    inds: np.ndarray,
+    ious: np.ndarray,
+    num_balanced: int,
+    num: int,
+    num_bins: int,
+    floor: float,
+    generator: Optional[torch.Generator],
+    device: torch.device,
+) -> np.ndarray:
+    """Eq. 2 proper: ``num_balanced`` split evenly over ``num_bins`` IoU bins, topped up to ``num``.
+
+    Args:
+        inds: int64[M] distinct candidates, ``M >= num >= num_balanced``, ``M >= 1``.
+        ious: float[M], their IoUs, all ``>= floor``.
+    Returns:
+        int64[num]: ``num_balanced // K`` per bin (remainder to the top bins), a bin short of its
+        quota gives all it has, then uniform picks from the rest up to ``num``.
+    """
+    max_iou = float(ious.max())
+    if num_bins == 1 or not max_iou > floor:
+        # one bin, or a degenerate (zero-width) range: Eq. 2 reduces to Eq. 1
+        return _np_random_choice(inds, num, generator, device)
+    # bin k holds IoUs in [floor + k * w, floor + (k + 1) * w), w = (max - floor) / K; the max
+    # itself joins bin K - 1 (arithmetic in the IoUs' own precision)
+    scale = num_bins / (max_iou - floor)
+    bin_ids = ((ious - floor) * scale).astype(np.int64)
+    np.minimum(bin_ids, num_bins - 1, out=bin_ids)
+    np.maximum(bin_ids, 0, out=bin_ids)
+    base, remainder = divmod(num_balanced, num_bins)
+    quota = np.full(num_bins, base, dtype=np.int64)
+    if remainder:
+        quota[num_bins - remainder :] += 1
+    return _np_sample_with_group_quota(inds, bin_ids, quota, num, generator, device)
+
+
+def _np_iou_balanced_negative(
+    neg_inds: np.ndarray,
+    ious: np.ndarray,
+    num: int,
+    num_bins: int,
+    floor_thr: float,
+    floor_fraction: float,
+    generator: Optional[torch.Generator],
+    device: torch.device,
+) -> np.ndarray:
+    """Host :func:`iou_balanced_negative_sample`; ``ious[i]`` is the IoU of ``neg_inds[i]``."""
+    if neg_inds.size <= num:
+        return neg_inds
+    num_balanced = int(num * (1.0 - floor_fraction))
+    if floor_thr < 0:
+        # no floor set: the floor_fraction share (if any) is uniform over all negatives, which
+        # is the same as topping up the binned picks uniformly
+        return _np_sample_by_iou_bins(
+            neg_inds, ious, num_balanced, num, num_bins, 0.0, generator, device
+        )
+
+    in_floor = (ious == 0) if floor_thr == 0 else (ious < floor_thr)
+    floor_inds = neg_inds[in_floor]
+    binned_inds, binned_ious = neg_inds[~in_floor], ious[~in_floor]
+    if binned_inds.size > num_balanced:
+        # if the floor set cannot cover its share, the binned side gives the shortfall as
+        # uniform picks from its unpicked negatives (mmdetection's random fill)
+        num_binned = max(num_balanced, num - floor_inds.size)
+        binned_pick = _np_sample_by_iou_bins(
+            binned_inds, binned_ious, num_balanced, num_binned, num_bins, float(floor_thr),
+            generator, device,
+        )
+    else:
+        binned_pick = binned_inds
+    floor_pick = _np_random_choice(floor_inds, num - binned_pick.size, generator, device)
+    return np.concatenate([binned_pick, floor_pick])
+
+
+def _np_instance_balanced_positive(
+    pos_inds: np.ndarray,
+    matched_gt_inds: np.ndarray,
+    num: int,
+    generator: Optional[torch.Generator],
+    device: torch.device,
+) -> np.ndarray:
+    """Host :func:`instance_balanced_positive_sample`; ``matched_gt_inds`` is indexed by
+    ``pos_inds`` (only those entries are read)."""
+    if pos_inds.size <= num:
+        return pos_inds
+    if num == 0:
+        return pos_inds[:0]
+    gt_of_pos = matched_gt_inds[pos_inds].astype(np.int64, copy=False)
+    if int(gt_of_pos.min()) < 0:
+        raise ValueError("matched_gt_inds must be >= 0 at every positive")
+    # the ground-truth index itself is the group id (bincount is cheaper than unique)
+    num_instances = int(np.count_nonzero(np.bincount(gt_of_pos)))
+    per_instance = int(round(num / num_instances)) + 1
+    quota = np.full(int(gt_of_pos.max()) + 1, per_instance, dtype=np.int64)
+    return _np_sample_with_group_quota(pos_inds, gt_of_pos, quota, num, generator, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,41 +318,8 @@ def random_choice(
     m = candidate_inds.numel()
     if m <= num:
         return candidate_inds.clone()
-    return candidate_inds[_randperm(m, generator, candidate_inds.device)[:num]]
-
-
-def _sample_by_iou_bins(
-    inds: Tensor,
-    ious: Tensor,
-    num_balanced: int,
-    num: int,
-    num_bins: int,
-    floor: float,
-    generator: Optional[torch.Generator],
-) -> Tensor:
-    """Eq. 2 proper: ``num_balanced`` split evenly over ``num_bins`` IoU bins, topped up to ``num``.
-
-    Args:
-        inds: LongTensor[M] distinct candidates, ``M >= num >= num_balanced``.
-        ious: FloatTensor[M], their IoUs, all ``>= floor``.
-    Returns:
-        LongTensor[num]: ``num_balanced // K`` per bin (remainder to the top bins), a bin short
-        of its quota gives all it has, then uniform picks from the rest up to ``num``.
-    """
-    max_iou = float(ious.max())
-    if num_bins == 1 or not max_iou > floor:
-        # one bin, or a degenerate (zero-width) range: Eq. 2 reduces to Eq. 1
-        return random_choice(inds, num, generator)
-    # bin k holds IoUs in [floor + k * w, floor + (k + 1) * w), w = (max - floor) / K; the max
-    # itself joins bin K - 1. Plain arithmetic: torch.bucketize is much slower on ~1e3 elements
-    # once it goes multi-threaded.
-    scale = num_bins / (max_iou - floor)
-    bin_ids = ((ious - floor) * scale).long().clamp_(0, num_bins - 1)
-    base, remainder = divmod(num_balanced, num_bins)
-    quota = torch.full((num_bins,), base, dtype=torch.long, device=ious.device)
-    if remainder:
-        quota[num_bins - remainder :] += 1
-    return _sample_with_group_quota(inds, bin_ids, quota, num, generator)
+    perm = _randperm(m, generator, candidate_inds.device)[:num]
+    return candidate_inds[perm.to(candidate_inds.device)]
 
 
 def iou_balanced_negative_sample(
@@ -234,39 +348,18 @@ def iou_balanced_negative_sample(
         LongTensor[min(num, M)] of distinct entries of ``neg_inds``; all of them when ``M <= num``.
     """
     _check_index_vector(neg_inds, "neg_inds")
-    if not isinstance(max_overlaps, Tensor) or max_overlaps.dim() != 1:
-        raise ValueError("max_overlaps must be a 1-D tensor")
-    if not max_overlaps.is_floating_point():
-        raise ValueError(f"max_overlaps must be a floating tensor, got dtype {max_overlaps.dtype}")
+    _check_overlaps(max_overlaps)
     _check_num(num)
     _check_negative_settings(num_bins, floor_thr, floor_fraction)
 
     neg_inds = neg_inds.long()
     if neg_inds.numel() <= num:
         return neg_inds.clone()
-
-    ious = max_overlaps[neg_inds]
-    num_balanced = int(num * (1.0 - floor_fraction))
-    if floor_thr < 0:
-        # no floor set: the floor_fraction share (if any) is uniform over all negatives, which
-        # is the same as topping up the binned picks uniformly
-        return _sample_by_iou_bins(neg_inds, ious, num_balanced, num, num_bins, 0.0, generator)
-
-    in_floor = (ious == 0) if floor_thr == 0 else (ious < floor_thr)
-    floor_inds = neg_inds[in_floor]
-    binned_inds, binned_ious = neg_inds[~in_floor], ious[~in_floor]
-    if binned_inds.numel() > num_balanced:
-        # if the floor set cannot cover its share, the binned side gives the shortfall as
-        # uniform picks from its unpicked negatives (mmdetection's random fill)
-        num_binned = max(num_balanced, num - floor_inds.numel())
-        binned_pick = _sample_by_iou_bins(
-            binned_inds, binned_ious, num_balanced, num_binned, num_bins, float(floor_thr),
-            generator,
-        )
-    else:
-        binned_pick = binned_inds
-    floor_pick = random_choice(floor_inds, num - binned_pick.numel(), generator)
-    return torch.cat([binned_pick, floor_pick])
+    picked = _np_iou_balanced_negative(
+        _host(neg_inds), _host(max_overlaps[neg_inds]), num, num_bins, floor_thr,
+        floor_fraction, generator, neg_inds.device,
+    )
+    return _device_tensor(picked, neg_inds.device)
 
 
 def instance_balanced_positive_sample(
@@ -299,17 +392,13 @@ def instance_balanced_positive_sample(
         return pos_inds.clone()
     if num == 0:
         return pos_inds[:0].clone()
-
-    gt_of_pos = matched_gt_inds[pos_inds].long()
-    if int(gt_of_pos.min()) < 0:
-        raise ValueError("matched_gt_inds must be >= 0 at every positive")
-    # the ground-truth index itself is the group id (bincount is cheaper than unique)
-    num_instances = int(torch.count_nonzero(torch.bincount(gt_of_pos)))
-    per_instance = int(round(num / num_instances)) + 1
-    quota = torch.full(
-        (int(gt_of_pos.max()) + 1,), per_instance, dtype=torch.long, device=pos_inds.device
+    host_pos = _host(pos_inds)
+    # gather on the tensors' side so that only the P read entries travel to the host
+    picked = _np_instance_balanced_positive(
+        np.arange(host_pos.size), _host(matched_gt_inds[pos_inds]), num, generator,
+        pos_inds.device,
     )
-    return _sample_with_group_quota(pos_inds, gt_of_pos, quota, num, generator)
+    return _device_tensor(host_pos[picked], pos_inds.device)
 
 
 def sample_positives_negatives(
@@ -340,7 +429,8 @@ def sample_positives_negatives(
         max_overlaps: FloatTensor[N], largest IoU with any ground truth (0 without ground truth).
         matched_gt_inds: LongTensor[N], matched ground-truth index (read for positives only).
     Returns:
-        ``(pos_inds, neg_inds)``: disjoint LongTensors of indices into the N candidates.
+        ``(pos_inds, neg_inds)``: disjoint LongTensors of indices into the N candidates, on the
+        device of ``labels``.
     """
     _check_index_vector(labels, "labels")
     _check_index_vector(matched_gt_inds, "matched_gt_inds")
@@ -359,33 +449,46 @@ def sample_positives_negatives(
         raise ValueError("neg_pos_ub must not be NaN")
     # checked even when neg_balance is off, so a bad config fails on every path
     _check_negative_settings(num_bins, floor_thr, floor_fraction)
-
-    pos_candidates = torch.nonzero(labels >= 1).squeeze(1)
-    neg_candidates = torch.nonzero(labels == 0).squeeze(1)
-
-    num_pos_expected = int(num * pos_fraction)
-    if pos_balance:
-        pos_inds = instance_balanced_positive_sample(
-            pos_candidates, matched_gt_inds, num_pos_expected, generator
-        )
-    else:
-        pos_inds = random_choice(pos_candidates, num_pos_expected, generator)
-
-    num_neg_expected = num - pos_inds.numel()
-    if neg_pos_ub >= 0:
-        neg_upper_bound = neg_pos_ub * max(pos_inds.numel(), 1)  # may be inf
-        if neg_upper_bound < num_neg_expected:
-            num_neg_expected = int(neg_upper_bound)
     if neg_balance:
-        neg_inds = iou_balanced_negative_sample(
-            neg_candidates,
-            max_overlaps,
-            num_neg_expected,
-            num_bins=num_bins,
-            floor_thr=floor_thr,
-            floor_fraction=floor_fraction,
-            generator=generator,
+        _check_overlaps(max_overlaps)  # the bins read the IoUs
+
+    device = labels.device
+    num_pos_expected = int(num * pos_fraction)
+    if device.type != "cpu" and not (pos_balance or neg_balance):
+        # accelerator and random only (e.g. RPN anchors, 1e5 per image): stay on the device
+        pos_inds = random_choice(torch.nonzero(labels >= 1).squeeze(1), num_pos_expected,
+                                 generator)
+        num_neg = _negative_count(num, pos_inds.numel(), neg_pos_ub)
+        neg_inds = random_choice(torch.nonzero(labels == 0).squeeze(1), num_neg, generator)
+        return pos_inds, neg_inds
+
+    # the same host code on every device, so that a seed gives the same samples everywhere
+    host_labels = _host(labels)
+    pos_candidates = np.flatnonzero(host_labels >= 1)
+    neg_candidates = np.flatnonzero(host_labels == 0)
+    if pos_balance:
+        pos_pick = _np_instance_balanced_positive(
+            pos_candidates, _host(matched_gt_inds), num_pos_expected, generator, device
         )
     else:
-        neg_inds = random_choice(neg_candidates, num_neg_expected, generator)
-    return pos_inds, neg_inds
+        pos_pick = _np_random_choice(pos_candidates, num_pos_expected, generator, device)
+
+    num_neg = _negative_count(num, pos_pick.size, neg_pos_ub)
+    if neg_balance and neg_candidates.size > num_neg:
+        neg_pick = _np_iou_balanced_negative(
+            neg_candidates, _host(max_overlaps)[neg_candidates], num_neg, num_bins, floor_thr,
+            floor_fraction, generator, device,
+        )
+    else:
+        neg_pick = _np_random_choice(neg_candidates, num_neg, generator, device)
+    return _device_tensor(pos_pick, device), _device_tensor(neg_pick, device)
+
+
+def _negative_count(num: int, num_pos: int, neg_pos_ub: float) -> int:
+    """``num - num_pos``, capped at ``int(neg_pos_ub * max(num_pos, 1))`` if ``neg_pos_ub >= 0``."""
+    num_neg = num - num_pos
+    if neg_pos_ub >= 0:
+        neg_upper_bound = neg_pos_ub * max(num_pos, 1)  # may be inf
+        if neg_upper_bound < num_neg:
+            num_neg = int(neg_upper_bound)
+    return num_neg
