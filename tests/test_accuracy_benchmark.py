@@ -1,0 +1,284 @@
+"""The accuracy benchmark script (benchmarks/accuracy.py, project issue 8).
+
+The script itself runs once in ``--smoke`` mode, in its own process as a user would run it, on a
+tiny VOC folder generated here (so the test never depends on ../shared and never skips), then
+again to check that finished (row, seed) pairs are skipped. Its pure parts (row definitions,
+aggregation, subsetting, argument checks) get unit tests with hand-computed answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("apple", "banana", "orange")
+COLOURS = {"apple": (200, 30, 30), "banana": (230, 210, 40), "orange": (240, 140, 20)}
+
+
+@pytest.fixture
+def acc(monkeypatch):
+    """The benchmarks.accuracy module, importable for this test only."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    return importlib.import_module("benchmarks.accuracy")
+
+
+def _xml(filename: str, size: tuple[int, int], objects) -> str:
+    body = "".join(
+        f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x1}</xmin>"
+        f"<ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+        for name, (x1, y1, x2, y2) in objects)
+    return (f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width>"
+            f"<height>{size[1]}</height><depth>3</depth></size>{body}</annotation>")
+
+
+def _write_split(folder: Path, specs) -> None:
+    """specs: (stem, (w, h), [(class, (xmin, ymin, xmax, ymax)), ...], flags)."""
+    folder.mkdir(parents=True)
+    for stem, (w, h), objects, flags in specs:
+        image = Image.new("RGB", (w, h), (90, 120, 90))
+        draw = ImageDraw.Draw(image)
+        for name, (x1, y1, x2, y2) in objects:
+            draw.ellipse([x1 - 1, y1 - 1, x2 - 1, y2 - 1], fill=COLOURS[name])
+        # messy on purpose, as the real set: PNG bytes behind a .jpg name, <size> 0 x 0
+        image.save(folder / f"{stem}.jpg", format="PNG" if "png" in flags else "JPEG")
+        xml_size = (0, 0) if "zero_size" in flags else (w, h)
+        (folder / f"{stem}.xml").write_text(_xml(f"{stem}.jpg", xml_size, objects))
+
+
+@pytest.fixture
+def tiny_fruit(tmp_path):
+    """A fruit-like VOC folder: train/ 6 photos (the first without objects), test/ 3."""
+    root = tmp_path / "fruit"
+    _write_split(root / "train", [
+        ("a_empty", (80, 64), [], ()),
+        ("apple_1", (96, 80), [("apple", (10, 12, 50, 56))], ("zero_size",)),
+        ("banana_1", (80, 96), [("banana", (20, 8, 70, 40)), ("banana", (5, 50, 40, 90))], ("png",)),
+        ("mixed_1", (96, 96), [("orange", (8, 8, 44, 44)), ("apple", (50, 50, 90, 90))], ()),
+        ("orange_1", (72, 72), [("orange", (10, 10, 60, 62))], ()),
+        ("orange_2", (72, 72), [("orange", (5, 10, 40, 42))], ()),
+    ])
+    _write_split(root / "test", [
+        ("apple_t", (96, 80), [("apple", (20, 10, 70, 60))], ()),
+        ("mixed_t", (96, 96), [("banana", (5, 5, 60, 40)), ("orange", (50, 50, 92, 92))], ("zero_size",)),
+        ("orange_t", (72, 72), [("orange", (10, 10, 50, 50))], ()),
+    ])
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# the script, end to end
+
+
+def _run(args, cwd=REPO_ROOT):
+    command = [sys.executable, "-m", "benchmarks.accuracy", *args]
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
+    out = tmp_path / "out"
+    args = ["--smoke", "--data-root", str(tiny_fruit), "--output-dir", str(out), "--threads", "1",
+            "--quiet"]
+    first = _run(args)
+
+    # the data: 4 annotated train images (the empty one skipped), 2 test images, fixed classes
+    train = json.loads((out / "data" / "smoke_train.json").read_text())
+    test = json.loads((out / "data" / "smoke_test.json").read_text())
+    assert [im["file_name"] for im in train["images"]] == [
+        "apple_1.jpg", "banana_1.jpg", "mixed_1.jpg", "orange_1.jpg"]
+    assert [im["file_name"] for im in test["images"]] == ["apple_t.jpg", "mixed_t.jpg"]
+    assert len(train["annotations"]) == 6 and len(test["annotations"]) == 3
+    assert [c["name"] for c in test["categories"]] == list(CLASSES)
+    # 0 x 0 in the XML: the size came from the image file
+    assert (train["images"][0]["width"], train["images"][0]["height"]) == (96, 80)
+
+    report = json.loads((out / "accuracy.json").read_text())
+    assert [r["key"] for r in report["rows"]] == [
+        "faster_rcnn", "iou_sampling", "bfp", "libra_faster_rcnn", "retinanet", "libra_retinanet"]
+    assert report["settings"]["seeds"] == [0] and report["settings"]["smoke"] is True
+    assert report["settings"]["min_size"] == 64 and report["settings"]["max_iters"] == 2
+    assert report["settings"]["threads"] == 1
+    assert report["data"]["classes"] == list(CLASSES)
+    assert report["git"]["commit"] != ""
+    for row in report["rows"]:
+        metrics = row["per_seed"]["0"]
+        assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        assert all(-1.0 <= v <= 1.0 for v in metrics.values())
+        assert row["stats"]["AP"]["mean"] == pytest.approx(metrics["AP"])
+        assert row["stats"]["AP"]["half_range"] == 0.0
+        run_dir = out / "runs" / row["key"] / "seed_0"
+        log = [json.loads(line) for line in next(run_dir.glob("*/log.jsonl")).read_text().splitlines()]
+        assert max(e["iter"] for e in log if e["type"] == "train") == 2
+        assert not list(run_dir.glob("*/epoch_*.pth"))  # only latest.pth in the smoke run
+    # the baselines carry no delta; every other row is paired with its family's baseline
+    deltas = {r["key"]: r["delta_AP"] for r in report["rows"]}
+    assert deltas["faster_rcnn"] is None and deltas["retinanet"] is None
+    by_key = {r["key"]: r for r in report["rows"]}
+    assert deltas["libra_retinanet"]["mean"] == pytest.approx(
+        by_key["libra_retinanet"]["per_seed"]["0"]["AP"] - by_key["retinanet"]["per_seed"]["0"]["AP"])
+
+    hist = report["iou_histogram"]
+    assert hist["seed"] == 0 and hist["checkpoint"].endswith("latest.pth")
+    assert "libra_faster_rcnn" in hist["checkpoint"]
+    for series, counts in hist["counts"].items():
+        assert sum(counts) == hist["num_sampled"][series] > 0
+    assert (out / "iou_histogram.png").stat().st_size > 0
+    assert (out / "iou_histogram.csv").read_text().startswith("iou_from,iou_to,random")
+
+    table = (out / "accuracy.md").read_text()
+    assert "smoke run" in table and report["git"]["commit"] in table
+    assert table.count("\n| ") == 7  # header + six rows
+    assert "| + balanced L1 loss = Libra Faster R-CNN | 1 |" in table
+    assert "wrote" in first.stdout
+
+    # rerun (with the config's thread count: not part of a run's identity): every pair is
+    # finished, nothing is trained or evaluated again
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed_0/*/*")
+              if p.name in ("latest.pth", "metrics.json")}
+    assert len(stamps) == 12
+    _run([a for a in args if a not in ("--threads", "1")])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    again = json.loads((out / "accuracy.json").read_text())
+    assert again["settings"]["threads"] == 2
+    assert [r["per_seed"] for r in again["rows"]] == [r["per_seed"] for r in report["rows"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# the rows
+
+
+def _flat(obj, prefix=""):
+    """A config as {"model.bfp.enabled": value, ...}."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+LIBRA_KEYS = {
+    "model.roi_sampler.pos_balance", "model.roi_sampler.neg_balance", "model.bfp.enabled",
+    "model.bfp.refine_level", "model.bfp.refine_type", "model.box_loss.kind",
+    "model.box_loss.alpha", "model.box_loss.gamma", "model.retina_box_loss.kind",
+    "model.retina_box_loss.alpha", "model.retina_box_loss.gamma",
+}
+
+
+def test_rows_differ_from_their_baseline_only_in_libra_switches(acc):
+    configs = {key: _flat(acc.row_config(row)) for key, row in acc.ROWS.items()}
+    for key, row in acc.ROWS.items():
+        base = configs[row.baseline]
+        changed = {k for k in base if configs[key][k] != base[k]}
+        assert changed <= LIBRA_KEYS, (key, changed - LIBRA_KEYS)
+    fr, libra = configs["faster_rcnn"], configs["libra_faster_rcnn"]
+    assert (fr["model.roi_sampler.pos_balance"], fr["model.roi_sampler.neg_balance"],
+            fr["model.bfp.enabled"], fr["model.box_loss.kind"]) == (False, False, False, "smooth_l1")
+    assert (libra["model.roi_sampler.pos_balance"], libra["model.roi_sampler.neg_balance"],
+            libra["model.bfp.enabled"], libra["model.box_loss.kind"]) == (True, True, True,
+                                                                          "balanced_l1")
+    # the rows are cumulative, in the paper's order
+    assert configs["iou_sampling"]["model.bfp.enabled"] is False
+    assert configs["bfp"]["model.bfp.enabled"] is True
+    assert configs["bfp"]["model.box_loss.kind"] == "smooth_l1"
+    rt, lrt = configs["retinanet"], configs["libra_retinanet"]
+    assert (rt["model.bfp.enabled"], rt["model.retina_box_loss.kind"]) == (False, "l1")
+    assert (lrt["model.bfp.enabled"], lrt["model.retina_box_loss.kind"],
+            lrt["model.bfp.refine_level"]) == (True, "balanced_l1", 1)
+    # the two families share backbone, input size, data pipeline, batch and schedule
+    shared = [k for k in fr if k.startswith(("data.", "train.")) or k in (
+        "model.backbone", "model.norm", "model.backbone_weights", "model.min_size",
+        "model.max_size", "model.fpn_channels", "model.trainable_backbone_layers")]
+    differing = {k for k in shared if fr[k] != rt[k]}
+    assert differing == {"train.base_lr"}  # RetinaNet's half rate, as in the paper's recipes
+    assert fr["model.backbone_weights"] is None  # from scratch
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation, subsetting, arguments
+
+
+def test_aggregate_seeds_mean_half_range_std(acc):
+    per_seed = {0: {"AP": 0.30, "APs": -1.0}, 1: {"AP": 0.34, "APs": 0.2}}
+    stats = acc.aggregate_seeds(per_seed, keys=("AP", "APs"))
+    assert stats["AP"]["mean"] == pytest.approx(0.32)
+    assert stats["AP"]["half_range"] == pytest.approx(0.02)
+    assert stats["AP"]["std"] == pytest.approx(0.02 * math.sqrt(2))  # sample std of two values
+    assert stats["APs"] == {"mean": None, "half_range": None, "std": None}  # -1: undefined
+    three = acc.aggregate_seeds({0: {"AP": 0.1}, 1: {"AP": 0.4}, 2: {"AP": 0.25}}, keys=("AP",))
+    assert three["AP"]["half_range"] == pytest.approx(0.15)
+    assert three["AP"]["mean"] == pytest.approx(0.25)
+    assert acc.aggregate_seeds({3: {"AP": 0.5}}, keys=("AP",))["AP"]["std"] is None
+    with pytest.raises(ValueError, match="per_seed"):
+        acc.aggregate_seeds({})
+
+
+def test_format_cell(acc):
+    assert acc.format_cell({"mean": 0.32, "half_range": 0.02}, num_seeds=2) == "32.0 ± 2.0"
+    assert acc.format_cell({"mean": 0.3216, "half_range": 0.0}, num_seeds=1) == "32.2"
+    assert acc.format_cell({"mean": None, "half_range": None}, num_seeds=2) == "-"
+
+
+def test_subset_coco_keeps_the_first_annotated_images(acc):
+    data = {"images": [{"id": 3}, {"id": 1}, {"id": 2}, {"id": 4}],
+            "annotations": [{"id": 1, "image_id": 2}, {"id": 2, "image_id": 3},
+                            {"id": 3, "image_id": 4}, {"id": 4, "image_id": 3}],
+            "categories": [{"id": 1, "name": "x"}]}
+    out = acc.subset_coco(data, 2)
+    assert [im["id"] for im in out["images"]] == [2, 3]  # image 1 has no box
+    assert [a["id"] for a in out["annotations"]] == [1, 2, 4]
+    assert out["categories"] == data["categories"] and len(data["images"]) == 4
+    with pytest.raises(ValueError, match="only 3 annotated"):
+        acc.subset_coco(data, 4)
+    with pytest.raises(ValueError, match="num_images"):
+        acc.subset_coco(data, 0)
+
+
+def test_convert_split_is_done_once(acc, tiny_fruit, tmp_path):
+    out = tmp_path / "train.json"
+    first = acc.convert_split(tiny_fruit / "train", out)
+    assert len(first["images"]) == 6 and first["info"]["conversion"]["size_from_image"] == 6
+    stamp = out.stat().st_mtime_ns
+    assert acc.convert_split(tiny_fruit / "train", out) == first
+    assert out.stat().st_mtime_ns == stamp
+    smaller = acc.convert_split(tiny_fruit / "train", out, num_images=2)  # other request: redone
+    assert len(smaller["images"]) == 2 and out.stat().st_mtime_ns != stamp
+
+
+def test_arguments(acc, tmp_path):
+    args = acc.parse_args([])
+    assert args.seeds == [0, 1] and args.rows == list(acc.ROW_KEYS) and args.device == "cpu"
+    assert Path(args.data_root).resolve() == (REPO_ROOT.parent / "shared" / "data" / "fruit").resolve()
+    assert Path(args.output_dir) == REPO_ROOT / "work_dirs" / "accuracy"
+    smoke = acc.parse_args(["--smoke"])
+    assert smoke.seeds == [0] and Path(smoke.output_dir).name == "accuracy_smoke"
+    # rows come back in table order
+    assert acc.parse_args(["--rows", "libra_retinanet", "faster_rcnn"]).rows == [
+        "faster_rcnn", "libra_retinanet"]
+    for bad in (["--rows", "mask_rcnn"], ["--seeds", "0", "0"], ["--smoke", "--epochs", "2"],
+                ["--epochs", "0"]):
+        with pytest.raises(SystemExit):
+            acc.parse_args(bad)
+    missing = acc.parse_args(["--data-root", str(tmp_path / "nowhere"),
+                              "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="--data-root"):
+        acc.run_benchmark(missing)
+
+
+def test_git_commit_outside_a_repository_is_unknown(acc, tmp_path):
+    assert acc.git_commit(tmp_path) == {"commit": "unknown", "dirty": None}
+    here = acc.git_commit(REPO_ROOT)
+    assert here["commit"] == "unknown" or len(here["commit"]) == 40
