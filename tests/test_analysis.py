@@ -36,13 +36,7 @@ TINY = dict(backbone="resnet18", num_classes=4, min_size=64, max_size=64, repres
             fpn_channels=16, rpn_post_nms_top_n_test=150)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machine's 2 cores are shared: one intra-op thread is many times faster here
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")

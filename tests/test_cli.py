@@ -58,14 +58,7 @@ train:
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: one thread is as fast on an idle machine and several times faster on a
-    busy one (threads spinning against each other). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _run(capsys, *argv):

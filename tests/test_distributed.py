@@ -21,14 +21,7 @@ from libra_rcnn.engine.train import train
 from libra_rcnn.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: one thread is as fast on an idle machine and several times faster on a
-    busy one (threads spinning against each other). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def test_single_process_defaults(monkeypatch):
