@@ -37,7 +37,8 @@ Spread: **half the range** over seeds, ``(max - min) / 2`` (for two seeds, the d
 each seed from the mean); ``accuracy.json`` also holds the sample standard deviation.
 
 Run: ``python -m benchmarks.accuracy [--data-root D] [--seeds 0 1] [--rows ...] [--epochs N]
-[--device cpu|cuda] [--smoke]``. ``--smoke`` runs 4 train / 2 test images, 2 iterations per row,
+[--device cpu|cuda] [--set KEY=VALUE ...] [--smoke]``. ``--set`` overrides a shared setting of
+every row (how the shared settings were tuned on the baseline row). ``--smoke`` runs 4 train / 2 test images, 2 iterations per row,
 one seed, 64 px: it checks the pipeline in well under a minute and measures nothing.
 """
 
@@ -453,6 +454,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     rows = [ROWS[key] for key in args.rows]
     shared = _shared_overrides(train_json, train_images, test_json, test_images,
                                num_classes=len(class_names) + 1, smoke=smoke)
+    shared.extend(getattr(args, "overrides", ()))
     epochs = 1 if smoke else args.epochs
     max_iters = SMOKE_ITERS if smoke else args.max_iters
     # fail on a bad config before any training
@@ -577,8 +579,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="4 train / 2 test images, 2 iterations per row, one seed, 64 px: "
                              "checks the pipeline, measures nothing")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="a config override shared by every row (repeatable), e.g. "
+                             "train.base_lr=0.02: for tuning the shared settings on the "
+                             "baseline; part of each run's overrides, so runs made with other "
+                             "values are never mixed into one output folder")
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
+    for override in args.overrides:
+        key = override.split("=", 1)[0]
+        if "=" not in override or not key:
+            parser.error(f"--set {override!r}: expected KEY=VALUE")
+        if key.startswith(("data.", "model.num_classes")):
+            parser.error(f"--set {override!r}: the data and the class count are the "
+                         f"benchmark's own (see --data-root)")
     if args.seeds is None:
         args.seeds = [0] if args.smoke else [0, 1]
     if len(set(args.seeds)) != len(args.seeds):

@@ -89,7 +89,7 @@ def _run(args, cwd=REPO_ROOT):
 def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
     out = tmp_path / "out"
     args = ["--smoke", "--data-root", str(tiny_fruit), "--output-dir", str(out), "--threads", "1",
-            "--quiet"]
+            "--set", "train.momentum=0.8", "--quiet"]
     first = _run(args)
 
     # the data: 4 annotated train images (the empty one skipped), 2 test images, fixed classes
@@ -109,6 +109,7 @@ def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
     assert report["settings"]["seeds"] == [0] and report["settings"]["smoke"] is True
     assert report["settings"]["min_size"] == 64 and report["settings"]["max_iters"] == 2
     assert report["settings"]["threads"] == 1
+    assert report["settings"]["shared_overrides"][-1] == "train.momentum=0.8"
     assert report["data"]["classes"] == list(CLASSES)
     assert report["git"]["commit"] != ""
     for row in report["rows"]:
@@ -121,6 +122,8 @@ def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
         log = [json.loads(line) for line in next(run_dir.glob("*/log.jsonl")).read_text().splitlines()]
         assert max(e["iter"] for e in log if e["type"] == "train") == 2
         assert not list(run_dir.glob("*/epoch_*.pth"))  # only latest.pth in the smoke run
+        run_config = yaml.safe_load(next(run_dir.glob("*/config.yaml")).read_text())
+        assert run_config["train"]["momentum"] == 0.8  # --set reached every row's training
     # the baselines carry no delta; every other row is paired with its family's baseline
     deltas = {r["key"]: r["delta_AP"] for r in report["rows"]}
     assert deltas["faster_rcnn"] is None and deltas["retinanet"] is None
@@ -203,7 +206,7 @@ def test_rows_differ_from_their_baseline_only_in_libra_switches(acc):
         "model.backbone", "model.norm", "model.backbone_weights", "model.min_size",
         "model.max_size", "model.fpn_channels", "model.trainable_backbone_layers")]
     differing = {k for k in shared if fr[k] != rt[k]}
-    assert differing == {"train.base_lr"}  # RetinaNet's half rate, as in the paper's recipes
+    assert differing == {"train.base_lr"}  # each family's rate, tuned on its own baseline
     assert fr["model.backbone_weights"] is None  # from scratch
 
 
@@ -269,9 +272,13 @@ def test_arguments(acc, tmp_path):
     assert acc.parse_args(["--rows", "libra_retinanet", "faster_rcnn"]).rows == [
         "faster_rcnn", "libra_retinanet"]
     for bad in (["--rows", "mask_rcnn"], ["--seeds", "0", "0"], ["--smoke", "--epochs", "2"],
-                ["--epochs", "0"]):
+                ["--epochs", "0"], ["--set", "train.base_lr"], ["--set", "=1"],
+                ["--set", "data.train_ann=x.json"]):
         with pytest.raises(SystemExit):
             acc.parse_args(bad)
+    assert args.overrides == []
+    tuned = acc.parse_args(["--set", "train.base_lr=0.02", "--set", "train.epochs=5"])
+    assert tuned.overrides == ["train.base_lr=0.02", "train.epochs=5"]
     missing = acc.parse_args(["--data-root", str(tmp_path / "nowhere"),
                               "--output-dir", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="--data-root"):
