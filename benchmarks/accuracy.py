@@ -37,7 +37,8 @@ Spread: **half the range** over seeds, ``(max - min) / 2`` (for two seeds, the d
 each seed from the mean); ``accuracy.json`` also holds the sample standard deviation.
 
 Run: ``python -m benchmarks.accuracy [--data-root D] [--seeds 0 1] [--rows ...] [--epochs N]
-[--device cpu|cuda] [--set KEY=VALUE ...] [--smoke]``. ``--set`` overrides a shared setting of
+[--device cpu|cuda] [--set KEY=VALUE ...] [--jobs N] [--smoke]``. ``--jobs N`` trains N seeds
+at once in separate processes (each with CPU count / N threads), then merges. ``--set`` overrides a shared setting of
 every row (how the shared settings were tuned on the baseline row). ``--smoke`` runs 4 train / 2 test images, 2 iterations per row,
 one seed, 64 px: it checks the pipeline in well under a minute and measures nothing.
 """
@@ -68,6 +69,7 @@ __all__ = [
     "ROW_KEYS",
     "SMOKE_OVERRIDES",
     "Row",
+    "SeedProcessFailed",
     "aggregate_seeds",
     "convert_split",
     "format_cell",
@@ -76,6 +78,7 @@ __all__ = [
     "parse_args",
     "row_config",
     "run_benchmark",
+    "seed_process_command",
     "subset_coco",
 ]
 
@@ -421,6 +424,87 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+class SeedProcessFailed(RuntimeError):
+    """A per-seed training process of ``--jobs`` exited with an error (its log names why)."""
+
+
+def seed_process_command(args: argparse.Namespace, seed: int, threads: int) -> List[str]:
+    """The command line of the process that trains every requested row for ``seed`` alone
+    (``--jobs``): the same data, rows, budget and overrides, ``threads`` torch threads, and
+    ``--train-only`` (no histogram, no table: the parent writes those once all seeds are done)."""
+    command = [sys.executable, "-m", "benchmarks.accuracy", "--train-only",
+               "--seeds", str(seed), "--threads", str(threads),
+               "--data-root", str(Path(args.data_root).resolve()),
+               "--output-dir", str(Path(args.output_dir).resolve()),
+               "--device", args.device, "--rows", *args.rows]
+    if args.smoke:
+        command.append("--smoke")
+    if args.epochs is not None:
+        command += ["--epochs", str(args.epochs)]
+    if args.max_iters is not None:
+        command += ["--max-iters", str(args.max_iters)]
+    for override in args.overrides:
+        command += ["--set", override]
+    if args.quiet:
+        command.append("--quiet")
+    return command
+
+
+def _train_seeds_in_processes(args: argparse.Namespace, seeds: Sequence[int],
+                              out_dir: Path) -> None:
+    """Train the seeds in separate processes, at most ``args.jobs`` at once, each with
+    ``--threads`` torch threads (default: the CPU count divided by the jobs). Each process's
+    output goes to ``<output-dir>/seed_<s>.log``. On 2 cores, two 1-thread processes finish
+    the table about twice as fast as one 2-thread process (docs/benchmarks.md, Timing): the
+    small detector's kernels do not keep two threads busy.
+
+    Raises:
+        AblationInterrupted: Ctrl-C / SIGTERM; every running process was interrupted too and
+            wrote its ``latest.pth`` (rerun to resume).
+        SeedProcessFailed: a process exited with an error.
+    """
+    from libra_rcnn.analysis import AblationInterrupted
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    waiting = list(seeds)
+    running: Dict[int, tuple] = {}
+    failed = []
+    try:
+        while waiting or running:
+            while waiting and len(running) < args.jobs:
+                seed = waiting.pop(0)
+                log_path = out_dir / f"seed_{seed}.log"
+                log = open(log_path, "w", encoding="utf-8")
+                proc = subprocess.Popen(seed_process_command(args, seed, threads),
+                                        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+                logger.info("seed %d: process %d, %d thread(s), log %s", seed, proc.pid,
+                            threads, log_path)
+                running[seed] = (proc, log, log_path)
+            time.sleep(0.5)
+            for seed, (proc, log, log_path) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[seed]
+                if proc.returncode != 0:
+                    failed.append((seed, proc.returncode, log_path))
+    except KeyboardInterrupt:
+        import signal
+
+        for proc, _, _ in running.values():  # they may have had the Ctrl-C already
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc, log, _ in running.values():
+            proc.wait()
+            log.close()
+        raise AblationInterrupted("interrupted while the per-seed processes trained; each "
+                                  "wrote its latest.pth", signal.SIGINT) from None
+    if failed:
+        details = "; ".join(f"seed {seed} exited with {code} (log: {path})"
+                            for seed, code, path in failed)
+        raise SeedProcessFailed(f"per-seed training failed: {details}")
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Run (or resume) every requested (row, seed), then write the table and the histogram.
     Returns the report written to ``accuracy.json``.
@@ -465,6 +549,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     configured = row_config(rows[0]).train.num_threads
     cpu_threads = (args.threads or configured) if args.device == "cpu" else None
 
+    if args.jobs > 1 and len(seeds) > 1:
+        # the processes train; the loop below then finds every pair finished and only reads it
+        _train_seeds_in_processes(args, seeds, out_dir)
+
     per_seed: Dict[str, Dict[int, dict]] = {row.key: {} for row in rows}
     seconds: Dict[str, Dict[int, Optional[float]]] = {row.key: {} for row in rows}
     interrupted = None
@@ -480,6 +568,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 seconds[row.key][seed] = entry["seconds"]
     except AblationInterrupted as exc:  # write the finished pairs' table, then re-raise
         interrupted = exc
+    if args.train_only:  # a --jobs process: the parent writes the histogram and the table
+        if interrupted is not None:
+            raise interrupted
+        return {}
 
     hist = None
     libra = ROWS["libra_faster_rcnn"]
@@ -585,6 +677,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "train.base_lr=0.02: for tuning the shared settings on the "
                              "baseline; part of each run's overrides, so runs made with other "
                              "values are never mixed into one output folder")
+    parser.add_argument("--jobs", type=_positive, default=1,
+                        help="train up to N seeds at once, each in its own process with "
+                             "--threads threads (default threads: CPU count / N); on 2 "
+                             "cores, --jobs 2 halves the table's time (default: 1)")
+    parser.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
     for override in args.overrides:
@@ -626,6 +723,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except AblationInterrupted as exc:
         print(f"interrupted: {exc}; rerun the same command to resume")
         return 128 + (exc.signal or 2)
+    except SeedProcessFailed as exc:
+        print(f"error: {exc}; finished runs are kept, rerun the same command to retry",
+              file=sys.stderr)
+        return 1
+    if args.train_only:
+        return 0
     print(Path(args.output_dir, "accuracy.md").read_text())
     print(f"wrote {Path(args.output_dir) / 'accuracy.md'} and "
           f"{Path(args.output_dir) / 'accuracy.json'}")

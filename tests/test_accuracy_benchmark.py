@@ -158,6 +158,50 @@ def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
     assert [r["per_seed"] for r in again["rows"]] == [r["per_seed"] for r in report["rows"]]
 
 
+def test_jobs_train_seeds_in_separate_processes_then_merge(tiny_fruit, tmp_path):
+    out = tmp_path / "out"
+    _run(["--smoke", "--data-root", str(tiny_fruit), "--output-dir", str(out), "--rows",
+          "faster_rcnn", "retinanet", "--seeds", "0", "1", "--jobs", "2", "--threads", "1"])
+    report = json.loads((out / "accuracy.json").read_text())
+    assert report["settings"]["seeds"] == [0, 1]
+    assert [r["key"] for r in report["rows"]] == ["faster_rcnn", "retinanet"]
+    for row in report["rows"]:
+        assert sorted(row["per_seed"]) == ["0", "1"]  # each seed's process trained every row
+        values = [row["per_seed"][s]["AP"] for s in ("0", "1")]
+        assert row["stats"]["AP"]["half_range"] == pytest.approx((max(values) - min(values)) / 2)
+        for seed in (0, 1):
+            log = out / "runs" / row["key"] / f"seed_{seed}"
+            assert next(log.glob("*/metrics.json")).is_file()
+    for seed in (0, 1):  # one log per process, each naming its own seed only
+        text = (out / f"seed_{seed}.log").read_text()
+        assert f"row 'retinanet', seed {seed}" in text and f"seed {1 - seed}" not in text
+    assert report["iou_histogram"] is None  # no Libra Faster R-CNN row was asked for
+
+
+def test_seed_process_command_passes_the_settings_on(acc, tmp_path):
+    args = acc.parse_args(["--data-root", "d", "--output-dir", str(tmp_path), "--rows", "bfp",
+                           "--epochs", "2", "--set", "train.momentum=0.8", "--jobs", "2"])
+    command = acc.seed_process_command(args, 1, threads=3)
+    assert command[:4] == [sys.executable, "-m", "benchmarks.accuracy", "--train-only"]
+    text = " ".join(command)
+    for part in ("--seeds 1", "--threads 3", "--rows bfp", "--epochs 2", "--set train.momentum=0.8",
+                 f"--output-dir {tmp_path.resolve()}", f"--data-root {Path('d').resolve()}"):
+        assert part in text
+    assert "--jobs" not in text and "--smoke" not in text
+
+
+def test_a_failing_seed_process_is_reported_with_its_log(acc, tmp_path, monkeypatch):
+    args = acc.parse_args(["--output-dir", str(tmp_path), "--jobs", "2"])
+    monkeypatch.setattr(acc, "seed_process_command", lambda args, seed, threads: [
+        sys.executable, "-c", f"import sys; print('seed {seed} broke'); sys.exit({seed + 3})"])
+    with pytest.raises(acc.SeedProcessFailed) as info:
+        acc._train_seeds_in_processes(args, [0, 1], tmp_path)
+    message = str(info.value)
+    assert "seed 0 exited with 3" in message and "seed 1 exited with 4" in message
+    assert str(tmp_path / "seed_1.log") in message
+    assert (tmp_path / "seed_1.log").read_text() == "seed 1 broke\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # the rows
 
