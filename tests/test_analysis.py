@@ -165,6 +165,19 @@ def test_roi_candidates_match_training_rule(model, sample_with_gt):
     assert torch.all(losses >= 0)
 
 
+def test_roi_candidates_use_the_training_proposal_count(sample_with_gt):
+    # a training step's RoI sampler chooses from the RPN's training-time proposals; with the
+    # test-time count (5 here) the pool would be smaller than the sampler's negative quota
+    cfg = libra_model_config("faster_rcnn", **{**TINY, "rpn_post_nms_top_n_test": 5,
+                                               "rpn_post_nms_top_n_train": 60})
+    model = _build(cfg)
+    image, target = sample_with_gt
+    cand = roi_candidates(model, image, target)
+    num_gt = target["boxes"].shape[0]
+    assert 5 < cand.boxes.shape[0] - num_gt <= 60
+    assert not model.training and not model.rpn.training  # modes restored
+
+
 def test_iou_histograms_rejects_bad_arguments(model, dataset):
     with pytest.raises(ValueError, match="num_images"):
         iou_histograms(model, dataset, num_images=0)

@@ -98,13 +98,29 @@ def _match(model: nn.Module, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor
     return match_proposals(boxes, gt_boxes, gt_labels, matcher)
 
 
+def _training_proposals(rpn: nn.Module, image_list: Any, features: Mapping[str, Tensor],
+                        targets: Sequence[Mapping[str, Tensor]]) -> Tensor:
+    """The RPN's proposals for the first image with its training pre/post-NMS counts: the RPN
+    runs in training mode for this one call (its losses are computed and dropped; the caller
+    holds no gradients, so nothing is learned)."""
+    was_training = rpn.training
+    rpn.train()
+    try:
+        boxes, _ = rpn(image_list, features, targets)
+    finally:
+        rpn.train(was_training)
+    return boxes[0]
+
+
 @torch.no_grad()
 def roi_candidates(model: nn.Module, image: Tensor, target: Mapping[str, Any]) -> RoiCandidates:
     """Proposals of ``image`` matched to its ground truth, as in the RoI head's training step.
 
-    Runs the model's ``transform`` and ``backbone`` and its RPN in eval mode (test-time proposal
-    counts), or takes ``target["proposals"]`` (original image coordinates) for models without an
-    RPN (Fast R-CNN). Ground-truth boxes join the proposals when the model's sampler says so
+    Runs the model's ``transform`` and ``backbone`` in eval mode and its RPN with its *training*
+    proposal counts (the candidates a training step's RoI sampler chooses from; test-time counts
+    are often fewer than the sampler's negative quota, so every selection would take them all),
+    or takes ``target["proposals"]`` (original image coordinates) for models without an RPN
+    (Fast R-CNN). Ground-truth boxes join the proposals when the model's sampler says so
     (``roi_heads.sampler.add_gt_as_proposals``, default yes), as torchvision's
     ``RoIHeads.add_gt_proposals`` does in training. Matching uses the model's matcher.
 
@@ -134,7 +150,7 @@ def roi_candidates(model: nn.Module, image: Tensor, target: Mapping[str, Any]) -
             features = {"0": features}
         rpn = getattr(model, "rpn", None)
         if rpn is not None:
-            proposals = rpn(image_list, features)[0][0]
+            proposals = _training_proposals(rpn, image_list, features, transformed)
         elif "proposals" in target:
             proposals = resize_boxes(target["proposals"][:, :4].to(device, torch.float32),
                                      list(original_size), list(image_size))
