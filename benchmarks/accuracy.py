@@ -38,9 +38,10 @@ each seed from the mean); ``accuracy.json`` also holds the sample standard devia
 
 Run: ``python -m benchmarks.accuracy [--data-root D] [--seeds 0 1] [--rows ...] [--epochs N]
 [--device cpu|cuda] [--set KEY=VALUE ...] [--jobs N] [--smoke]``. ``--jobs N`` trains N seeds
-at once in separate processes (each with CPU count / N threads), then merges. ``--set`` overrides a shared setting of
-every row (how the shared settings were tuned on the baseline row). ``--smoke`` runs 4 train / 2 test images, 2 iterations per row,
-one seed, 64 px: it checks the pipeline in well under a minute and measures nothing.
+at once in separate processes (each with CPU count / N threads), then merges. ``--set``
+overrides a shared setting of every row (how the shared settings were tuned on the baseline
+row). ``--smoke`` runs 4 train / 2 test images, 2 iterations per row, one seed, 64 px: it
+checks the pipeline in well under a minute and measures nothing.
 """
 
 from __future__ import annotations
@@ -459,8 +460,8 @@ def _train_seeds_in_processes(args: argparse.Namespace, seeds: Sequence[int],
     small detector's kernels do not keep two threads busy.
 
     Raises:
-        AblationInterrupted: Ctrl-C / SIGTERM; every running process was interrupted too and
-            wrote its ``latest.pth`` (rerun to resume).
+        AblationInterrupted: Ctrl-C (SIGINT); every running process is interrupted too and
+            writes its ``latest.pth`` before this returns (rerun to resume).
         SeedProcessFailed: a process exited with an error.
     """
     from libra_rcnn.analysis import AblationInterrupted
