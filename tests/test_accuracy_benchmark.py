@@ -170,8 +170,8 @@ def test_jobs_train_seeds_in_separate_processes_then_merge(tiny_fruit, tmp_path)
         values = [row["per_seed"][s]["AP"] for s in ("0", "1")]
         assert row["stats"]["AP"]["half_range"] == pytest.approx((max(values) - min(values)) / 2)
         for seed in (0, 1):
-            log = out / "runs" / row["key"] / f"seed_{seed}"
-            assert next(log.glob("*/metrics.json")).is_file()
+            run_dir = out / "runs" / row["key"] / f"seed_{seed}"
+            assert next(run_dir.glob("*/metrics.json")).is_file()
     for seed in (0, 1):  # one log per process, each naming its own seed only
         text = (out / f"seed_{seed}.log").read_text()
         assert f"row 'retinanet', seed {seed}" in text and f"seed {1 - seed}" not in text

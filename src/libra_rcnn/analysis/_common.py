@@ -32,14 +32,20 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
+def module_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Put ``module`` in training (``True``) or eval mode for the block and restore its previous
+    mode afterwards."""
+    was_training = module.training
+    module.train(training)
     try:
-        yield model
+        yield module
     finally:
-        model.train(was_training)
+        module.train(was_training)
+
+
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Put ``model`` in eval mode for the block and restore its previous mode afterwards."""
+    return module_mode(model, False)
 
 
 def check_two_stage(model: nn.Module, what: str) -> None:
@@ -103,12 +109,8 @@ def _training_proposals(rpn: nn.Module, image_list: Any, features: Mapping[str, 
     """The RPN's proposals for the first image with its training pre/post-NMS counts: the RPN
     runs in training mode for this one call (its losses are computed and dropped; the caller
     holds no gradients, so nothing is learned)."""
-    was_training = rpn.training
-    rpn.train()
-    try:
+    with module_mode(rpn, True):
         boxes, _ = rpn(image_list, features, targets)
-    finally:
-        rpn.train(was_training)
     return boxes[0]
 
 

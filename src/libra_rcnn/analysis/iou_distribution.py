@@ -100,8 +100,8 @@ def iou_histograms(
     For each of the first ``num_images`` readable images of ``dataset`` that have ground truth:
     proposals from the model (no gradients; the RPN's training proposal counts, ground truth
     added as proposals, as in training) are matched to the ground truth with the model's
-    matcher; the negatives (IoU below its background threshold) are the candidates. From them ``min(num_neg, M)`` are chosen by
-    each selection of :data:`SERIES`.
+    matcher; the negatives (IoU below its background threshold) are the candidates. From them
+    ``min(num_neg, M)`` are chosen by each selection of :data:`SERIES`.
 
     Args:
         model: a two-stage detector (``transform``, ``backbone``, ``rpn``, ``roi_heads``).
