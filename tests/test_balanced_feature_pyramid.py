@@ -336,3 +336,26 @@ def test_non_local_invalid_arguments():
         NonLocal2d(4)(torch.zeros(1, 3, 2, 2))
     with pytest.raises(ValueError, match="4-D"):
         NonLocal2d(4)(torch.zeros(4, 2, 2))
+
+
+def test_non_local_forward_matches_attention_map_with_gradients():
+    # forward fuses the attention (scaled_dot_product_attention); attention_map spells it out.
+    for use_scale in (True, False):
+        block = _perturbed_non_local(8, reduction=1, use_scale=use_scale)
+        x = _features([(9, 13)], batch=2, channels=8)[0].requires_grad_(True)
+        fused = block(x)
+
+        def explicit(inputs):
+            attention = block.attention_map(inputs)  # [B, N, N]
+            g = block.g(inputs).flatten(2).transpose(1, 2)  # [B, N, C']
+            y = torch.bmm(attention, g).transpose(1, 2).reshape(2, 8, 9, 13)
+            return inputs + block.conv_out(y)
+
+        x_ref = x.detach().clone().requires_grad_(True)
+        expected = explicit(x_ref)
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+        weights = torch.randn(fused.shape, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad((fused * weights).sum(), [x, block.theta.weight])
+        grads_ref = torch.autograd.grad((expected * weights).sum(), [x_ref, block.theta.weight])
+        for got, want in zip(grads, grads_ref):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
