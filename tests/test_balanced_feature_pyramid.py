@@ -340,9 +340,10 @@ def test_non_local_invalid_arguments():
 
 def test_non_local_forward_matches_attention_map_with_gradients():
     # forward fuses the attention (scaled_dot_product_attention); attention_map spells it out.
+    # float64, so that the comparison is tight (the fused CPU kernel takes float64 too)
     for use_scale in (True, False):
-        block = _perturbed_non_local(8, reduction=1, use_scale=use_scale)
-        x = _features([(9, 13)], batch=2, channels=8)[0].requires_grad_(True)
+        block = _perturbed_non_local(8, reduction=1, use_scale=use_scale).double()
+        x = _features([(9, 13)], batch=2, channels=8)[0].double().requires_grad_(True)
         fused = block(x)
 
         def explicit(inputs):
@@ -353,9 +354,46 @@ def test_non_local_forward_matches_attention_map_with_gradients():
 
         x_ref = x.detach().clone().requires_grad_(True)
         expected = explicit(x_ref)
-        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
-        weights = torch.randn(fused.shape, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(fused, expected, rtol=1e-10, atol=1e-10)
+        weights = torch.randn(fused.shape, generator=torch.Generator().manual_seed(1),
+                              dtype=torch.float64)
         grads = torch.autograd.grad((fused * weights).sum(), [x, block.theta.weight])
         grads_ref = torch.autograd.grad((expected * weights).sum(), [x_ref, block.theta.weight])
         for got, want in zip(grads, grads_ref):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_non_local_deterministic_mode_uses_the_explicit_map(monkeypatch):
+    block = _perturbed_non_local(8, reduction=1, use_scale=False)
+    x = _features([(5, 6)], batch=1, channels=8)[0]
+    with torch.no_grad():
+        fused = block(x)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fused attention called in deterministic mode")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", refuse)
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch.no_grad():
+            explicit = block(x)
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_non_local_passes_contiguous_inputs_to_fused_attention(monkeypatch):
+    # transposed strides make the CPU dispatch fall back to the unfused (N x N) path
+    seen = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def record(query, key, value, **kwargs):
+        seen.append([t.is_contiguous() for t in (query, key, value)])
+        return fused(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", record)
+    block = _perturbed_non_local(8, reduction=1, use_scale=False)
+    block(_features([(5, 6)], batch=2, channels=8)[0])
+    assert seen == [[True, True, True]]
