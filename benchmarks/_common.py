@@ -247,11 +247,44 @@ def profile_summary(fn: Callable[[], Any], device: torch.device, *, calls: int =
 # FLOPs
 
 
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Forward of softmax attention: ``Q K^T`` and ``A V`` (shapes ``[B, heads, L, D]``)."""
+    batch, heads, queries, depth = query_shape
+    keys, value_depth = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (depth + value_depth)
+
+
+def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                              out_shape=None, **kwargs) -> int:
+    """Backward of fused attention, as torch counts its CUDA kernels: the scores recomputed
+    (``Q K^T``), then the gradients of ``A``, ``V``, ``Q`` and ``K`` (five matmuls)."""
+    batch, heads, queries, depth = query_shape
+    keys, value_depth = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (3 * depth + 2 * value_depth)
+
+
+def _cpu_attention_flop_formulas() -> Dict[Any, Callable[..., int]]:
+    """FLOP formulas for the CPU fused attention ops, which ``FlopCounterMode`` does not list.
+
+    The non-local block calls ``scaled_dot_product_attention``; on the CPU that dispatches to
+    ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), which torch's registry
+    leaves out, so they would count as 0.
+    """
+    aten = torch.ops.aten
+    formulas: Dict[Any, Callable[..., int]] = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _attention_flops
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            _attention_backward_flops)
+    return formulas
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one ``fn()`` as counted by ``FlopCounterMode`` (matmul/conv family only)."""
+    """FLOPs of one ``fn()`` as counted by ``FlopCounterMode`` (matmul/conv/attention only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flop_formulas())
     with counter:
         fn()
     return int(counter.get_total_flops())

@@ -143,6 +143,32 @@ def test_count_flops_of_a_matmul(bench):
     assert bench.count_flops(lambda: a @ b) == 2 * 16 * 32 * 8
 
 
+def test_count_flops_counts_the_fused_attention_of_the_non_local_block(bench):
+    # The fused attention kernel must count as the matmuls it replaces: the explicit path
+    # (taken under deterministic algorithms) is counted by torch's bmm formula.
+    from libra_rcnn.ops.non_local import NonLocal2d
+
+    block = NonLocal2d(8, reduction=1)
+    x = torch.randn(2, 8, 6, 7, requires_grad=True)
+    fused_forward = bench.count_flops(lambda: block(x))
+    fused_training = bench.count_flops(lambda: block(x).sum().backward())
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        explicit_forward = bench.count_flops(lambda: block(x))
+        explicit_training = bench.count_flops(lambda: block(x).sum().backward())
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+    n, channels = 6 * 7, 8
+    attention = 2 * (2 * n * n * channels)  # theta^T phi and A g, per image
+    convs = 4 * 2 * n * channels * channels  # four 1x1 convolutions, per image
+    assert explicit_forward == 2 * (attention + convs)
+    assert fused_forward == explicit_forward
+    # the fused backward recomputes the scores theta^T phi once more
+    assert fused_training == explicit_training + 2 * (2 * n * n * channels)
+
+
 def test_format_table_aligns_and_marks_missing(bench):
     text = bench.format_table([{"x": "a", "y": 1.5}, {"x": "bbb", "y": None}],
                               [("x", "name", ""), ("y", "value", ".2f")])
