@@ -43,10 +43,12 @@ __all__ = [
     "add_common_arguments",
     "alternating_timings",
     "autocast",
+    "call_count_differences",
     "count_flops",
     "environment_info",
     "format_table",
     "matmul_peak_flops",
+    "operator_calls",
     "paired_ratio",
     "peak_memory_bytes",
     "profile_summary",
@@ -241,6 +243,26 @@ def profile_summary(fn: Callable[[], Any], device: torch.device, *, calls: int =
         new_name = bool(averages) and hasattr(averages[0], "self_device_time_total")
         sort_by = "self_device_time_total" if new_name else "self_cuda_time_total"
     return averages.table(sort_by=sort_by, row_limit=row_limit)
+
+
+def operator_calls(fn: Callable[[], Any], device: torch.device) -> Dict[str, int]:
+    """Operator name -> number of calls in one ``fn()`` (torch.profiler's event counts)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+        synchronize(device)
+    return {event.key: int(event.count) for event in prof.key_averages()}
+
+
+def call_count_differences(reference: Mapping[str, int], other: Mapping[str, int]
+                           ) -> List[Tuple[str, int, int]]:
+    """``(operator, calls in reference, calls in other)`` for every operator whose count
+    differs, largest difference first: what one model runs that the other does not."""
+    names = set(reference) | set(other)
+    rows = [(name, reference.get(name, 0), other.get(name, 0)) for name in names
+            if reference.get(name, 0) != other.get(name, 0)]
+    return sorted(rows, key=lambda row: (-abs(row[2] - row[1]), row[0]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -282,9 +282,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device,
             if peak is not None:
                 row["fraction_of_peak"] = row["gflops_per_s"] * 1e9 / peak["flops_per_second"]
         if args.profile:
-            for name in (REFERENCE, FULL):
-                print(f"\n== {arch} training step, {name}: top ops by self time ==")
-                print(common.profile_summary(steps[name], device, calls=1, row_limit=30))
+            print_profiles(f"{arch} training step", steps, device)
         del steps
 
     if not args.no_infer:
@@ -310,9 +308,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device,
                 row["fraction_of_peak"] = row["gflops_per_s"] * 1e9 / peak["flops_per_second"]
         rows += infer_rows
         if args.profile:
-            for name in (REFERENCE, FULL):
-                print(f"\n== {arch} inference, {name}: top ops by self time ==")
-                print(common.profile_summary(calls[name], device, calls=1, row_limit=30))
+            print_profiles(f"{arch} inference", calls, device)
 
     for row in rows:
         reference = next(r for r in rows if r["phase"] == row["phase"] and r["model"] == REFERENCE)
@@ -321,6 +317,23 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device,
     result["rows"] = rows
     result["targets"] = [] if args.smoke else check_targets(arch, rows)
     return result
+
+
+def print_profiles(title: str, calls: Dict[str, Callable[[], Any]], device: torch.device) -> None:
+    """Top operators of torchvision's and Libra's call; then, for each of our models, the
+    operators whose call count differs from torchvision's (what our code adds or removes)."""
+    for name in (REFERENCE, FULL):
+        print(f"\n== {title}, {name}: top ops by self time ==")
+        print(common.profile_summary(calls[name], device, calls=1, row_limit=30))
+    reference = common.operator_calls(calls[REFERENCE], device)
+    for name in calls:
+        if name == REFERENCE:
+            continue
+        differences = common.call_count_differences(reference, common.operator_calls(calls[name], device))
+        print(f"\n== {title}, {name}: {len(differences)} operators called a different number "
+              f"of times than in torchvision's ==")
+        for operator, reference_count, count in differences[:40]:
+            print(f"  {operator:<60} {reference_count:>6} -> {count:>6}")
 
 
 def summarize_phase(arch: str, phase: str, times: Dict[str, List[float]],
@@ -398,7 +411,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory calls")
     parser.add_argument("--no-peak", action="store_true", help="skip the matmul peak estimate")
     parser.add_argument("--profile", action="store_true",
-                        help="print torch.profiler's top ops of torchvision's and Libra's steps")
+                        help="print torch.profiler's top ops of torchvision's and Libra's steps, "
+                             "and the operators each of our models calls a different number "
+                             "of times than torchvision's")
     args = parser.parse_args(argv)
     on_cuda = args.device.startswith("cuda")
     if args.smoke:

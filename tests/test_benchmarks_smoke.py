@@ -169,6 +169,24 @@ def test_count_flops_counts_the_fused_attention_of_the_non_local_block(bench):
     assert fused_training == explicit_training + 2 * (2 * n * n * channels)
 
 
+def test_operator_calls_and_their_differences(bench):
+    a, b = torch.ones(4, 4), torch.ones(4, 4)
+
+    def one_product():
+        return a @ b
+
+    def two_products_and_a_sum():
+        return (a @ b @ b).sum()
+
+    ones = bench.operator_calls(one_product, torch.device("cpu"))
+    twos = bench.operator_calls(two_products_and_a_sum, torch.device("cpu"))
+    assert ones["aten::mm"] == 1 and twos["aten::mm"] == 2
+    differences = bench.call_count_differences(ones, twos)
+    assert ("aten::mm", 1, 2) in differences and ("aten::sum", 0, 1) in differences
+    assert all(name != "aten::matmul" or ref != other for name, ref, other in differences)
+    assert bench.call_count_differences(ones, ones) == []
+
+
 def test_format_table_aligns_and_marks_missing(bench):
     text = bench.format_table([{"x": "a", "y": 1.5}, {"x": "bbb", "y": None}],
                               [("x", "name", ""), ("y", "value", ".2f")])
