@@ -51,10 +51,12 @@ __all__ = [
     "operator_calls",
     "paired_ratio",
     "peak_memory_bytes",
+    "profile_operators",
     "profile_summary",
     "resolve_device",
     "summarize",
     "synchronize",
+    "top_operators_table",
     "write_json",
 ]
 
@@ -224,9 +226,9 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return _cpu_peak_from_profiler(fn)
 
 
-def profile_summary(fn: Callable[[], Any], device: torch.device, *, calls: int = 1,
-                    row_limit: int = 25) -> str:
-    """Top operators of ``calls`` calls of ``fn()`` by self time (torch.profiler's table)."""
+def profile_operators(fn: Callable[[], Any], device: torch.device, *, calls: int = 1) -> Any:
+    """torch.profiler's per-operator averages over ``calls`` calls of ``fn()`` (CPU, and CUDA
+    on a CUDA device)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -236,7 +238,11 @@ def profile_summary(fn: Callable[[], Any], device: torch.device, *, calls: int =
         for _ in range(calls):
             fn()
         synchronize(device)
-    averages = prof.key_averages()
+    return prof.key_averages()
+
+
+def top_operators_table(averages: Any, device: torch.device, *, row_limit: int = 25) -> str:
+    """The top operators of :func:`profile_operators`'s ``averages`` by self time."""
     sort_by = "self_cpu_time_total"
     if device.type == "cuda":
         # renamed in torch 2.4; the old name is deprecated
@@ -245,14 +251,16 @@ def profile_summary(fn: Callable[[], Any], device: torch.device, *, calls: int =
     return averages.table(sort_by=sort_by, row_limit=row_limit)
 
 
-def operator_calls(fn: Callable[[], Any], device: torch.device) -> Dict[str, int]:
-    """Operator name -> number of calls in one ``fn()`` (torch.profiler's event counts)."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_summary(fn: Callable[[], Any], device: torch.device, *, calls: int = 1,
+                    row_limit: int = 25) -> str:
+    """Top operators of ``calls`` calls of ``fn()`` by self time (torch.profiler's table)."""
+    return top_operators_table(profile_operators(fn, device, calls=calls), device,
+                               row_limit=row_limit)
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-        synchronize(device)
-    return {event.key: int(event.count) for event in prof.key_averages()}
+
+def operator_calls(averages: Any) -> Dict[str, int]:
+    """Operator name -> number of calls, from :func:`profile_operators`'s ``averages``."""
+    return {event.key: int(event.count) for event in averages}
 
 
 def call_count_differences(reference: Mapping[str, int], other: Mapping[str, int]

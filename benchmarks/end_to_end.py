@@ -321,15 +321,18 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device,
 
 def print_profiles(title: str, calls: Dict[str, Callable[[], Any]], device: torch.device) -> None:
     """Top operators of torchvision's and Libra's call; then, for each of our models, the
-    operators whose call count differs from torchvision's (what our code adds or removes)."""
+    operators whose call count differs from torchvision's (what our code adds or removes).
+    Each model is profiled once."""
+    averages = {name: common.profile_operators(call, device) for name, call in calls.items()}
     for name in (REFERENCE, FULL):
         print(f"\n== {title}, {name}: top ops by self time ==")
-        print(common.profile_summary(calls[name], device, calls=1, row_limit=30))
-    reference = common.operator_calls(calls[REFERENCE], device)
+        print(common.top_operators_table(averages[name], device, row_limit=30))
+    reference = common.operator_calls(averages[REFERENCE])
     for name in calls:
         if name == REFERENCE:
             continue
-        differences = common.call_count_differences(reference, common.operator_calls(calls[name], device))
+        differences = common.call_count_differences(reference,
+                                                     common.operator_calls(averages[name]))
         print(f"\n== {title}, {name}: {len(differences)} operators called a different number "
               f"of times than in torchvision's ==")
         for operator, reference_count, count in differences[:40]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from libra_rcnn.engine.train import _deterministic
 from libra_rcnn.ops.balanced_feature_pyramid import BalancedFeaturePyramid
 from libra_rcnn.ops.non_local import NonLocal2d
 
@@ -373,14 +374,8 @@ def test_non_local_deterministic_mode_uses_the_explicit_map(monkeypatch):
         raise AssertionError("fused attention called in deterministic mode")
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", refuse)
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        with torch.no_grad():
-            explicit = block(x)
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+    with _deterministic(True, torch.device("cpu")), torch.no_grad():  # as train.deterministic
+        explicit = block(x)
     torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
 
 

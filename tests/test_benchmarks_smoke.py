@@ -146,20 +146,16 @@ def test_count_flops_of_a_matmul(bench):
 def test_count_flops_counts_the_fused_attention_of_the_non_local_block(bench):
     # The fused attention kernel must count as the matmuls it replaces: the explicit path
     # (taken under deterministic algorithms) is counted by torch's bmm formula.
+    from libra_rcnn.engine.train import _deterministic
     from libra_rcnn.ops.non_local import NonLocal2d
 
     block = NonLocal2d(8, reduction=1)
     x = torch.randn(2, 8, 6, 7, requires_grad=True)
     fused_forward = bench.count_flops(lambda: block(x))
     fused_training = bench.count_flops(lambda: block(x).sum().backward())
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with _deterministic(True, torch.device("cpu")):
         explicit_forward = bench.count_flops(lambda: block(x))
         explicit_training = bench.count_flops(lambda: block(x).sum().backward())
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
     n, channels = 6 * 7, 8
     attention = 2 * (2 * n * n * channels)  # theta^T phi and A g, per image
     convs = 4 * 2 * n * channels * channels  # four 1x1 convolutions, per image
@@ -178,8 +174,8 @@ def test_operator_calls_and_their_differences(bench):
     def two_products_and_a_sum():
         return (a @ b @ b).sum()
 
-    ones = bench.operator_calls(one_product, torch.device("cpu"))
-    twos = bench.operator_calls(two_products_and_a_sum, torch.device("cpu"))
+    ones = bench.operator_calls(bench.profile_operators(one_product, torch.device("cpu")))
+    twos = bench.operator_calls(bench.profile_operators(two_products_and_a_sum, torch.device("cpu")))
     assert ones["aten::mm"] == 1 and twos["aten::mm"] == 2
     differences = bench.call_count_differences(ones, twos)
     assert ("aten::mm", 1, 2) in differences and ("aten::sum", 0, 1) in differences
