@@ -10,6 +10,12 @@ Questions:
    part off), which itself is compared with torchvision's model (the cost of our subclasses).
 3. Achieved GFLOP/s of inference against the peak of a large matmul on this machine.
 
+Resolution. ``ours_baseline`` does the same arithmetic as torchvision's model, so its ratio to
+it shows how far this run can tell models apart. ``--twin`` adds a purer control,
+``torchvision_twin``: a second, separately built copy of torchvision's model with the same
+weights. Differences between models smaller than the twin's distance from 1.000 are not
+resolved by the run.
+
 Targets (CPU, ratios measured in one run): Libra Faster R-CNN training step <= 1.05x and
 inference <= 1.03x torchvision's.
 
@@ -68,6 +74,7 @@ SMOKE_OVERRIDES = {
     "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 100,
 }
 REFERENCE = "torchvision"
+TWIN = "torchvision_twin"
 OURS_BASELINE = "ours_baseline"
 FULL = "libra"
 
@@ -77,8 +84,10 @@ FULL = "libra"
 
 
 def model_variants(arch: str, backbone: str, num_classes: int, parts: bool,
-                   overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Optional[ModelConfig]]:
-    """name -> our ModelConfig (None for torchvision's reference), in alternation order.
+                   overrides: Optional[Dict[str, Any]] = None, twin: bool = False
+                   ) -> Dict[str, Optional[ModelConfig]]:
+    """name -> our ModelConfig (None for torchvision's reference and its twin), in alternation
+    order.
 
     ``+sampler`` etc. switch ONE Libra part on over the baseline, taking its settings from the
     full Libra config so that the parts add up to ``libra``. ``overrides`` (ModelConfig fields)
@@ -87,7 +96,10 @@ def model_variants(arch: str, backbone: str, num_classes: int, parts: bool,
     overrides = dict(overrides or {})
     base = baseline_model_config(arch, backbone, num_classes=num_classes, **overrides)
     libra = libra_model_config(arch, backbone, num_classes=num_classes, **overrides)
-    variants: Dict[str, Optional[ModelConfig]] = {REFERENCE: None, OURS_BASELINE: base}
+    variants: Dict[str, Optional[ModelConfig]] = {REFERENCE: None}
+    if twin:
+        variants[TWIN] = None
+    variants[OURS_BASELINE] = base
     if parts:
         if arch == "faster_rcnn":
             variants["+sampler"] = dataclasses.replace(
@@ -107,7 +119,7 @@ def variant_changes(variants: Dict[str, Optional[ModelConfig]]) -> Dict[str, Any
     changes: Dict[str, Any] = {}
     for name, cfg in variants.items():
         if cfg is None:
-            changes[name] = "torchvision reference"
+            changes[name] = "torchvision reference" + (" (second copy)" if name == TWIN else "")
             continue
         changes[name] = sorted(field.name for field in dataclasses.fields(ModelConfig)
                                if getattr(cfg, field.name) != getattr(base, field.name))
@@ -164,6 +176,12 @@ def build_models(variants: Dict[str, Optional[ModelConfig]], device: torch.devic
     models = {REFERENCE: reference}
     report: Dict[str, Any] = {}
     for name, cfg in variants.items():
+        if name == TWIN:
+            torch.manual_seed(seed)
+            twin = torchvision_reference(base)
+            twin.load_state_dict(state)
+            models[name] = twin
+            continue
         if cfg is None:
             continue
         torch.manual_seed(seed)
@@ -250,7 +268,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device,
         # checks that the script works, so it shrinks every per-RoI cost
         overrides.update(SMOKE_OVERRIDES)
     variants = model_variants(arch, args.backbone, args.num_classes, not args.no_parts,
-                              overrides)
+                              overrides, twin=args.twin)
     models, load_report = build_models(variants, device, args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     rows: List[Dict[str, Any]] = []
@@ -287,7 +305,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device,
 
     if not args.no_infer:
         image = torch.rand(3, *args.infer_size, generator=generator).to(device)
-        infer_names = [REFERENCE, OURS_BASELINE, FULL]
+        infer_names = [name for name in variants if name in (REFERENCE, TWIN, OURS_BASELINE, FULL)]
         calls = {}
         for name in infer_names:
             set_input_size(models[name], *args.infer_size)
@@ -320,9 +338,9 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device,
 
 
 def print_profiles(title: str, calls: Dict[str, Callable[[], Any]], device: torch.device) -> None:
-    """Top operators of torchvision's and Libra's call; then, for each of our models, the
-    operators whose call count differs from torchvision's (what our code adds or removes).
-    Each model is profiled once."""
+    """Top operators of torchvision's and Libra's call; then, for every other model, the
+    operators whose call count differs from torchvision's (what our code adds or removes; none
+    for the twin). Each model is profiled once."""
     averages = {name: common.profile_operators(call, device) for name, call in calls.items()}
     for name in (REFERENCE, FULL):
         print(f"\n== {title}, {name}: top ops by self time ==")
@@ -409,6 +427,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--infer-rounds", type=int, default=None)
     parser.add_argument("--no-parts", action="store_true",
                         help="only torchvision, our baseline and Libra (no one-part variants)")
+    parser.add_argument("--twin", action="store_true",
+                        help="also time a second copy of torchvision's model (torchvision_twin): "
+                             "its distance from 1.000x is the run's resolution")
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--no-infer", action="store_true")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory calls")
@@ -475,7 +496,7 @@ def main(argv=None) -> Dict[str, Any]:
 
     settings = {key: getattr(args, key) for key in (
         "backbone", "num_classes", "train_batch", "train_size", "infer_size", "train_rounds",
-        "infer_rounds", "warmup", "no_parts")}
+        "infer_rounds", "warmup", "no_parts", "twin")}
     payload = {
         "benchmark": NAME,
         "environment": common.environment_info(device, args),

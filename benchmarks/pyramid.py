@@ -7,16 +7,22 @@ with the image size? The refine variants of Table 5 and PAFPN are included.
 Inputs: ResNet-50's C2-C5 for a batch of ``B`` images of ``H x W`` (padded to a multiple of 32,
 as torchvision's transform does): ``[B, 256|512|1024|2048, H/4..H/32, W/4..W/32]``, requiring
 grad (a trainable backbone receives their gradient). The neck is torchvision's
-``FeaturePyramidNetwork`` (or :class:`libra_rcnn.ops.PAFPN`) with ``LastLevelMaxPool`` (P2-P6, the
-two-stage layout), then optionally :class:`libra_rcnn.ops.BalancedFeaturePyramid` over the five
-levels with ``refine_level=2``, as ``libra_rcnn.models.backbone`` composes them. One call =
-forward, sum of the levels' means, backward.
+``FeaturePyramidNetwork`` (or :class:`libra_rcnn.ops.PAFPN`), then optionally
+:class:`libra_rcnn.ops.BalancedFeaturePyramid` over its five levels, as
+``libra_rcnn.models.backbone`` composes them for either detector layout:
+
+* ``--layout two_stage`` (default; Faster R-CNN, RPN): C2-C5, ``LastLevelMaxPool`` (P2-P6),
+  ``refine_level=2``;
+* ``--layout retinanet``: C3-C5, P6/P7 from C5 (P3-P7), ``refine_level=1``.
+
+One call = forward, sum of the levels' means, backward.
 
 Cases, alternated in one process per size: ``fpn``, ``fpn+bfp(none)``, ``fpn+bfp(conv)``,
 ``fpn+bfp(non_local)`` (the paper's), ``pafpn``, ``pafpn+bfp(non_local)``. Peak memory of one
 call is measured per case after the timing (see ``benchmarks/_common.py``).
 
-Run: ``python -m benchmarks.pyramid [--device cuda] [--amp] [--smoke] [--profile]``.
+Run: ``python -m benchmarks.pyramid [--layout retinanet] [--device cuda] [--amp] [--smoke]
+[--profile]``.
 """
 
 from __future__ import annotations
@@ -36,11 +42,14 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from benchmarks import _common as common
+from libra_rcnn.models import LastLevelP6P7FromC5
 from libra_rcnn.ops import PAFPN, BalancedFeaturePyramid
 
 NAME = "pyramid"
 STAGE_CHANNELS = (256, 512, 1024, 2048)
 STRIDES = (4, 8, 16, 32)
+#: layout -> (ResNet stages used, 0 = C2; refine level) as libra_rcnn.models.backbone builds them
+LAYOUTS = {"two_stage": ((0, 1, 2, 3), 2), "retinanet": ((1, 2, 3), 1)}
 CASES: Tuple[Tuple[str, str, Optional[str]], ...] = (
     ("fpn", "fpn", None),
     ("fpn+bfp(none)", "fpn", "none"),
@@ -52,17 +61,27 @@ CASES: Tuple[Tuple[str, str, Optional[str]], ...] = (
 
 
 class Neck(nn.Module):
-    """FPN or PAFPN over C2-C5 with a max-pool P6, then an optional balanced feature pyramid."""
+    """FPN or PAFPN in one of the detectors' layouts, then an optional balanced feature pyramid.
+
+    ``in_channels``: channels of the stages the layout uses (C2-C5 or C3-C5).
+    """
 
     def __init__(self, neck: str, refine_type: Optional[str], in_channels: List[int],
-                 out_channels: int) -> None:
+                 out_channels: int, layout: str = "two_stage") -> None:
         super().__init__()
         fpn_class = PAFPN if neck == "pafpn" else FeaturePyramidNetwork
-        self.fpn = fpn_class(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        if layout == "two_stage":
+            extra: nn.Module = LastLevelMaxPool()
+            num_levels = len(in_channels) + 1
+        else:
+            extra = LastLevelP6P7FromC5(in_channels[-1], out_channels)
+            num_levels = len(in_channels) + 2
+        self.fpn = fpn_class(in_channels, out_channels, extra_blocks=extra)
         self.bfp = None
         if refine_type is not None:
-            self.bfp = BalancedFeaturePyramid(out_channels, len(in_channels) + 1,
-                                              refine_level=2, refine_type=refine_type)
+            self.bfp = BalancedFeaturePyramid(out_channels, num_levels,
+                                              refine_level=LAYOUTS[layout][1],
+                                              refine_type=refine_type)
 
     def forward(self, features: "OrderedDict[str, torch.Tensor]"):
         out = self.fpn(features)
@@ -70,13 +89,16 @@ class Neck(nn.Module):
 
 
 def backbone_features(batch: int, height: int, width: int, device: torch.device,
-                      dtype: torch.dtype, generator: torch.Generator, channel_scale: int = 1):
-    """C2-C5 shaped like ResNet-50's for a padded ``height x width`` batch, requiring grad."""
+                      dtype: torch.dtype, generator: torch.Generator, channel_scale: int = 1,
+                      layout: str = "two_stage"):
+    """ResNet-50's stages of ``layout`` (C2-C5 or C3-C5) for a padded ``height x width`` batch,
+    requiring grad; keys ``"0", "1", ...`` as torchvision's ``IntermediateLayerGetter``."""
     pad_h, pad_w = -(-height // 32) * 32, -(-width // 32) * 32
     features = OrderedDict()
-    for index, (channels, stride) in enumerate(zip(STAGE_CHANNELS, STRIDES)):
+    for key, stage in enumerate(LAYOUTS[layout][0]):
+        channels, stride = STAGE_CHANNELS[stage], STRIDES[stage]
         shape = (batch, channels // channel_scale, pad_h // stride, pad_w // stride)
-        features[str(index)] = torch.randn(shape, generator=generator).to(
+        features[str(key)] = torch.randn(shape, generator=generator).to(
             device=device, dtype=dtype).requires_grad_(True)
     return features
 
@@ -105,6 +127,9 @@ def main(argv=None) -> Dict[str, Any]:
                         help="images per batch (default 1 on CPU, 2 on CUDA)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, metavar="H W",
                         help="image sizes as H W pairs (default 512 512 800 1333)")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="two_stage",
+                        help="the detector whose neck is measured: two_stage (C2-C5, P2-P6, "
+                             "refine level 2; default) or retinanet (C3-C5, P3-P7, level 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory pass")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top ops of fpn+bfp(non_local), last size")
@@ -127,13 +152,14 @@ def main(argv=None) -> Dict[str, Any]:
     torch.manual_seed(args.seed)  # module initialisation; the weights do not change the cost
     modules = {}
     for name, neck, refine in CASES:
-        module = Neck(neck, refine, [c // channel_scale for c in STAGE_CHANNELS], out_channels)
+        in_channels = [STAGE_CHANNELS[stage] // channel_scale for stage in LAYOUTS[args.layout][0]]
+        module = Neck(neck, refine, in_channels, out_channels, args.layout)
         modules[name] = module.to(device).train()
 
     rows = []
     for height, width in sizes:
         features = backbone_features(batch, height, width, device, dtype, generator,
-                                     channel_scale)
+                                     channel_scale, args.layout)
         calls = {name: make_call(modules[name], features, device, args.amp) for name, _, _ in CASES}
         times = common.alternating_timings(calls, rounds=rounds, warmup=warmup, device=device)
         for name, _, _ in CASES:
@@ -162,7 +188,8 @@ def main(argv=None) -> Dict[str, Any]:
 
     if args.profile:
         height, width = sizes[-1]
-        features = backbone_features(batch, height, width, device, dtype, generator, channel_scale)
+        features = backbone_features(batch, height, width, device, dtype, generator, channel_scale,
+                                     args.layout)
         call = make_call(modules["fpn+bfp(non_local)"], features, device, args.amp)
         print(common.profile_summary(call, device, calls=2))
 
@@ -171,7 +198,8 @@ def main(argv=None) -> Dict[str, Any]:
         "environment": common.environment_info(device, args),
         "settings": {"rounds": rounds, "warmup": warmup, "batch": batch, "sizes": sizes,
                      "out_channels": out_channels, "channel_scale": channel_scale,
-                     "refine_level": 2, "levels": "P2-P6"},
+                     "layout": args.layout, "refine_level": LAYOUTS[args.layout][1],
+                     "levels": "P2-P6" if args.layout == "two_stage" else "P3-P7"},
         "rows": rows,
     }
     out = common.write_json(args.out or common.default_out_path(NAME, device, args.amp), payload)

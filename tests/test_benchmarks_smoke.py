@@ -72,8 +72,10 @@ def test_losses_script_smoke(tmp_path):
     assert all(_positive_finite(r["median_us"]) for r in rows)
 
 
-def test_pyramid_script_smoke(tmp_path):
-    payload, _ = _run_smoke("pyramid", tmp_path)
+@pytest.mark.parametrize("layout, levels", [("two_stage", "P2-P6"), ("retinanet", "P3-P7")])
+def test_pyramid_script_smoke(tmp_path, layout, levels):
+    payload, _ = _run_smoke("pyramid", tmp_path, "--layout", layout)
+    assert payload["settings"]["layout"] == layout and payload["settings"]["levels"] == levels
     rows = {r["case"]: r for r in payload["rows"]}
     assert list(rows) == ["fpn", "fpn+bfp(none)", "fpn+bfp(conv)", "fpn+bfp(non_local)", "pafpn",
                           "pafpn+bfp(non_local)"]
@@ -85,16 +87,39 @@ def test_pyramid_script_smoke(tmp_path):
     assert rows["pafpn"]["params_m"] > rows["fpn"]["params_m"]
 
 
+
+@pytest.mark.parametrize("arch, layout", [("faster_rcnn", "two_stage"), ("retinanet", "retinanet")])
+def test_pyramid_benchmark_builds_the_detectors_own_neck(bench, arch, layout):
+    """The benchmark's stand-alone neck has exactly the parameters (names and shapes) and the
+    refine level of the neck inside our Libra detector, so its timings are that neck's."""
+    pyramid = importlib.import_module("benchmarks.pyramid")
+    from libra_rcnn.models import build_model, libra_model_config
+
+    cfg = libra_model_config(arch, "resnet50")
+    backbone = build_model(cfg).backbone
+    in_channels = [pyramid.STAGE_CHANNELS[stage] for stage in pyramid.LAYOUTS[layout][0]]
+    neck = pyramid.Neck("fpn", cfg.bfp.refine_type, in_channels, 256, layout)
+    expected = {k: v.shape for k, v in backbone.state_dict().items() if k.startswith(("fpn.", "bfp."))}
+    assert {k: v.shape for k, v in neck.state_dict().items()} == expected
+    assert neck.bfp.refine_level == backbone.bfp.refine_level == cfg.bfp.refine_level
+    features = pyramid.backbone_features(1, 64, 96, torch.device("cpu"), torch.float32,
+                                         torch.Generator().manual_seed(0), layout=layout)
+    with torch.no_grad():
+        body_shapes = [f.shape for f in backbone.body(torch.zeros(1, 3, 64, 96)).values()]
+    assert [f.shape for f in features.values()] == body_shapes
+
 def test_end_to_end_script_smoke(tmp_path):
-    payload, stdout = _run_smoke("end_to_end", tmp_path, "--no-parts")
+    payload, stdout = _run_smoke("end_to_end", tmp_path, "--no-parts", "--twin")
     rows = payload["rows"]
     keys = {(r["arch"], r["phase"], r["model"]) for r in rows}
     assert keys == {(a, p, m) for a in ("faster_rcnn", "retinanet") for p in ("train", "infer")
-                    for m in ("torchvision", "ours_baseline", "libra")}
+                    for m in ("torchvision", "torchvision_twin", "ours_baseline", "libra")}
     for row in rows:
         assert _positive_finite(row["median_ms"]) and _positive_finite(row["peak_mib"])
         if row["phase"] == "infer":
             assert _positive_finite(row["gflop"]) and _positive_finite(row["gflops_per_s"])
+        if row["model"] == "torchvision_twin":  # the same model again: the same arithmetic
+            assert row["flop_ratio_vs_torchvision"] == 1.0
     for arch in payload["architectures"]:
         # torchvision's weights fill our baseline entirely; Libra adds only the pyramid's
         assert arch["loading"]["ours_baseline"]["new_parameters"] == 0

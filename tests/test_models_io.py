@@ -185,3 +185,18 @@ def test_dump_proposals_argument_errors(tmp_path):
     twice = [_loader()[0], _loader()[0]]
     with pytest.raises(ValueError, match="image_id 7 appears twice"):
         dump_proposals(rpn, twice, tmp_path / "x.pth")
+
+
+def test_mode_context_restores_the_mode_even_when_the_block_raises():
+    from libra_rcnn.models.mode import eval_mode, module_mode
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    with pytest.raises(RuntimeError, match="boom"):
+        with eval_mode(net.train()):
+            assert not net.training and not net[1].training
+            raise RuntimeError("boom")
+    assert net.training and net[1].training
+    net.eval()
+    with module_mode(net, True) as inside:
+        assert inside is net and net[1].training
+    assert not net.training and not net[1].training

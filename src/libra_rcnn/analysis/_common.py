@@ -8,15 +8,16 @@ torchvision's ``resize_boxes``.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from ..models.mode import eval_mode, module_mode  # noqa: F401  (used by the analysis commands)
 
 PathLike = Union[str, os.PathLike]
 
@@ -29,23 +30,6 @@ def model_device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def module_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
-    """Put ``module`` in training (``True``) or eval mode for the block and restore its previous
-    mode afterwards."""
-    was_training = module.training
-    module.train(training)
-    try:
-        yield module
-    finally:
-        module.train(was_training)
-
-
-def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Put ``model`` in eval mode for the block and restore its previous mode afterwards."""
-    return module_mode(model, False)
 
 
 def check_two_stage(model: nn.Module, what: str) -> None:

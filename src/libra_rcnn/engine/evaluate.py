@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from libra_rcnn.io_utils import atomic_write
+from libra_rcnn.models.mode import eval_mode
 
 __all__ = [
     "BBOX_METRIC_NAMES",
@@ -215,9 +216,7 @@ def run_inference(
 
     results: list[dict] = []
     image_ids: list[int] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.inference_mode():
             for images, targets in tqdm(
                 data_loader, desc="inference", disable=not progress or rank != 0, leave=False
@@ -236,8 +235,6 @@ def run_inference(
                 ]
                 results.extend(detections_to_coco_results(outputs, batch_ids, label_to_cat_id))
                 image_ids.extend(batch_ids)
-    finally:
-        model.train(was_training)
 
     if distributed:
         gathered: list[Any] = [None] * torch.distributed.get_world_size()

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from ..models.mode import eval_mode
 from .evaluate import write_results_file
 from .visualize import draw_detections
 
@@ -110,9 +111,7 @@ def predict_images(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     predictions: list[dict] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for path, stem in zip(paths, _output_stems(paths)):
             image = load_image_tensor(path)
             with torch.inference_mode():
@@ -152,8 +151,6 @@ def predict_images(
                         "score": float(scores[k]),
                     }
                 )
-    finally:
-        model.train(was_training)
 
     write_results_file(predictions, out_dir / "predictions.json")
     return predictions

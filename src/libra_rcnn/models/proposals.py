@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..io_utils import atomic_write
+from .mode import eval_mode
 
 __all__ = ["dump_proposals", "load_proposals", "select_proposals"]
 
@@ -64,9 +65,7 @@ def dump_proposals(
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     table: dict[int, Tensor] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch_index, batch in enumerate(data_loader):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(f"batch {batch_index}: data_loader must yield (images, targets)")
@@ -82,8 +81,6 @@ def dump_proposals(
                 boxes = output["boxes"][order]
                 rows = torch.cat([boxes, scores[:, None]], dim=1)[:max_per_image]
                 table[image_id] = rows.detach().to("cpu", torch.float32).contiguous()
-    finally:
-        model.train(was_training)
 
     atomic_write(path, lambda f: torch.save(table, f))
     return table
