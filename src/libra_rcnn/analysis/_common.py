@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..models.mode import eval_mode, module_mode  # noqa: F401  (used by the analysis commands)
+from ..models.mode import eval_mode, module_mode
 
 PathLike = Union[str, os.PathLike]
 

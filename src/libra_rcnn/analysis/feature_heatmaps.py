@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..models.mode import eval_mode
 from ._common import (
     PathLike,
-    eval_mode,
     model_device,
     save_figure,
 )
