@@ -87,7 +87,6 @@ def test_pyramid_script_smoke(tmp_path, layout, levels):
     assert rows["pafpn"]["params_m"] > rows["fpn"]["params_m"]
 
 
-
 @pytest.mark.parametrize("arch, layout", [("faster_rcnn", "two_stage"), ("retinanet", "retinanet")])
 def test_pyramid_benchmark_builds_the_detectors_own_neck(bench, arch, layout):
     """The benchmark's stand-alone neck has exactly the parameters (names and shapes) and the
@@ -107,6 +106,7 @@ def test_pyramid_benchmark_builds_the_detectors_own_neck(bench, arch, layout):
     with torch.no_grad():
         body_shapes = [f.shape for f in backbone.body(torch.zeros(1, 3, 64, 96)).values()]
     assert [f.shape for f in features.values()] == body_shapes
+
 
 def test_end_to_end_script_smoke(tmp_path):
     payload, stdout = _run_smoke("end_to_end", tmp_path, "--no-parts", "--twin")
