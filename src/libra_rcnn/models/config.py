@@ -14,10 +14,13 @@ from typing import Literal, Optional
 
 Arch = Literal["faster_rcnn", "retinanet", "rpn", "fast_rcnn"]
 BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d"]
-NormKind = Literal["frozen_bn", "bn", "gn"]
+NormKind = Literal["frozen_bn", "frozen_stats_bn", "bn", "gn"]
 NeckKind = Literal["fpn", "pafpn"]
 RefineKind = Literal["none", "conv", "non_local"]
 BoxLossKind = Literal["smooth_l1", "l1", "balanced_l1"]
+Convention = Literal["torchvision", "mmdet"]
+# "paper": as the paper describes it; "mmdet": as mmdetection (the reference implementation) does it
+Rule = Literal["paper", "mmdet"]
 
 
 @dataclass
@@ -44,6 +47,9 @@ class SamplerConfig:
     num_bins: int = 3
     floor_thr: float = -1.0
     floor_fraction: float = 0.0
+    # IoU bins: "paper" spans the negatives' own IoU range; "mmdet" spans [floor, highest IoU of
+    # all candidates) with int(num / num_bins) per bin, as mmdetection's IoUBalancedNegSampler
+    binning: Rule = "paper"
 
 
 @dataclass
@@ -56,6 +62,9 @@ class BoxLossConfig:
     alpha: float = 0.5
     gamma: float = 1.5
     loss_weight: float = 1.0
+    # balanced L1 at beta != 1: "paper" is Eq. 7 with the boundary at beta; "mmdet" is
+    # mmdetection's formula (the two agree at beta = 1)
+    formula: Rule = "paper"
 
 
 @dataclass
@@ -65,6 +74,10 @@ class ModelConfig:
     # category ids, 81 for contiguous COCO labels); foreground classes + 1 for RetinaNet as well,
     # label 0 is never predicted.
     num_classes: int = 81
+    # the detector's conventions (resizing, anchors, RoIAlign, box decoding, matching, heads'
+    # post-processing and loss normalisation): "torchvision" keeps torchvision's, so its weights
+    # give its detections; "mmdet" follows mmdetection, so its checkpoints give its detections
+    convention: Convention = "torchvision"
 
     # backbone
     backbone: BackboneName = "resnet50"
