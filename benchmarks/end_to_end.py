@@ -64,7 +64,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from benchmarks import _common as common
-from libra_rcnn.models import ModelConfig, baseline_model_config, build_model, libra_model_config
+from libra_rcnn.models import (ModelConfig, baseline_model_config, build_model, libra_model_config,
+                                used_settings)
 
 NAME = "end_to_end"
 TARGETS = {("faster_rcnn", "train"): 1.05, ("faster_rcnn", "infer"): 1.03}
@@ -93,7 +94,7 @@ def model_variants(arch: str, backbone: str, num_classes: int, parts: bool,
     full Libra config so that the parts add up to ``libra``. ``overrides`` (ModelConfig fields)
     apply to all of them.
     """
-    overrides = dict(overrides or {})
+    overrides = used_settings(arch, overrides or {})
     base = baseline_model_config(arch, backbone, num_classes=num_classes, **overrides)
     libra = libra_model_config(arch, backbone, num_classes=num_classes, **overrides)
     variants: Dict[str, Optional[ModelConfig]] = {REFERENCE: None}

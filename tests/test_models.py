@@ -14,7 +14,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import FrozenBatchNorm2d, box_iou
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from libra_rcnn.models import (
@@ -31,8 +31,9 @@ from libra_rcnn.models import (
     build_model,
     libra_model_config,
 )
-from libra_rcnn.models.faster_rcnn import build_box_branch
-from libra_rcnn.models.rpn import default_rpn_anchor_generator
+from libra_rcnn.models.builders import used_settings
+from libra_rcnn.models.anchors import torchvision_rpn_anchor_generator
+from libra_rcnn.models.faster_rcnn import box_head_and_predictor
 from libra_rcnn.ops.balanced_feature_pyramid import BalancedFeaturePyramid
 from libra_rcnn.ops.balanced_l1_loss import balanced_l1_loss
 
@@ -51,6 +52,11 @@ SMALL = dict(
     rpn_post_nms_top_n_test=60,
     roi_sampler={"num": 32},
 )
+
+
+def _small(arch):
+    """SMALL without the settings ``arch`` does not use (the builders refuse those)."""
+    return used_settings(arch, SMALL)
 MODEL_CLASSES = {"faster_rcnn": LibraFasterRCNN, "retinanet": LibraRetinaNet, "rpn": LibraRPN,
                  "fast_rcnn": LibraFastRCNN}
 
@@ -84,7 +90,7 @@ def _proposals():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_train_backward_and_eval_contract(arch, libra):
     make_config = libra_model_config if libra else baseline_model_config
-    model = build_model(make_config(arch, "resnet18", **SMALL), generator=torch.Generator().manual_seed(0))
+    model = build_model(make_config(arch, "resnet18", **_small(arch)), generator=torch.Generator().manual_seed(0))
     assert isinstance(model, MODEL_CLASSES[arch])
     assert (model.backbone.bfp is not None) == libra
     extra = {"proposals": _proposals()} if arch == "fast_rcnn" else {}
@@ -134,7 +140,7 @@ def test_libra_switches_reach_the_modules():
     assert frcnn.roi_heads.sampler.num == 32  # the dict override kept the Libra sampler fields
     assert frcnn.roi_heads.box_loss == BoxLossConfig("balanced_l1", beta=1.0, alpha=0.5, gamma=1.5)
 
-    retina = build_model(libra_model_config("retinanet", "resnet18", **SMALL))
+    retina = build_model(libra_model_config("retinanet", "resnet18", **_small("retinanet")))
     assert retina.backbone.bfp.refine_level == 1
     assert retina.head.regression_head.box_loss.kind == "balanced_l1"
     assert retina.head.regression_head.box_loss.beta == pytest.approx(0.11)
@@ -204,7 +210,7 @@ def test_retinanet_matches_torchvision_in_eval_and_losses():
     reference = RetinaNet(backbone, NUM_CLASSES, min_size=64, max_size=96, score_thresh=0.0,
                           detections_per_img=100)
     _randomize_(reference, seed=2)
-    ours = build_model(baseline_model_config("retinanet", "resnet18", box_score_thresh=0.0, **SMALL))
+    ours = build_model(baseline_model_config("retinanet", "resnet18", box_score_thresh=0.0, **_small("retinanet")))
     ours.load_state_dict(reference.state_dict())
     reference.eval()
     ours.eval()
@@ -223,7 +229,7 @@ def test_retinanet_matches_torchvision_in_eval_and_losses():
 
 
 def test_retinanet_balanced_l1_box_loss_is_recomputed_exactly():
-    cfg = libra_model_config("retinanet", "resnet18", **SMALL)
+    cfg = libra_model_config("retinanet", "resnet18", **_small("retinanet"))
     model = build_model(cfg).train()
     head = model.head.regression_head
     g = torch.Generator().manual_seed(3)
@@ -253,7 +259,8 @@ IMAGE_SIZE = (200, 200)
 
 def _roi_heads(sampler, box_loss=None, seed=0):
     torch.manual_seed(0)  # identical head weights for every variant
-    pool, head, predictor = build_box_branch(CHANNELS, NUM_CLASSES, 64)
+    head, predictor = box_head_and_predictor(CHANNELS, NUM_CLASSES, 64)
+    pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
     return LibraRoIHeads(pool, head, predictor, sampler=sampler, box_loss=box_loss,
                          generator=torch.Generator().manual_seed(seed))
 
@@ -357,7 +364,7 @@ def test_balanced_l1_changes_the_roi_box_loss():
 
 
 def _rpn(**kwargs):
-    anchor_generator = default_rpn_anchor_generator()
+    anchor_generator = torchvision_rpn_anchor_generator()
     return LibraRegionProposalNetwork(
         anchor_generator, RPNHead(CHANNELS, 3),
         pre_nms_top_n={"training": 100, "testing": 100}, post_nms_top_n={"training": 50, "testing": 50},
@@ -417,7 +424,7 @@ def test_rpn_propose_keeps_scores_of_forward_boxes():
 
 
 def test_fast_rcnn_rescales_proposals_and_requires_them():
-    model = build_model(baseline_model_config("fast_rcnn", "resnet18", **SMALL)).eval()
+    model = build_model(baseline_model_config("fast_rcnn", "resnet18", **_small("fast_rcnn"))).eval()
     seen = {}
 
     def record_proposals(module, args):

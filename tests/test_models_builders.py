@@ -155,14 +155,14 @@ def test_named_builder_weights_become_a_config_string(monkeypatch):
         builders.libra_faster_rcnn_resnet50_fpn(81)  # keyword-only
 
 
-@pytest.mark.parametrize("name,cls", [
-    ("libra_faster_rcnn_resnet50_fpn", LibraFasterRCNN),
-    ("retinanet_resnet50_fpn", LibraRetinaNet),
-    ("libra_rpn_resnet50_fpn", LibraRPN),
-    ("libra_fast_rcnn_resnet50_fpn", LibraFastRCNN),
+@pytest.mark.parametrize("name,cls,arch", [
+    ("libra_faster_rcnn_resnet50_fpn", LibraFasterRCNN, "faster_rcnn"),
+    ("retinanet_resnet50_fpn", LibraRetinaNet, "retinanet"),
+    ("libra_rpn_resnet50_fpn", LibraRPN, "rpn"),
+    ("libra_fast_rcnn_resnet50_fpn", LibraFastRCNN, "fast_rcnn"),
 ])
-def test_named_builders_build_real_models(name, cls):
-    model = getattr(builders, name)(**TINY)
+def test_named_builders_build_real_models(name, cls, arch):
+    model = getattr(builders, name)(**builders.used_settings(arch, TINY))
     assert type(model) is cls
     assert model.backbone.body.layer1[0].conv3.in_channels == 64  # a bottleneck ResNet-50
     assert (model.backbone.bfp is not None) == name.startswith("libra")

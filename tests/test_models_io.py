@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from libra_rcnn.models.builders import used_settings
 from libra_rcnn.models import (
     baseline_model_config,
     build_model,
@@ -20,6 +21,11 @@ NUM_CLASSES = 5
 SMALL = dict(num_classes=NUM_CLASSES, min_size=64, max_size=96, fpn_channels=16, representation_size=32,
              rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=40, rpn_pre_nms_top_n_test=100,
              rpn_post_nms_top_n_test=40, roi_sampler={"num": 32})
+
+
+def _small(arch):
+    """SMALL without the settings ``arch`` does not use (the builders refuse those)."""
+    return used_settings(arch, SMALL)
 
 
 def _good_images():
@@ -93,7 +99,7 @@ def test_good_inputs_pass_and_training_needs_targets():
 
 @pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet", "rpn", "fast_rcnn"])
 def test_every_model_validates_before_running(arch):
-    model = build_model(baseline_model_config(arch, "resnet18", **SMALL)).train()
+    model = build_model(baseline_model_config(arch, "resnet18", **_small(arch))).train()
     targets, match = BAD_TARGETS["zero width"]
     kwargs = {"proposals": [torch.tensor([[0.0, 0.0, 10.0, 10.0]])] * 2} if arch == "fast_rcnn" else {}
     with pytest.raises(ValueError, match=match):
@@ -114,7 +120,7 @@ def _loader():
 
 
 def test_dump_load_proposals_round_trip_and_fast_rcnn_on_them(tmp_path):
-    rpn = build_model(libra_model_config("rpn", "resnet18", **SMALL)).train()
+    rpn = build_model(libra_model_config("rpn", "resnet18", **_small("rpn"))).train()
     path = tmp_path / "props" / "rpn.pth"
     table = dump_proposals(rpn, _loader(), path, max_per_image=25)
     assert rpn.training  # mode restored
@@ -134,7 +140,7 @@ def test_dump_load_proposals_round_trip_and_fast_rcnn_on_them(tmp_path):
         direct = rpn(_loader()[0][0])
     torch.testing.assert_close(loaded[7][:, :4], direct[0]["boxes"][:25])
 
-    fast = build_model(libra_model_config("fast_rcnn", "resnet18", **SMALL))
+    fast = build_model(libra_model_config("fast_rcnn", "resnet18", **_small("fast_rcnn")))
     images, targets = _loader()[0]
     ids = [int(t["image_id"]) for t in targets]
     proposals = select_proposals(loaded, ids, max_per_image=20)
@@ -176,7 +182,7 @@ class _Opaque:
 
 
 def test_dump_proposals_argument_errors(tmp_path):
-    rpn = build_model(baseline_model_config("rpn", "resnet18", **SMALL))
+    rpn = build_model(baseline_model_config("rpn", "resnet18", **_small("rpn")))
     with pytest.raises(ValueError, match="max_per_image"):
         dump_proposals(rpn, _loader(), tmp_path / "x.pth", max_per_image=0)
     no_ids = [(_loader()[0][0], [{"boxes": torch.zeros(0, 4)}] * 2)]

@@ -7,6 +7,7 @@ Subcommands::
     libra-rcnn eval --results-file FILE --ann ANN_JSON [--proposals]
     libra-rcnn predict CHECKPOINT IMAGE_OR_DIR ... [--score-thresh T] [--out-dir D]
     libra-rcnn convert-voc FOLDER OUT_JSON
+    libra-rcnn convert-mmdet SRC DST --config CONFIG
     libra-rcnn check-data CONFIG
     libra-rcnn demo [--output-dir D] [--quick]
     libra-rcnn configs
@@ -100,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--difficult-as-crowd", action="store_true",
                    help="mark VOC 'difficult' objects as crowd (ignored in training/evaluation)")
     p.set_defaults(func=_cmd_convert_voc)
+
+    p = sub.add_parser("convert-mmdet", help="convert an mmdetection checkpoint into ours",
+                       description="Convert an mmdetection (2.x / 3.x) checkpoint of a Libra or "
+                                   "baseline detector into a libra-rcnn checkpoint that predict, "
+                                   "eval and analyze take.")
+    p.add_argument("src", help="mmdetection checkpoint (.pth)")
+    p.add_argument("dst", help="libra-rcnn checkpoint to write")
+    p.add_argument("--config", required=True,
+                   help="our config of the same model, e.g. libra_faster_rcnn_r50_fpn_1x_coco")
+    _add_config_args(p)
+    p.add_argument("--class-names", help="comma-separated class names, when the file has none")
+    p.set_defaults(func=_cmd_convert_mmdet)
 
     p = sub.add_parser("check-data", help="decode every image of a config's datasets and report")
     p.add_argument("config", help="YAML config file or shipped config name")
@@ -254,6 +267,19 @@ def _cmd_convert_voc(args) -> int:
     print(f"wrote {args.out_json}: {len(coco['images'])} images, {len(coco['annotations'])} "
           f"boxes, {len(names)} classes ({', '.join(names)}); use image root {args.folder} and "
           f"model.num_classes={len(names) + 1}")
+    return 0
+
+
+def _cmd_convert_mmdet(args) -> int:
+    from libra_rcnn.engine.convert_mmdet import convert_mmdet_checkpoint
+
+    cfg = _load_config(args.config, args.overrides)
+    names = None
+    if args.class_names:
+        names = [n.strip() for n in args.class_names.split(",") if n.strip()]
+    summary = convert_mmdet_checkpoint(args.src, args.dst, cfg, class_names=names)
+    print(f"wrote {summary['dst']}: {summary['model']}; {summary['converted']} tensors, "
+          f"{summary['num_classes'] - 1} classes")
     return 0
 
 

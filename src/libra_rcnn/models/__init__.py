@@ -5,7 +5,9 @@ Start with :func:`build_model` and a :class:`ModelConfig` from :func:`libra_mode
 (``libra_faster_rcnn_resnet50_fpn(num_classes=81, weights_backbone="IMAGENET1K_V1")``).
 """
 
+from .anchors import FixedStrideAnchorGenerator
 from .backbone import (
+    FrozenStatsBatchNorm2d,
     LastLevelP6P7FromC5,
     LibraBackboneWithFPN,
     build_resnet,
@@ -15,6 +17,7 @@ from .backbone import (
     resnet_fpn_backbone,
     resolve_backbone_weights,
 )
+from .box_coder import MMDetBoxCoder, keep_all_boxes, keep_boxes_at_least, keep_nonempty_boxes, mmdet_batched_nms
 from .box_losses import box_regression_loss_sum, check_box_loss_config
 from .builders import (
     ARCHS,
@@ -37,17 +40,36 @@ from .builders import (
     rpn_resnet50_fpn,
     rpn_resnet101_fpn,
     rpn_resnext101_64x4d_fpn,
+    used_settings,
 )
 from .config import BalancedFeaturePyramidConfig, BoxLossConfig, ModelConfig, SamplerConfig
+from .conventions import MMDetConvention, TorchvisionConvention, convention_parts
 from .faster_rcnn import LibraFastRCNN, LibraFasterRCNN
 from .proposals import dump_proposals, load_proposals, select_proposals
-from .retinanet import LibraRetinaNet, LibraRetinaNetHead, LibraRetinaNetRegressionHead
+from .matcher import MaxIoUMatcher
+from .retinanet import LibraRetinaNet, LibraRetinaNetHead, LibraRetinaNetRegressionHead, MMDetRetinaNetHead
+from .roi_align import MMDetMultiScaleRoIAlign
 from .roi_heads import LibraRoIHeads, check_sampler_config, fastrcnn_loss, match_proposals
 from .rpn import LibraRegionProposalNetwork, LibraRPN
+from .transform import MMDetTransform
 from .validation import validate_images, validate_inputs, validate_proposals, validate_targets
 
 __all__ = [
     "ARCHS",
+    "FixedStrideAnchorGenerator",
+    "FrozenStatsBatchNorm2d",
+    "MMDetBoxCoder",
+    "MMDetConvention",
+    "MMDetMultiScaleRoIAlign",
+    "MMDetRetinaNetHead",
+    "MMDetTransform",
+    "MaxIoUMatcher",
+    "TorchvisionConvention",
+    "convention_parts",
+    "keep_all_boxes",
+    "keep_boxes_at_least",
+    "keep_nonempty_boxes",
+    "mmdet_batched_nms",
     "BalancedFeaturePyramidConfig",
     "BoxLossConfig",
     "LastLevelP6P7FromC5",
@@ -95,6 +117,7 @@ __all__ = [
     "rpn_resnet101_fpn",
     "rpn_resnext101_64x4d_fpn",
     "select_proposals",
+    "used_settings",
     "validate_images",
     "validate_inputs",
     "validate_proposals",

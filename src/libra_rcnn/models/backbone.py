@@ -1,16 +1,16 @@
 """ResNet / ResNeXt feature pyramids: ``body -> neck (FPN or PAFPN) -> optional BFP``.
 
-The composition is :class:`LibraBackboneWithFPN`, a subclass of torchvision's
-``BackboneWithFPN`` that keeps its parameter names (``body.*``, ``fpn.*``) and adds the
-balanced feature pyramid of Sec. 3.2 as ``bfp.*``. A torchvision detector's backbone state dict
+The composition is :class:`LibraBackboneWithFPN`, which keeps the parameter names of
+torchvision's ``BackboneWithFPN`` (``body.*``, ``fpn.*``) and adds the balanced feature pyramid
+of Sec. 3.2 as ``bfp.*``. A torchvision detector's backbone state dict
 therefore loads unchanged; only the ``bfp.*`` (and, for PAFPN, the bottom-up) parameters are new.
 
 Two layouts are used by the detectors (all levels finest first, keys as torchvision's):
 
 * Faster R-CNN / RPN / Fast R-CNN: C2-C5 (``layer1..layer4``) + ``LastLevelMaxPool`` -> P2-P6,
   keys ``"0", "1", "2", "3", "pool"``; the paper's BFP refines at level 2 (the C4 size).
-* RetinaNet: C3-C5 + ``LastLevelP6P7`` computed from C5 -> P3-P7, keys
-  ``"0", "1", "2", "p6", "p7"``; mmdetection's Libra RetinaNet refines at level 1.
+* RetinaNet: C3-C5 + ``LastLevelP6P7`` computed from C5 (or P5, torchvision's v1 model) ->
+  P3-P7, keys ``"0", "1", "2", "p6", "p7"``; mmdetection's Libra RetinaNet refines at level 1.
 
 Backbone weights (``backbone_weights``) are ``None``, the name of a member of the model's
 torchvision weight enum (``"IMAGENET1K_V1"``, ``"DEFAULT"``, or qualified like
@@ -25,11 +25,12 @@ from collections import OrderedDict
 from typing import Callable, Mapping, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models as tv_models
 from torchvision.models import WeightsEnum
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from ..ops.balanced_feature_pyramid import BalancedFeaturePyramid
@@ -40,6 +41,7 @@ __all__ = [
     "BACKBONE_NAMES",
     "NORM_KINDS",
     "NECK_KINDS",
+    "FrozenStatsBatchNorm2d",
     "LastLevelP6P7FromC5",
     "LibraBackboneWithFPN",
     "build_resnet",
@@ -51,8 +53,9 @@ __all__ = [
 ]
 
 BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d")
-NORM_KINDS = ("frozen_bn", "bn", "gn")
+NORM_KINDS = ("frozen_bn", "frozen_stats_bn", "bn", "gn")
 NECK_KINDS = ("fpn", "pafpn")
+NUM_LEVELS = 5  # P2-P6 (two-stage) or P3-P7 (RetinaNet)
 _GN_GROUPS = 32
 # Layers from the top down; the first ``trainable_layers`` of them stay trainable.
 _LAYERS_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "conv1")
@@ -60,14 +63,26 @@ _LAYERS_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "conv1")
 WeightsSource = Union[None, str, os.PathLike, WeightsEnum]
 
 
+class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` that always normalises with its running statistics and never updates
+    them, while its affine ``weight`` and ``bias`` stay trainable: mmdetection's backbone norm
+    (``norm_eval=True, requires_grad=True``). Parameter names are ``BatchNorm2d``'s."""
+
+    def train(self, mode: bool = True) -> "FrozenStatsBatchNorm2d":
+        return super().train(False)
+
+
 def norm_layer_factory(norm: str) -> Callable[[int], nn.Module]:
     """Normalisation constructor ``f(num_channels)`` for ``norm`` in ``NORM_KINDS``.
 
-    ``frozen_bn``: ``FrozenBatchNorm2d`` (fixed statistics and affine, the detection default);
-    ``bn``: trainable ``BatchNorm2d``; ``gn``: ``GroupNorm`` with 32 groups.
+    ``frozen_bn``: ``FrozenBatchNorm2d`` (fixed statistics and affine, torchvision's detection
+    default); ``frozen_stats_bn``: :class:`FrozenStatsBatchNorm2d` (fixed statistics, trainable
+    affine, mmdetection's); ``bn``: trainable ``BatchNorm2d``; ``gn``: ``GroupNorm``, 32 groups.
     """
     if norm == "frozen_bn":
         return FrozenBatchNorm2d
+    if norm == "frozen_stats_bn":
+        return FrozenStatsBatchNorm2d
     if norm == "bn":
         return nn.BatchNorm2d
     if norm == "gn":
@@ -233,47 +248,46 @@ class LastLevelP6P7FromC5(LastLevelP6P7):
     """RetinaNet's P6/P7, always computed from C5 (mmdetection's ``add_extra_convs='on_input'``).
 
     torchvision's ``LastLevelP6P7`` silently switches to P5 when C5 happens to have as many
-    channels as the FPN; this subclass does not. Parameters stay ``p6.*`` / ``p7.*``.
+    channels as the FPN; this subclass does not. ``relu_before_p7``: ``P7 = conv(relu(P6))``
+    (torchvision) or ``conv(P6)`` (mmdetection's ``relu_before_extra_convs=False``). Parameters
+    stay ``p6.*`` / ``p7.*``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, relu_before_p7: bool = True) -> None:
         super().__init__(in_channels, out_channels)
         self.use_P5 = False
+        self.relu_before_p7 = relu_before_p7
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]
+                ) -> tuple[list[Tensor], list[str]]:
+        p6 = self.p6(c[-1])
+        p7 = self.p7(F.relu(p6) if self.relu_before_p7 else p6)
+        return p + [p6, p7], names + ["p6", "p7"]
 
 
-class LibraBackboneWithFPN(BackboneWithFPN):
-    """``body -> fpn (FPN or PAFPN) -> bfp (optional)``, a torchvision ``BackboneWithFPN``.
+class LibraBackboneWithFPN(nn.Module):
+    """``body -> fpn (FPN or PAFPN) -> bfp (optional)``, from its built parts.
 
     Args:
-        backbone, return_layers, in_channels_list, out_channels, extra_blocks, norm_layer:
-            as torchvision's ``BackboneWithFPN``.
-        neck: ``"fpn"`` (torchvision's ``FeaturePyramidNetwork``) or ``"pafpn"``
-            (:class:`libra_rcnn.ops.PAFPN`, same parameter names plus the bottom-up path).
+        body: returns an ``OrderedDict`` of the stages the FPN reads (e.g. torchvision's
+            ``IntermediateLayerGetter`` over a ResNet).
+        fpn: torchvision's ``FeaturePyramidNetwork`` or :class:`libra_rcnn.ops.PAFPN`, with its
+            extra levels.
+        out_channels: channels of every output level (the detectors' heads read it).
         bfp: an optional :class:`libra_rcnn.ops.BalancedFeaturePyramid` over all neck levels.
+
+    Parameter names (``body.*``, ``fpn.*``) are those of torchvision's ``BackboneWithFPN``, so a
+    torchvision detector's backbone state dict loads unchanged; ``bfp.*`` is new.
 
     ``forward(x: Tensor[B, 3, H, W]) -> OrderedDict[str, Tensor[B, out_channels, h, w]]``.
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        return_layers: dict[str, str],
-        in_channels_list: list[int],
-        out_channels: int,
-        extra_blocks: Optional[ExtraFPNBlock] = None,
-        norm_layer: Optional[Callable[..., nn.Module]] = None,
-        *,
-        neck: str = "fpn",
-        bfp: Optional[BalancedFeaturePyramid] = None,
-    ) -> None:
-        if neck not in NECK_KINDS:
-            raise ValueError(f"neck must be one of {NECK_KINDS}, got {neck!r}")
-        super().__init__(backbone, return_layers, in_channels_list, out_channels,
-                         extra_blocks=extra_blocks, norm_layer=norm_layer)
-        if neck == "pafpn":
-            self.fpn = PAFPN(in_channels_list, out_channels, extra_blocks=self.fpn.extra_blocks,
-                             norm_layer=norm_layer)
-        self.neck = neck
+    def __init__(self, body: nn.Module, fpn: nn.Module, out_channels: int, *,
+                 bfp: Optional[BalancedFeaturePyramid] = None) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = fpn
+        self.out_channels = out_channels
         self.bfp = bfp
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
@@ -293,6 +307,9 @@ def resnet_fpn_backbone(
     neck: str = "fpn",
     bfp: Optional[BalancedFeaturePyramidConfig] = None,
     layout: str = "two_stage",
+    retina_p6_input: str = "c5",
+    relu_before_p7: bool = True,
+    pafpn_bottom_up: str = "outputs",
     progress: bool = True,
 ) -> LibraBackboneWithFPN:
     """Build the feature pyramid of one detector family.
@@ -305,7 +322,11 @@ def resnet_fpn_backbone(
         out_channels: channels of every pyramid level.
         neck: ``"fpn"`` or ``"pafpn"``.
         bfp: balanced feature pyramid settings; ``None`` or ``enabled=False`` for none.
-        layout: ``"two_stage"`` (C2-C5 + max-pool P6) or ``"retinanet"`` (C3-C5 + P6/P7 from C5).
+        layout: ``"two_stage"`` (C2-C5 + max-pool P6) or ``"retinanet"`` (C3-C5 + P6/P7).
+        retina_p6_input: RetinaNet's P6 from ``"c5"`` (mmdetection, torchvision's v2 model) or
+            ``"p5"`` (torchvision's v1 ``retinanet_resnet50_fpn``).
+        relu_before_p7: ``P7 = conv(relu(P6))`` (torchvision) or ``conv(P6)`` (mmdetection).
+        pafpn_bottom_up: PAFPN's bottom-up chain, see :class:`libra_rcnn.ops.PAFPN`.
 
     Returns:
         :class:`LibraBackboneWithFPN` with ``out_channels`` and five output levels.
@@ -316,27 +337,34 @@ def resnet_fpn_backbone(
         raise ValueError(f"neck must be one of {NECK_KINDS}, got {neck!r}")
     if layout not in ("two_stage", "retinanet"):
         raise ValueError(f"layout must be 'two_stage' or 'retinanet', got {layout!r}")
-    body = build_resnet(backbone_name, norm=norm, weights=weights,
-                        trainable_layers=trainable_layers, progress=progress)
-    stage_channels = [_stage_out_channels(body, i) for i in range(1, 5)]
+    if retina_p6_input not in ("c5", "p5"):
+        raise ValueError(f"retina_p6_input must be 'c5' or 'p5', got {retina_p6_input!r}")
+    resnet = build_resnet(backbone_name, norm=norm, weights=weights,
+                          trainable_layers=trainable_layers, progress=progress)
+    stage_channels = [_stage_out_channels(resnet, i) for i in range(1, 5)]
     if layout == "two_stage":
         returned = [1, 2, 3, 4]
         extra_blocks: ExtraFPNBlock = LastLevelMaxPool()
-        num_extra = 1
-    else:  # retinanet
+    elif retina_p6_input == "p5":
         returned = [2, 3, 4]
-        extra_blocks = LastLevelP6P7FromC5(stage_channels[-1], out_channels)
-        num_extra = 2
-    return_layers = {f"layer{k}": str(v) for v, k in enumerate(returned)}
+        extra_blocks = LastLevelP6P7(out_channels, out_channels)
+    else:
+        returned = [2, 3, 4]
+        extra_blocks = LastLevelP6P7FromC5(stage_channels[-1], out_channels,
+                                           relu_before_p7=relu_before_p7)
+    body = IntermediateLayerGetter(resnet, {f"layer{k}": str(v) for v, k in enumerate(returned)})
     in_channels_list = [stage_channels[k - 1] for k in returned]
+    if neck == "pafpn":
+        fpn: nn.Module = PAFPN(in_channels_list, out_channels, extra_blocks=extra_blocks,
+                               bottom_up=pafpn_bottom_up)
+    else:
+        fpn = FeaturePyramidNetwork(in_channels_list, out_channels, extra_blocks=extra_blocks)
 
     bfp_module = None
     if bfp is not None and bfp.enabled:
-        bfp_module = BalancedFeaturePyramid(out_channels, len(returned) + num_extra,
-                                            refine_level=bfp.refine_level,
+        bfp_module = BalancedFeaturePyramid(out_channels, NUM_LEVELS, refine_level=bfp.refine_level,
                                             refine_type=bfp.refine_type)
-    return LibraBackboneWithFPN(body, return_layers, in_channels_list, out_channels,
-                                extra_blocks=extra_blocks, neck=neck, bfp=bfp_module)
+    return LibraBackboneWithFPN(body, fpn, out_channels, bfp=bfp_module)
 
 
 def _stage_out_channels(resnet: nn.Module, stage: int) -> int:

@@ -1,10 +1,15 @@
 """Build detectors from a :class:`~libra_rcnn.models.config.ModelConfig`.
 
 * :func:`baseline_model_config` / :func:`libra_model_config` give the configuration of a
-  baseline or Libra model of the paper (mmdetection's settings), with optional overrides;
-* :func:`build_model` turns any ``ModelConfig`` into a ``torch.nn.Module``;
+  baseline or Libra model of the paper, with torchvision's settings (``settings="torchvision"``,
+  the default: torchvision's conventions, so torchvision weights keep working) or mmdetection's
+  (``settings="mmdet"``: its conventions and defaults, as the shipped ``*_coco`` configs, so its
+  checkpoints and recipes carry over), then optional overrides;
+* :func:`build_model` turns any ``ModelConfig`` into a ``torch.nn.Module``: the one place where
+  settings become parts (:mod:`.conventions`);
 * the keyword-only builders (``libra_faster_rcnn_resnet50_fpn`` ...) are the models of Tables 1
-  and 3, torchvision style. Training schedules (1x / 2x) are not models and have no builders.
+  and 3, torchvision style and with torchvision's settings. Training schedules (1x / 2x) are not
+  models and have no builders. Overrides that an architecture would ignore raise ``ValueError``.
 
 Libra settings per architecture (mmdetection's ``configs/libra_rcnn``):
 
@@ -25,6 +30,7 @@ first-stage settings of mmdetection's Libra Faster R-CNN (see the project notes)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import typing
@@ -33,8 +39,9 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 from torchvision.models import WeightsEnum
+from torchvision.models.detection.rpn import RPNHead
 
-from .backbone import BACKBONE_NAMES, NECK_KINDS, NORM_KINDS, resnet_fpn_backbone
+from .backbone import BACKBONE_NAMES, NECK_KINDS, NORM_KINDS, NUM_LEVELS, resnet_fpn_backbone
 from .box_losses import check_box_loss_config
 from .config import (
     BalancedFeaturePyramidConfig,
@@ -43,18 +50,21 @@ from .config import (
     RefineKind,
     SamplerConfig,
 )
-from .faster_rcnn import LibraFastRCNN, LibraFasterRCNN
+from .conventions import CONVENTIONS, TorchvisionConvention, convention_parts
+from .faster_rcnn import LibraFastRCNN, LibraFasterRCNN, box_head_and_predictor
 from .retinanet import LibraRetinaNet
-from .roi_heads import check_sampler_config
-from .rpn import LibraRPN
+from .roi_heads import LibraRoIHeads, check_sampler_config
+from .rpn import LibraRegionProposalNetwork, LibraRPN
 
 __all__ = [
     "ARCHS",
+    "UNUSED_FIELDS",
     "apply_overrides",
     "baseline_model_config",
     "build_model",
     "check_model_config",
     "libra_model_config",
+    "used_settings",
     "faster_rcnn_resnet50_fpn",
     "faster_rcnn_resnet101_fpn",
     "faster_rcnn_resnext101_64x4d_fpn",
@@ -73,7 +83,6 @@ __all__ = [
 
 ARCHS = ("faster_rcnn", "retinanet", "rpn", "fast_rcnn")
 REFINE_KINDS = typing.get_args(RefineKind)
-NUM_NECK_LEVELS = 5  # P2-P6 (two-stage) or P3-P7 (RetinaNet)
 
 WeightsArg = Union[None, str, os.PathLike, WeightsEnum]
 
@@ -113,6 +122,34 @@ def apply_overrides(cfg: ModelConfig, overrides: Mapping[str, Any]) -> ModelConf
     return dataclasses.replace(cfg, **updates)
 
 
+_RPN_FIELDS = ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+               "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "rpn_positive_fraction",
+               "rpn_neg_pos_ub", "rpn_box_loss")
+_ROI_FIELDS = ("roi_sampler", "box_loss", "representation_size")
+_DETECTION_FIELDS = ("box_score_thresh", "box_nms_thresh", "box_detections_per_img")
+_RETINA_FIELDS = ("retina_box_loss", "retina_p6_input", "retina_head_norm")
+#: ModelConfig fields each architecture does not read
+UNUSED_FIELDS = {
+    "faster_rcnn": _RETINA_FIELDS,
+    "fast_rcnn": _RPN_FIELDS + _RETINA_FIELDS,
+    "rpn": _ROI_FIELDS + _DETECTION_FIELDS + _RETINA_FIELDS,
+    "retinanet": _RPN_FIELDS + _ROI_FIELDS,
+}
+
+
+def used_settings(arch: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``ModelConfig`` settings among ``settings`` that ``arch`` reads (one set of sizes for
+    every architecture, e.g. in tests and benchmarks)."""
+    return {k: v for k, v in settings.items() if k not in UNUSED_FIELDS[arch]}
+
+
+def _check_overrides_apply(arch: str, overrides: Mapping[str, Any]) -> None:
+    """``ValueError`` naming every override that ``arch`` would ignore."""
+    unused = sorted(set(overrides) & set(UNUSED_FIELDS[arch]))
+    if unused:
+        raise ValueError(f"{arch} does not use {unused}: these settings would have no effect")
+
+
 def _check_choice(value: Any, choices: tuple, name: str) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -133,8 +170,11 @@ def check_model_config(cfg: ModelConfig) -> ModelConfig:
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     _check_choice(cfg.arch, ARCHS, "arch")
+    _check_choice(cfg.convention, CONVENTIONS, "convention")
     _check_choice(cfg.backbone, BACKBONE_NAMES, "backbone")
     _check_choice(cfg.norm, NORM_KINDS, "norm")
+    _check_choice(cfg.retina_p6_input, ("c5", "p5"), "retina_p6_input")
+    _check_choice(cfg.retina_head_norm, ("none", "gn"), "retina_head_norm")
     _check_choice(cfg.neck, NECK_KINDS, "neck")
     if isinstance(cfg.num_classes, bool) or not isinstance(cfg.num_classes, int) or cfg.num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2 (background included), got {cfg.num_classes!r}")
@@ -149,8 +189,8 @@ def check_model_config(cfg: ModelConfig) -> ModelConfig:
         raise ValueError(f"bfp must be a BalancedFeaturePyramidConfig, got {type(cfg.bfp).__name__}")
     if cfg.bfp.enabled:
         rl = cfg.bfp.refine_level
-        if isinstance(rl, bool) or not isinstance(rl, int) or not 0 <= rl < NUM_NECK_LEVELS:
-            raise ValueError(f"bfp.refine_level must be an int in [0, {NUM_NECK_LEVELS}), got {rl!r}")
+        if isinstance(rl, bool) or not isinstance(rl, int) or not 0 <= rl < NUM_LEVELS:
+            raise ValueError(f"bfp.refine_level must be an int in [0, {NUM_LEVELS}), got {rl!r}")
         _check_choice(cfg.bfp.refine_type, REFINE_KINDS, "bfp.refine_type")
     _check_positive_int(cfg.min_size, "min_size")
     _check_positive_int(cfg.max_size, "max_size")
@@ -171,11 +211,47 @@ def check_model_config(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def baseline_model_config(arch: str, backbone: str = "resnet50", **overrides: Any) -> ModelConfig:
-    """The baseline (no Libra component) ``ModelConfig`` of ``arch`` on ``backbone``."""
+def _mmdet_settings(arch: str, libra: bool) -> dict[str, Any]:
+    """mmdetection 3.3's values for what the paper leaves open (its configs and ``_base_``s):
+    conventions, backbone norm, RPN proposal count, L1 box losses, IoU bins. The same for every
+    architecture (what one does not read is inert), as in the shipped ``base_coco_1x.yaml``."""
+    l1 = BoxLossConfig(kind="l1", loss_weight=1.0)
+    settings: dict[str, Any] = {
+        "convention": "mmdet",
+        "norm": "frozen_stats_bn",
+        "rpn_post_nms_top_n_train": 1000,
+        # floor_thr 0: mmdetection's sampler replaces its configured -1 by 0 after its first image
+        "roi_sampler": {"binning": "mmdet", "floor_thr": 0.0},
+    }
+    if not (libra and arch == "rpn"):
+        settings["rpn_box_loss"] = l1
+    if not (libra and arch in ("faster_rcnn", "fast_rcnn")):
+        settings["box_loss"] = dataclasses.replace(l1)
+    return settings
+
+
+def _model_config(arch: str, backbone: str, libra: bool, settings: str,
+                  overrides: Mapping[str, Any]) -> ModelConfig:
     _check_choice(arch, ARCHS, "arch")
     _check_choice(backbone, BACKBONE_NAMES, "backbone")
-    return check_model_config(apply_overrides(ModelConfig(arch=arch, backbone=backbone), overrides))
+    _check_choice(settings, CONVENTIONS, "settings")
+    _check_overrides_apply(arch, overrides)
+    cfg = ModelConfig(arch=arch, backbone=backbone)
+    if libra:
+        cfg = apply_overrides(cfg, _libra_parts(arch))
+    if settings == "mmdet":
+        cfg = apply_overrides(cfg, _mmdet_settings(arch, libra))
+    return check_model_config(apply_overrides(cfg, overrides))
+
+
+def baseline_model_config(arch: str, backbone: str = "resnet50", *, settings: str = "torchvision",
+                          **overrides: Any) -> ModelConfig:
+    """The baseline (no Libra component) ``ModelConfig`` of ``arch`` on ``backbone``.
+
+    ``settings="torchvision"``: torchvision's conventions and defaults (its weights load);
+    ``"mmdet"``: mmdetection 3.3's (the shipped ``*_coco`` configs). ``overrides`` last.
+    """
+    return _model_config(arch, backbone, False, settings, overrides)
 
 
 def _libra_parts(arch: str) -> dict[str, Any]:
@@ -197,13 +273,12 @@ def _libra_parts(arch: str) -> dict[str, Any]:
             "rpn_box_loss": balanced_l1, "rpn_neg_pos_ub": 5.0}
 
 
-def libra_model_config(arch: str, backbone: str = "resnet50", **overrides: Any) -> ModelConfig:
-    """The Libra ``ModelConfig`` of ``arch`` on ``backbone`` (see the module table), then
+def libra_model_config(arch: str, backbone: str = "resnet50", *, settings: str = "torchvision",
+                       **overrides: Any) -> ModelConfig:
+    """The Libra ``ModelConfig`` of ``arch`` on ``backbone`` (see the module table), with
+    torchvision's or mmdetection's ``settings`` (see :func:`baseline_model_config`), then
     ``overrides`` (``ModelConfig`` field names; nested fields as dataclasses or dicts)."""
-    _check_choice(arch, ARCHS, "arch")
-    _check_choice(backbone, BACKBONE_NAMES, "backbone")
-    cfg = apply_overrides(ModelConfig(arch=arch, backbone=backbone), _libra_parts(arch))
-    return check_model_config(apply_overrides(cfg, overrides))
+    return _model_config(arch, backbone, True, settings, overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +286,7 @@ def libra_model_config(arch: str, backbone: str = "resnet50", **overrides: Any) 
 
 
 def build_model(cfg: ModelConfig, *, generator: Optional[torch.Generator] = None) -> nn.Module:
-    """The detector described by ``cfg``.
+    """The detector described by ``cfg``: the one place where settings become parts.
 
     Args:
         cfg: a :class:`ModelConfig` (validated here).
@@ -219,9 +294,11 @@ def build_model(cfg: ModelConfig, *, generator: Optional[torch.Generator] = None
 
     Returns:
         :class:`LibraFasterRCNN`, :class:`LibraRetinaNet`, :class:`LibraRPN` or
-        :class:`LibraFastRCNN`, following torchvision's images/targets/losses contract.
+        :class:`LibraFastRCNN`, following torchvision's images/targets/losses contract, with the
+        parts of ``cfg.convention`` (:mod:`.conventions`).
     """
     check_model_config(cfg)
+    parts = convention_parts(cfg.convention)
     backbone = resnet_fpn_backbone(
         backbone_name=cfg.backbone,
         weights=cfg.backbone_weights,
@@ -231,40 +308,86 @@ def build_model(cfg: ModelConfig, *, generator: Optional[torch.Generator] = None
         neck=cfg.neck,
         bfp=cfg.bfp,
         layout="retinanet" if cfg.arch == "retinanet" else "two_stage",
+        retina_p6_input=cfg.retina_p6_input,
+        relu_before_p7=parts.relu_before_p7,
+        pafpn_bottom_up=parts.pafpn_bottom_up,
     )
-    transform = {"min_size": cfg.min_size, "max_size": cfg.max_size}
-    rpn = {
-        "rpn_pre_nms_top_n_train": cfg.rpn_pre_nms_top_n_train,
-        "rpn_pre_nms_top_n_test": cfg.rpn_pre_nms_top_n_test,
-        "rpn_post_nms_top_n_train": cfg.rpn_post_nms_top_n_train,
-        "rpn_post_nms_top_n_test": cfg.rpn_post_nms_top_n_test,
-        "rpn_batch_size_per_image": cfg.rpn_batch_size_per_image,
-        "rpn_positive_fraction": cfg.rpn_positive_fraction,
-        "rpn_box_loss": dataclasses.replace(cfg.rpn_box_loss),
-        "rpn_neg_pos_ub": float(cfg.rpn_neg_pos_ub),
-    }
-    box = {
-        "roi_sampler": dataclasses.replace(cfg.roi_sampler),
-        "box_loss": dataclasses.replace(cfg.box_loss),
-        "representation_size": cfg.representation_size,
-        "box_score_thresh": cfg.box_score_thresh,
-        "box_nms_thresh": cfg.box_nms_thresh,
-        "box_detections_per_img": cfg.box_detections_per_img,
-    }
-    if cfg.arch == "faster_rcnn":
-        return LibraFasterRCNN(backbone, cfg.num_classes, generator=generator, **transform, **rpn, **box)
-    if cfg.arch == "fast_rcnn":
-        return LibraFastRCNN(backbone, cfg.num_classes, generator=generator, **transform, **box)
-    if cfg.arch == "rpn":
-        return LibraRPN(backbone, num_classes=cfg.num_classes, generator=generator, **transform, **rpn)
-    return LibraRetinaNet(
-        backbone,
-        cfg.num_classes,
-        box_loss=dataclasses.replace(cfg.retina_box_loss),
+    transform = parts.transform(cfg.min_size, cfg.max_size)
+    if cfg.arch == "retinanet":
+        model: nn.Module = _retinanet(cfg, parts, backbone, transform)
+    elif cfg.arch == "rpn":
+        model = LibraRPN(backbone, _rpn(cfg, parts, generator), transform, num_classes=cfg.num_classes)
+    elif cfg.arch == "fast_rcnn":
+        model = LibraFastRCNN(backbone, _roi_heads(cfg, parts, generator), transform)
+    else:
+        model = LibraFasterRCNN(backbone, _rpn(cfg, parts, generator),
+                                _roi_heads(cfg, parts, generator), transform)
+    parts.init_weights(model)
+    return model
+
+
+def _rpn(cfg: ModelConfig, parts: TorchvisionConvention,
+         generator: Optional[torch.Generator]) -> LibraRegionProposalNetwork:
+    anchor_generator = parts.rpn_anchor_generator()
+    head = RPNHead(cfg.fpn_channels, anchor_generator.num_anchors_per_location()[0])
+    return LibraRegionProposalNetwork(
+        anchor_generator,
+        head,
+        pre_nms_top_n={"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
+        post_nms_top_n={"training": cfg.rpn_post_nms_top_n_train,
+                        "testing": cfg.rpn_post_nms_top_n_test},
+        batch_size_per_image=cfg.rpn_batch_size_per_image,
+        positive_fraction=cfg.rpn_positive_fraction,
+        neg_pos_ub=float(cfg.rpn_neg_pos_ub),
+        box_loss=dataclasses.replace(cfg.rpn_box_loss),
+        proposal_matcher=parts.rpn_matcher(),
+        box_coder=parts.box_coder((1.0, 1.0, 1.0, 1.0)),
+        box_filter=parts.rpn_box_filter(),
+        batched_nms=parts.batched_nms,
+        generator=generator,
+    )
+
+
+def _roi_heads(cfg: ModelConfig, parts: TorchvisionConvention,
+               generator: Optional[torch.Generator]) -> LibraRoIHeads:
+    box_head, box_predictor = box_head_and_predictor(cfg.fpn_channels, cfg.num_classes,
+                                                     cfg.representation_size)
+    return LibraRoIHeads(
+        parts.box_roi_pool(),
+        box_head,
+        box_predictor,
+        sampler=dataclasses.replace(cfg.roi_sampler),
+        box_loss=dataclasses.replace(cfg.box_loss),
         score_thresh=cfg.box_score_thresh,
         nms_thresh=cfg.box_nms_thresh,
         detections_per_img=cfg.box_detections_per_img,
-        **transform,
+        box_coder=parts.box_coder((10.0, 10.0, 5.0, 5.0)),
+        box_filter=parts.roi_box_filter(),
+        batched_nms=parts.batched_nms,
+        generator=generator,
+    )
+
+
+def _retinanet(cfg: ModelConfig, parts: TorchvisionConvention, backbone: nn.Module,
+               transform: nn.Module) -> LibraRetinaNet:
+    anchor_generator = parts.retinanet_anchor_generator()
+    norm_layer = None if cfg.retina_head_norm == "none" else functools.partial(nn.GroupNorm, 32)
+    head = parts.retinanet_head(cfg.fpn_channels, anchor_generator.num_anchors_per_location()[0],
+                                cfg.num_classes, box_loss=dataclasses.replace(cfg.retina_box_loss),
+                                norm_layer=norm_layer)
+    return LibraRetinaNet(
+        backbone,
+        head,
+        anchor_generator,
+        transform,
+        num_classes=cfg.num_classes,
+        proposal_matcher=parts.retinanet_matcher(),
+        box_coder=parts.box_coder((1.0, 1.0, 1.0, 1.0)),
+        box_filter=parts.retinanet_box_filter(),
+        batched_nms=parts.batched_nms,
+        score_thresh=cfg.box_score_thresh,
+        nms_thresh=cfg.box_nms_thresh,
+        detections_per_img=cfg.box_detections_per_img,
     )
 
 

@@ -121,3 +121,7 @@ class ModelConfig:
     retina_box_loss: BoxLossConfig = field(
         default_factory=lambda: BoxLossConfig(kind="l1", beta=0.11)
     )
+    # P6 from C5 (mmdetection; torchvision's retinanet_resnet50_fpn_v2) or from P5 (torchvision's
+    # retinanet_resnet50_fpn); "gn": group norm in the head's convolutions (torchvision's v2)
+    retina_p6_input: Literal["c5", "p5"] = "c5"
+    retina_head_norm: Literal["none", "gn"] = "none"

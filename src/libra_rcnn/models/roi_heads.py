@@ -12,7 +12,9 @@
   normalised as torchvision's ``fastrcnn_loss``: the sum over the class-specific deltas of the
   sampled positives divided by the number of sampled RoIs.
 
-Inference is torchvision's ``postprocess_detections``, unchanged.
+Inference is torchvision's ``postprocess_detections`` with the convention's small-box rule and
+batched NMS handed in (:mod:`.box_coder`). Targets are checked once, by the detector
+(:mod:`.validation`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from ..ops.iou_balanced_sampler import sample_positives_negatives
+from .box_coder import BatchedNMS, BoxFilter, keep_boxes_at_least
 from .box_losses import box_regression_loss_sum, check_box_loss_config
 from .config import BoxLossConfig, SamplerConfig
 
@@ -120,15 +123,19 @@ def fastrcnn_loss(
 
 
 class LibraRoIHeads(RoIHeads):
-    """Box RoI heads with a configurable RoI sampler and box loss.
+    """Box RoI heads with a configurable RoI sampler, box loss and convention parts.
 
     Args:
         box_roi_pool, box_head, box_predictor: as torchvision's ``RoIHeads``.
-        fg_iou_thresh, bg_iou_thresh: RoI matching thresholds (0.5 / 0.5).
         sampler: :class:`SamplerConfig` (``num`` RoIs per image, ``pos_fraction``, balancing).
         box_loss: :class:`BoxLossConfig` of the localisation loss.
-        bbox_reg_weights: ``BoxCoder`` weights (``None``: ``(10, 10, 5, 5)``).
         score_thresh, nms_thresh, detections_per_img: inference post-processing.
+        proposal_matcher: RoI-to-ground-truth matcher (default ``Matcher(0.5, 0.5)``, the same
+            rule as mmdetection's R-CNN assigner).
+        box_coder: delta coder (default torchvision's ``BoxCoder((10, 10, 5, 5))``).
+        box_filter: ``boxes [N, 4] -> kept indices`` applied to the scored detections before NMS
+            (default torchvision's: width and height ``>= 1e-2``).
+        batched_nms: ``(boxes, scores, labels, iou) -> kept indices`` (default torchvision's).
         generator: optional ``torch.Generator`` for the RoI sampling.
     """
 
@@ -138,30 +145,26 @@ class LibraRoIHeads(RoIHeads):
         box_head: nn.Module,
         box_predictor: nn.Module,
         *,
-        fg_iou_thresh: float = 0.5,
-        bg_iou_thresh: float = 0.5,
         sampler: Optional[SamplerConfig] = None,
         box_loss: Optional[BoxLossConfig] = None,
-        bbox_reg_weights: Optional[tuple[float, float, float, float]] = None,
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
+        proposal_matcher: Optional[det_utils.Matcher] = None,
+        box_coder: Optional[det_utils.BoxCoder] = None,
+        box_filter: Optional[BoxFilter] = None,
+        batched_nms: Optional[BatchedNMS] = None,
         generator: Optional[torch.Generator] = None,
     ) -> None:
         sampler = check_sampler_config(SamplerConfig() if sampler is None else sampler)
-        super().__init__(
-            box_roi_pool,
-            box_head,
-            box_predictor,
-            fg_iou_thresh,
-            bg_iou_thresh,
-            sampler.num,
-            sampler.pos_fraction,
-            bbox_reg_weights,
-            score_thresh,
-            nms_thresh,
-            detections_per_img,
-        )
+        super().__init__(box_roi_pool, box_head, box_predictor, 0.5, 0.5, sampler.num,
+                         sampler.pos_fraction, None, score_thresh, nms_thresh, detections_per_img)
+        if proposal_matcher is not None:
+            self.proposal_matcher = proposal_matcher
+        if box_coder is not None:
+            self.box_coder = box_coder
+        self.box_filter = keep_boxes_at_least(1e-2) if box_filter is None else box_filter
+        self.batched_nms = box_ops.batched_nms if batched_nms is None else batched_nms
         self.sampler = sampler
         self.box_loss = check_box_loss_config(BoxLossConfig() if box_loss is None else box_loss, "box_loss")
         self.generator = generator
@@ -219,6 +222,36 @@ class LibraRoIHeads(RoIHeads):
         regression_targets = self.box_coder.encode(matched_gt_boxes, sampled_proposals)
         return sampled_proposals, sampled_matched, sampled_labels, list(regression_targets)
 
+    def postprocess_detections(
+        self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """torchvision's detection post-processing with this module's ``box_filter`` and
+        ``batched_nms``: per image, every (RoI, foreground class) pair scoring above
+        ``score_thresh``, clipped, filtered, class-wise NMS, the best ``detections_per_img``.
+
+        Shapes: ``class_logits [R, C]``, ``box_regression [R, C * 4]``; returns per image
+        ``boxes [D, 4]``, ``scores [D]``, ``labels [D]``.
+        """
+        num_classes = class_logits.shape[-1]
+        per_image = [p.shape[0] for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals).split(per_image)
+        pred_scores = F.softmax(class_logits, -1).split(per_image)
+        all_boxes, all_scores, all_labels = [], [], []
+        for boxes, scores, shape in zip(pred_boxes, pred_scores, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)
+            labels = torch.arange(num_classes, device=scores.device).expand_as(scores)
+            labels, scores = labels[:, 1:].reshape(-1), scores[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = self.box_filter(boxes)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = self.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
+
     def forward(
         self,
         features: dict[str, Tensor],
@@ -231,12 +264,6 @@ class LibraRoIHeads(RoIHeads):
         Returns ``([], {"loss_classifier", "loss_box_reg"})`` in training and
         ``([{"boxes", "labels", "scores"}, ...], {})`` at inference.
         """
-        if targets is not None:
-            for index, t in enumerate(targets):
-                if not t["boxes"].is_floating_point():
-                    raise ValueError(f"image {index}: target boxes must be float, got {t['boxes'].dtype}")
-                if t["labels"].dtype != torch.int64:
-                    raise ValueError(f"image {index}: target labels must be int64, got {t['labels'].dtype}")
         labels: list[Tensor] = []
         regression_targets: list[Tensor] = []
         if self.training:

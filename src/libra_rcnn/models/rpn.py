@@ -5,9 +5,11 @@
 * the anchor sampler of :func:`libra_rcnn.ops.sample_positives_negatives` (random, as
   torchvision's, plus mmdetection's ``neg_pos_ub``: at most ``neg_pos_ub`` negatives per sampled
   positive, 5 in mmdetection's Libra Faster R-CNN) drawing from a generator the module owns;
-* a configurable box loss (``smooth_l1`` with ``beta = 1/9`` as torchvision, ``l1``, or the
-  balanced L1 loss of Sec. 3.3), normalised as torchvision's: the sum over the coordinates of
-  the sampled positive anchors divided by the number of sampled anchors;
+* a configurable box loss (``smooth_l1`` with ``beta = 1/9`` as torchvision, ``l1`` as
+  mmdetection, or the balanced L1 loss of Sec. 3.3), normalised as both do: the sum over the
+  coordinates of the sampled positive anchors divided by the number of sampled anchors;
+* the convention's parts handed in: anchor generator, matcher, box coder, the small-proposal rule
+  and the batched NMS (:mod:`.conventions` builds both sets);
 * :meth:`~LibraRegionProposalNetwork.propose`, which also returns the proposals' objectness
   scores (torchvision's ``forward`` drops them), for RPN-only models and proposal dumping.
 
@@ -23,46 +25,48 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import (
-    RegionProposalNetwork,
-    RPNHead,
-    concat_box_prediction_layers,
-)
+from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import boxes as box_ops
 
 from ..ops.iou_balanced_sampler import sample_positives_negatives
+from .box_coder import BatchedNMS, BoxFilter, keep_boxes_at_least
 from .box_losses import box_regression_loss_sum, check_box_loss_config
 from .config import BoxLossConfig
 from .validation import validate_inputs
 
-__all__ = ["LibraRegionProposalNetwork", "LibraRPN", "default_rpn_anchor_generator"]
-
-
-def default_rpn_anchor_generator() -> AnchorGenerator:
-    """One anchor size per FPN level P2-P6 (32..512 px) times 3 aspect ratios (torchvision's,
-    mmdetection's ``scales=[8]`` with strides 4..64)."""
-    sizes = ((32,), (64,), (128,), (256,), (512,))
-    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+__all__ = ["LibraRegionProposalNetwork", "LibraRPN"]
 
 
 def _default_rpn_box_loss() -> BoxLossConfig:
     return BoxLossConfig(kind="smooth_l1", beta=1.0 / 9.0)
 
 
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 class LibraRegionProposalNetwork(RegionProposalNetwork):
-    """torchvision's RPN with a configurable anchor sampler and box loss.
+    """torchvision's RPN with a configurable anchor sampler, box loss and convention parts.
 
     Args:
         anchor_generator, head: as torchvision's ``RegionProposalNetwork``.
-        fg_iou_thresh, bg_iou_thresh: anchor matching thresholds (0.7 / 0.3).
+        pre_nms_top_n, post_nms_top_n: ``{"training": int, "testing": int}`` (pre: per level).
         batch_size_per_image, positive_fraction: anchors sampled per image (256 / 0.5).
-        pre_nms_top_n, post_nms_top_n: ``{"training": int, "testing": int}``.
-        nms_thresh, score_thresh: proposal post-processing.
-        box_loss: :class:`BoxLossConfig` of the anchor regression loss.
         neg_pos_ub: when ``>= 0``, sample at most ``int(neg_pos_ub * max(num_pos, 1))``
             negatives per image; ``-1`` disables the cap (torchvision's behaviour).
+        nms_thresh, score_thresh: proposal post-processing.
+        box_loss: :class:`BoxLossConfig` of the anchor regression loss (default smooth L1, 1/9).
+        proposal_matcher: anchor-to-ground-truth matcher (default torchvision's
+            ``Matcher(0.7, 0.3, allow_low_quality_matches=True)``).
+        box_coder: delta coder (default torchvision's ``BoxCoder((1, 1, 1, 1))``).
+        box_filter: ``boxes [N, 4] -> kept indices`` applied to clipped proposals before NMS
+            (default torchvision's: width and height ``>= 1e-3``).
+        batched_nms: ``(boxes, scores, levels, iou) -> kept indices`` (default torchvision's).
         generator: optional ``torch.Generator`` for the anchor sampling (``None``: global RNG).
     """
 
@@ -71,16 +75,18 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         anchor_generator: AnchorGenerator,
         head: nn.Module,
         *,
-        fg_iou_thresh: float = 0.7,
-        bg_iou_thresh: float = 0.3,
-        batch_size_per_image: int = 256,
-        positive_fraction: float = 0.5,
         pre_nms_top_n: dict[str, int],
         post_nms_top_n: dict[str, int],
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        neg_pos_ub: float = -1.0,
         nms_thresh: float = 0.7,
         score_thresh: float = 0.0,
         box_loss: Optional[BoxLossConfig] = None,
-        neg_pos_ub: float = -1.0,
+        proposal_matcher: Optional[Matcher] = None,
+        box_coder: Optional[BoxCoder] = None,
+        box_filter: Optional[BoxFilter] = None,
+        batched_nms: Optional[BatchedNMS] = None,
         generator: Optional[torch.Generator] = None,
     ) -> None:
         _check_positive_int(batch_size_per_image, "rpn_batch_size_per_image")
@@ -91,18 +97,14 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         for key in ("training", "testing"):
             _check_positive_int(pre_nms_top_n.get(key), f"rpn_pre_nms_top_n[{key!r}]")
             _check_positive_int(post_nms_top_n.get(key), f"rpn_post_nms_top_n[{key!r}]")
-        super().__init__(
-            anchor_generator,
-            head,
-            fg_iou_thresh,
-            bg_iou_thresh,
-            batch_size_per_image,
-            positive_fraction,
-            pre_nms_top_n,
-            post_nms_top_n,
-            nms_thresh,
-            score_thresh=score_thresh,
-        )
+        super().__init__(anchor_generator, head, 0.7, 0.3, batch_size_per_image, positive_fraction,
+                         pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh=score_thresh)
+        if proposal_matcher is not None:
+            self.proposal_matcher = proposal_matcher
+        if box_coder is not None:
+            self.box_coder = box_coder
+        self.box_filter = keep_boxes_at_least(self.min_size) if box_filter is None else box_filter
+        self.batched_nms = box_ops.batched_nms if batched_nms is None else batched_nms
         self.box_loss = check_box_loss_config(
             _default_rpn_box_loss() if box_loss is None else box_loss, "rpn_box_loss")
         self.batch_size_per_image = batch_size_per_image
@@ -165,6 +167,41 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled], all_labels[sampled])
         return objectness_loss, box_loss
 
+    def filter_proposals(
+        self,
+        proposals: Tensor,
+        objectness: Tensor,
+        image_shapes: list[tuple[int, int]],
+        num_anchors_per_level: list[int],
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's proposal selection with this module's ``box_filter`` and ``batched_nms``:
+        the best ``pre_nms_top_n`` per level, clipped, filtered, NMS within each level, the best
+        ``post_nms_top_n`` kept.
+
+        Shapes: ``proposals [B, A, 4]``, ``objectness [B * A, 1]``; returns per image
+        ``boxes [K, 4]`` and ``scores [K]`` (probabilities), by decreasing score.
+        """
+        num_images = proposals.shape[0]
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat([torch.full((n,), index, dtype=torch.int64, device=proposals.device)
+                            for index, n in enumerate(num_anchors_per_level)])
+        levels = levels.reshape(1, -1).expand_as(objectness)
+        top_n = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch = torch.arange(num_images, device=proposals.device)[:, None]
+        scores_all = torch.sigmoid(objectness[batch, top_n])
+        final_boxes, final_scores = [], []
+        for boxes, scores, level, shape in zip(proposals[batch, top_n], scores_all,
+                                               levels[batch, top_n], image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)
+            keep = self.box_filter(boxes)
+            boxes, scores, level = boxes[keep], scores[keep], level[keep]
+            keep = torch.where(scores >= self.score_thresh)[0]  # >=, as torchvision
+            boxes, scores, level = boxes[keep], scores[keep], level[keep]
+            keep = self.batched_nms(boxes, scores, level, self.nms_thresh)[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
+
     def propose(
         self,
         images: ImageList,
@@ -213,11 +250,6 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         return boxes, losses
 
 
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 class LibraRPN(nn.Module):
     """RPN-only detector: ``transform -> backbone -> rpn`` (the paper's Table 3 models).
 
@@ -226,73 +258,23 @@ class LibraRPN(nn.Module):
 
     Args:
         backbone: module with ``out_channels`` returning an ``OrderedDict`` of 5 levels.
-        min_size, max_size, image_mean, image_std, **transform_kwargs: for
-            ``GeneralizedRCNNTransform``.
-        rpn_*: see :class:`LibraRegionProposalNetwork`.
+        rpn: a :class:`LibraRegionProposalNetwork`.
+        transform: resizes, normalises and batches the images (``GeneralizedRCNNTransform``).
         num_classes: only used to check target labels when given (the RPN is class-agnostic).
 
     ``forward(images, targets=None)``: training returns
     ``{"loss_objectness", "loss_rpn_box_reg"}``; inference returns per image
     ``{"boxes": Tensor[K, 4], "scores": Tensor[K]}`` in original image coordinates, sorted by
-    decreasing objectness (``K <= rpn_post_nms_top_n_test``).
+    decreasing objectness (``K <= post_nms_top_n["testing"]``).
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        *,
-        num_classes: Optional[int] = None,
-        min_size: int = 800,
-        max_size: int = 1333,
-        image_mean: Optional[list[float]] = None,
-        image_std: Optional[list[float]] = None,
-        rpn_anchor_generator: Optional[AnchorGenerator] = None,
-        rpn_head: Optional[nn.Module] = None,
-        rpn_pre_nms_top_n_train: int = 2000,
-        rpn_pre_nms_top_n_test: int = 1000,
-        rpn_post_nms_top_n_train: int = 2000,
-        rpn_post_nms_top_n_test: int = 1000,
-        rpn_nms_thresh: float = 0.7,
-        rpn_fg_iou_thresh: float = 0.7,
-        rpn_bg_iou_thresh: float = 0.3,
-        rpn_batch_size_per_image: int = 256,
-        rpn_positive_fraction: float = 0.5,
-        rpn_score_thresh: float = 0.0,
-        rpn_box_loss: Optional[BoxLossConfig] = None,
-        rpn_neg_pos_ub: float = -1.0,
-        generator: Optional[torch.Generator] = None,
-        **transform_kwargs: Any,
-    ) -> None:
+    def __init__(self, backbone: nn.Module, rpn: LibraRegionProposalNetwork,
+                 transform: GeneralizedRCNNTransform, *, num_classes: Optional[int] = None) -> None:
         super().__init__()
-        if not hasattr(backbone, "out_channels"):
-            raise ValueError("backbone must have an out_channels attribute")
-        anchor_generator = (default_rpn_anchor_generator() if rpn_anchor_generator is None
-                            else rpn_anchor_generator)
-        head = (RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0])
-                if rpn_head is None else rpn_head)
         self.num_classes = num_classes
-        self.transform = GeneralizedRCNNTransform(
-            min_size, max_size,
-            image_mean if image_mean is not None else [0.485, 0.456, 0.406],
-            image_std if image_std is not None else [0.229, 0.224, 0.225],
-            **transform_kwargs,
-        )
+        self.transform = transform
         self.backbone = backbone
-        self.rpn = LibraRegionProposalNetwork(
-            anchor_generator,
-            head,
-            fg_iou_thresh=rpn_fg_iou_thresh,
-            bg_iou_thresh=rpn_bg_iou_thresh,
-            batch_size_per_image=rpn_batch_size_per_image,
-            positive_fraction=rpn_positive_fraction,
-            pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
-            post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
-            nms_thresh=rpn_nms_thresh,
-            score_thresh=rpn_score_thresh,
-            box_loss=rpn_box_loss,
-            neg_pos_ub=rpn_neg_pos_ub,
-            generator=generator,
-        )
+        self.rpn = rpn
 
     def forward(
         self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None

@@ -137,8 +137,9 @@ class BalancedFeaturePyramid(nn.Module):
             self.refine = NonLocal2d(in_channels, reduction=1, use_scale=False)
         elif self.refine_type == "conv":
             conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
-            # mmdetection initialises the BFP convs with uniform Xavier.
-            nn.init.xavier_uniform_(conv.weight)
+            # mmdetection's ConvModule re-initialises its conv after the BFP's Xavier init:
+            # Kaiming normal, fan-out, for ReLU
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(conv.bias)
             self.refine = nn.Sequential(conv, nn.ReLU(inplace=True))
         else:

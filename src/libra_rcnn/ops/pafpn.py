@@ -33,8 +33,9 @@ class PAFPN(FeaturePyramidNetwork):
     ``extra_blocks`` (e.g. ``LastLevelMaxPool``, ``LastLevelP6P7``) are applied to the final
     ``{N_i}``, so the output keys equal :class:`FeaturePyramidNetwork`'s.
 
-    Note: this chains the bottom-up path through the *convolved* ``N_i`` as in the PANet paper;
-    mmdetection's PAFPN instead chains through the pre-conv sums.
+    ``bottom_up="outputs"`` chains the path through the convolved ``N_i`` as the PANet paper
+    draws it; ``"sums"`` chains through the pre-convolution sums ``S_{i+1} = P_{i+1} +
+    downsample_blocks[i](S_i)`` (``S_0 = P_0``), as mmdetection's PAFPN does.
 
     Parameter names of the FPN part (``inner_blocks``, ``layer_blocks``, ``extra_blocks``) are
     unchanged, so an FPN state dict loads with ``strict=False`` and only ``downsample_blocks.*``
@@ -45,6 +46,7 @@ class PAFPN(FeaturePyramidNetwork):
         out_channels: channels of every output level.
         extra_blocks: optional :class:`torchvision.ops.feature_pyramid_network.ExtraFPNBlock`.
         norm_layer: optional normalisation layer constructor for all convs.
+        bottom_up: ``"outputs"`` or ``"sums"`` (see above).
 
     Shapes:
         input: OrderedDict of ``L`` tensors ``[B, C_i, H_i, W_i]``, finest first.
@@ -57,7 +59,10 @@ class PAFPN(FeaturePyramidNetwork):
         out_channels: int,
         extra_blocks: Optional[ExtraFPNBlock] = None,
         norm_layer: Optional[Callable[..., nn.Module]] = None,
+        bottom_up: str = "outputs",
     ) -> None:
+        if bottom_up not in ("outputs", "sums"):
+            raise ValueError(f"bottom_up must be 'outputs' or 'sums', got {bottom_up!r}")
         if len(in_channels_list) < 1:
             raise ValueError("in_channels_list must name at least one level")
         if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
@@ -76,6 +81,7 @@ class PAFPN(FeaturePyramidNetwork):
                 activation_layer=None,
             )
 
+        self.bottom_up = bottom_up
         num_links = len(in_channels_list) - 1
         self.downsample_blocks = nn.ModuleList(conv3x3(2) for _ in range(num_links))
         self.pafpn_blocks = nn.ModuleList(conv3x3(1) for _ in range(num_links))
@@ -100,12 +106,15 @@ class PAFPN(FeaturePyramidNetwork):
     def _bottom_up(self, pyramid: list[Tensor]) -> list[Tensor]:
         """PANet path augmentation ``[P_0 .. P_{L-1}] -> [N_0 .. N_{L-1}]``."""
         outputs = [pyramid[0]]
+        carried = pyramid[0]  # what the next level's downsampling reads
         for idx, (downsample, fuse) in enumerate(zip(self.downsample_blocks, self.pafpn_blocks)):
             lateral = pyramid[idx + 1]
-            reduced = downsample(outputs[-1])
+            reduced = downsample(carried)
             if reduced.shape[-2:] != lateral.shape[-2:]:
                 reduced = F.interpolate(reduced, size=lateral.shape[-2:], mode="nearest")
-            outputs.append(fuse(lateral + reduced))
+            summed = lateral + reduced
+            outputs.append(fuse(summed))
+            carried = outputs[-1] if self.bottom_up == "outputs" else summed
         return outputs
 
     def forward(self, x: dict[str, Tensor]) -> dict[str, Tensor]:

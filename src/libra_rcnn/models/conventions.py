@@ -1,0 +1,184 @@
+"""The two conventions a detector can follow, as the parts that differ.
+
+``ModelConfig.convention`` names one; :func:`convention_parts` returns the object that builds its
+parts, and :func:`libra_rcnn.models.build_model` hands them to the detectors. Side by side:
+
+======================  ==================================  ==================================
+part                    ``"torchvision"``                   ``"mmdet"``
+======================  ==================================  ==================================
+transform               float bilinear resize, output size  uint8 OpenCV-exact bilinear resize
+                        floored, normalise then resize      before normalising, size rounded
+anchors                 rounded base anchors, strides       exact base anchors, fixed strides
+                        ``padded size // grid size``        (4..64; RetinaNet 8..128)
+RetinaNet P7            ``conv(relu(P6))``                  ``conv(P6)``
+RoI features            RoIAlign, 2x2 samples, not aligned  RoIAlign, adaptive samples, aligned
+box decoding            log-size deltas clamped above       clamped on both sides
+RPN matching            low-quality matches: any IoU,       low-quality matches need IoU >= 0.3
+                        the anchor's best ground truth      and go to that ground truth
+RetinaNet matching      the same, any IoU                   the same, IoU >= 0
+small boxes dropped     RPN < 1e-3 px, R-CNN < 1e-2 px      RPN and RetinaNet <= 0 px, R-CNN none
+batched NMS             one NMS over offset boxes up to     the same up to 10000 boxes
+                        1000 (CPU) / 5000 (CUDA) boxes
+RetinaNet head          a logit per class and background,   a logit per foreground class,
+                        losses normalised per image         normalised over the batch
+PAFPN bottom-up path    through the convolved outputs       through the sums before the convs
+initialisation          torchvision's                       mmdetection's (FPN Xavier, box head
+                                                            Xavier / N(0, 0.01) / N(0, 0.001))
+======================  ==================================  ==================================
+
+The rest of a detector (sampling, losses, learning-rate schedule, backbone norm) is set by plain
+``ModelConfig`` / ``TrainConfig`` values; the shipped ``*_coco`` and ``ablation/*`` configs set
+mmdetection's, the torchvision-style builders torchvision's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+from torchvision.models.detection._utils import BoxCoder, Matcher
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
+
+from .anchors import (
+    mmdet_retinanet_anchor_generator,
+    mmdet_rpn_anchor_generator,
+    torchvision_retinanet_anchor_generator,
+    torchvision_rpn_anchor_generator,
+)
+from .box_coder import (
+    BatchedNMS,
+    BoxFilter,
+    MMDetBoxCoder,
+    keep_all_boxes,
+    keep_boxes_at_least,
+    keep_nonempty_boxes,
+    mmdet_batched_nms,
+)
+from .matcher import MaxIoUMatcher
+from .retinanet import LibraRetinaNetHead, MMDetRetinaNetHead
+from .roi_align import MMDetMultiScaleRoIAlign
+from .transform import MMDetTransform
+
+__all__ = ["CONVENTIONS", "MMDetConvention", "TorchvisionConvention", "convention_parts"]
+
+CONVENTIONS = ("torchvision", "mmdet")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+ROI_FEATURE_MAPS = ["0", "1", "2", "3"]  # P2-P5; the max-pooled P6 feeds the RPN only
+
+
+class TorchvisionConvention:
+    """torchvision's detection conventions (its weights give its detections)."""
+
+    name = "torchvision"
+    relu_before_p7 = True
+    pafpn_bottom_up = "outputs"
+    retinanet_head = LibraRetinaNetHead
+    batched_nms: BatchedNMS = staticmethod(box_ops.batched_nms)
+
+    def transform(self, min_size: int, max_size: int) -> GeneralizedRCNNTransform:
+        return GeneralizedRCNNTransform(min_size, max_size, IMAGENET_MEAN, IMAGENET_STD)
+
+    def rpn_anchor_generator(self) -> AnchorGenerator:
+        return torchvision_rpn_anchor_generator()
+
+    def retinanet_anchor_generator(self) -> AnchorGenerator:
+        return torchvision_retinanet_anchor_generator()
+
+    def box_roi_pool(self) -> nn.Module:
+        return MultiScaleRoIAlign(ROI_FEATURE_MAPS, output_size=7, sampling_ratio=2)
+
+    def box_coder(self, weights: tuple[float, float, float, float]) -> BoxCoder:
+        return BoxCoder(weights)
+
+    def rpn_matcher(self) -> Matcher:
+        return Matcher(0.7, 0.3, allow_low_quality_matches=True)
+
+    def retinanet_matcher(self) -> Matcher:
+        return Matcher(0.5, 0.4, allow_low_quality_matches=True)
+
+    def rpn_box_filter(self) -> BoxFilter:
+        return keep_boxes_at_least(1e-3)
+
+    def roi_box_filter(self) -> BoxFilter:
+        return keep_boxes_at_least(1e-2)
+
+    def retinanet_box_filter(self) -> Optional[BoxFilter]:
+        return None
+
+    def init_weights(self, model: nn.Module) -> None:
+        """torchvision's modules initialise themselves."""
+
+
+class MMDetConvention(TorchvisionConvention):
+    """mmdetection's conventions (its checkpoints give its detections); see the module table."""
+
+    name = "mmdet"
+    relu_before_p7 = False
+    pafpn_bottom_up = "sums"
+    retinanet_head = MMDetRetinaNetHead
+    batched_nms: BatchedNMS = staticmethod(mmdet_batched_nms)
+
+    def transform(self, min_size: int, max_size: int) -> GeneralizedRCNNTransform:
+        return MMDetTransform(min_size, max_size)
+
+    def rpn_anchor_generator(self) -> AnchorGenerator:
+        return mmdet_rpn_anchor_generator()
+
+    def retinanet_anchor_generator(self) -> AnchorGenerator:
+        return mmdet_retinanet_anchor_generator()
+
+    def box_roi_pool(self) -> nn.Module:
+        return MMDetMultiScaleRoIAlign(ROI_FEATURE_MAPS, output_size=7, strides=(4, 8, 16, 32))
+
+    def box_coder(self, weights: tuple[float, float, float, float]) -> BoxCoder:
+        return MMDetBoxCoder(weights)
+
+    def rpn_matcher(self) -> Matcher:
+        return MaxIoUMatcher(0.7, 0.3, allow_low_quality_matches=True, min_pos_iou=0.3)
+
+    def retinanet_matcher(self) -> Matcher:
+        return MaxIoUMatcher(0.5, 0.4, allow_low_quality_matches=True, min_pos_iou=0.0)
+
+    def rpn_box_filter(self) -> BoxFilter:
+        return keep_nonempty_boxes
+
+    def roi_box_filter(self) -> BoxFilter:
+        return keep_all_boxes
+
+    def retinanet_box_filter(self) -> Optional[BoxFilter]:
+        return keep_nonempty_boxes
+
+    def init_weights(self, model: nn.Module) -> None:
+        """mmdetection's initialisation of what is not pretrained and differs from torchvision's:
+        FPN / PAFPN / P6-P7 convolutions Xavier-uniform; box head FCs Xavier-uniform, class scores
+        N(0, 0.01^2), box deltas N(0, 0.001^2); biases 0. (RPN, RetinaNet head and balanced
+        feature pyramid initialise as mmdetection's already.)"""
+        fpn = getattr(getattr(model, "backbone", None), "fpn", None)
+        for module in [] if fpn is None else fpn.modules():
+            if isinstance(module, nn.Conv2d):
+                _init(module, nn.init.xavier_uniform_)
+        roi_heads = getattr(model, "roi_heads", None)
+        if roi_heads is not None:
+            for fc in roi_heads.box_head.children():
+                _init(fc, nn.init.xavier_uniform_)
+            _init(roi_heads.box_predictor.cls_score, lambda w: nn.init.normal_(w, std=0.01))
+            _init(roi_heads.box_predictor.bbox_pred, lambda w: nn.init.normal_(w, std=0.001))
+
+
+def _init(module: nn.Module, init_weight) -> None:
+    init_weight(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def convention_parts(name: str) -> TorchvisionConvention:
+    """The part builder of convention ``name`` (one of :data:`CONVENTIONS`)."""
+    if name == "torchvision":
+        return TorchvisionConvention()
+    if name == "mmdet":
+        return MMDetConvention()
+    raise ValueError(f"convention must be one of {CONVENTIONS}, got {name!r}")
