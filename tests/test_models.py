@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 import torchvision
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection._utils import BoxCoder
@@ -226,6 +227,34 @@ def test_retinanet_matches_torchvision_in_eval_and_losses():
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
     assert expected["bbox_regression"] > 0
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_torchvisions_own_retinanets_load_and_give_its_detections(variant):
+    # torchvision's v1 model builds P6 from P5 (LastLevelP6P7(256, 256)); v2 from C5, with group
+    # norm in the head. Each loads strictly into ours with the matching settings.
+    from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
+
+    make = retinanet_resnet50_fpn if variant == "v1" else retinanet_resnet50_fpn_v2
+    torch.manual_seed(5)
+    reference = make(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=64,
+                     max_size=96, score_thresh=0.0, detections_per_img=100)
+    with torch.no_grad():  # the BatchNorm statistics of a trained model, not the identity
+        g = torch.Generator().manual_seed(6)
+        for module in reference.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=g))
+                module.running_var.copy_(0.5 + torch.rand(module.num_features, generator=g))
+    extra = {"retina_p6_input": "p5"} if variant == "v1" else {"retina_head_norm": "gn"}
+    # norm "bn": the same BatchNorm2d arithmetic (frozen_bn would differ by float rounding)
+    ours = build_model(baseline_model_config("retinanet", "resnet50", num_classes=NUM_CLASSES,
+                                             min_size=64, max_size=96, box_score_thresh=0.0,
+                                             norm="bn", **extra))
+    ours.load_state_dict(reference.state_dict())
+    reference.eval()
+    ours.eval()
+    with torch.no_grad():
+        _assert_same_detections(ours(_images()), reference(_images()))
 
 
 def test_retinanet_balanced_l1_box_loss_is_recomputed_exactly():

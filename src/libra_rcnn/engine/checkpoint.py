@@ -59,7 +59,8 @@ PathLike = Union[str, os.PathLike]
 # ModelConfig fields that change the network's parameters; the rest (score thresholds, NMS,
 # input size, sampling, losses) may differ between training and evaluation.
 STRUCTURAL_FIELDS = (
-    "arch", "num_classes", "backbone", "norm", "neck", "fpn_channels", "bfp", "representation_size",
+    "arch", "convention", "num_classes", "backbone", "norm", "neck", "fpn_channels", "bfp",
+    "representation_size", "retina_p6_input", "retina_head_norm",
 )
 
 
