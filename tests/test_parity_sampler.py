@@ -227,7 +227,8 @@ def test_bin_quota_and_fill_match_mmdetection(mmdet, floor_thr, case, seed, num)
             ours_combined.append(neg_pick.numpy())
 
     tolerance = 5 * np.sqrt(var / TRIALS) + 1e-9
-    for name, samples in [("mmdetection", theirs), ("ours", ours), ("ours, combined", ours_combined)]:
+    runs = [("mmdetection", theirs), ("ours", ours), ("ours, combined", ours_combined)]
+    for name, samples in runs:
         assert all(s.size == num for s in samples), name
         got = _mean_counts(samples, neg, groups)
         assert np.all(np.abs(got - mean) <= tolerance), (name, got, mean, tolerance)
@@ -265,7 +266,8 @@ def test_few_overlapping_negatives_take_all_then_floor(mmdet):
     sampler = _neg_sampler(mmdet, floor_thr=0)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        theirs = set(sampler._sample_neg(_assign_result(mmdet, gt_inds, max_overlaps), num).tolist())
+        assign_result = _assign_result(mmdet, gt_inds, max_overlaps)
+        theirs = set(sampler._sample_neg(assign_result, num).tolist())
     ours = set(iou_balanced_negative_sample(torch.from_numpy(neg), max_overlaps, num, floor_thr=0,
                                             binning="mmdet", generator=torch.Generator()).tolist())
     for picked in (theirs, ours):
@@ -319,7 +321,8 @@ def test_positive_quota_is_mmdetections(mmdet, counts, num):
     pos = torch.nonzero(gt_inds > 0).squeeze(1)
     matched = (gt_inds - 1).clamp(min=0)
     for seed in range(10):
-        ours = instance_balanced_positive_sample(pos, matched, num, torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)
+        ours = instance_balanced_positive_sample(pos, matched, num, gen)
         assert ours.numel() == num == ours.unique().numel()
         per_gt_count = torch.bincount(gt_inds[ours] - 1, minlength=len(counts)).tolist()
         taken = [min(quota, n) for n in counts]

@@ -219,7 +219,9 @@ def _np_sample_with_group_quota(
     return inds[order[take]]
 
 
-def _mmdet_bin_ids(ious: np.ndarray, floor: float, range_max: np.generic, num_bins: int) -> np.ndarray:
+def _mmdet_bin_ids(
+    ious: np.ndarray, floor: float, range_max: np.generic, num_bins: int
+) -> np.ndarray:
     """mmdetection's IoU bins: ``int64[M]`` bin of each IoU, ``num_bins`` for none.
 
     Bin ``k`` is ``[floor + k * w, floor + (k + 1) * w)`` with ``w = (range_max - floor) / K``,
