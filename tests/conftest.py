@@ -13,3 +13,15 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def mmdet():
+    """mmdetection imported for CPU use (``tests/mmdet_oracle.py``); skips the test, with the
+    reason, only when it cannot be imported."""
+    from mmdet_oracle import import_mmdet
+
+    try:
+        return import_mmdet()
+    except ImportError as err:
+        pytest.skip(f"mmdetection oracle unavailable: {err}")

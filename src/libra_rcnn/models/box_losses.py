@@ -8,7 +8,8 @@ only in how they normalise that sum. This module provides the sum, for the three
 * ``"smooth_l1"`` -- ``0.5 x^2 / beta`` for ``|x| < beta``, ``|x| - 0.5 beta`` beyond;
 * ``"l1"`` -- ``|x|`` (``beta`` unused);
 * ``"balanced_l1"`` -- Libra R-CNN's balanced L1 loss (Sec. 3.3, Eq. 7-9), with ``alpha``,
-  ``gamma`` and inlier threshold ``beta``; see :func:`libra_rcnn.ops.balanced_l1_loss`.
+  ``gamma``, inlier threshold ``beta`` and ``formula`` (``"paper"`` or mmdetection's
+  ``"mmdet"``, which differ when ``beta != 1``); see :func:`libra_rcnn.ops.balanced_l1_loss`.
 
 ``loss_weight`` (the paper's lambda in Eq. 4) multiplies the result.
 """
@@ -20,7 +21,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.balanced_l1_loss import BalancedL1Loss, balanced_l1_loss
+from ..ops.balanced_l1_loss import FORMULAS, BalancedL1Loss, balanced_l1_loss
 from .config import BoxLossConfig
 
 __all__ = ["BOX_LOSS_KINDS", "check_box_loss_config", "box_regression_loss_sum"]
@@ -37,11 +38,13 @@ def check_box_loss_config(cfg: BoxLossConfig, name: str = "box_loss") -> BoxLoss
     if not (isinstance(cfg.loss_weight, (int, float)) and math.isfinite(cfg.loss_weight)
             and cfg.loss_weight >= 0):
         raise ValueError(f"{name}.loss_weight must be a finite number >= 0, got {cfg.loss_weight!r}")
+    if cfg.formula not in FORMULAS:
+        raise ValueError(f"{name}.formula must be one of {FORMULAS}, got {cfg.formula!r}")
     if cfg.kind == "smooth_l1" and not (math.isfinite(cfg.beta) and cfg.beta >= 0):
         raise ValueError(f"{name}.beta must be a finite number >= 0 for smooth_l1, got {cfg.beta!r}")
     if cfg.kind == "balanced_l1":
-        try:  # the loss module owns the rules for alpha, gamma and beta
-            BalancedL1Loss(alpha=cfg.alpha, gamma=cfg.gamma, beta=cfg.beta)
+        try:  # the loss module owns the rules for alpha, gamma, beta and formula
+            BalancedL1Loss(alpha=cfg.alpha, gamma=cfg.gamma, beta=cfg.beta, formula=cfg.formula)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
     return cfg
@@ -64,7 +67,7 @@ def box_regression_loss_sum(pred: Tensor, target: Tensor, cfg: BoxLossConfig) ->
         loss = F.l1_loss(pred, target, reduction="sum")
     elif cfg.kind == "balanced_l1":
         loss = balanced_l1_loss(pred, target, beta=cfg.beta, alpha=cfg.alpha, gamma=cfg.gamma,
-                                reduction="sum")
+                                reduction="sum", formula=cfg.formula)
     else:
         raise ValueError(f"unknown box loss kind {cfg.kind!r}; expected one of {BOX_LOSS_KINDS}")
     return loss * cfg.loss_weight

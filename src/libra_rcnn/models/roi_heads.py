@@ -29,7 +29,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
-from ..ops.iou_balanced_sampler import sample_positives_negatives
+from ..ops.iou_balanced_sampler import BINNINGS, sample_positives_negatives
 from .box_coder import BatchedNMS, BoxFilter, keep_boxes_at_least
 from .box_losses import box_regression_loss_sum, check_box_loss_config
 from .config import BoxLossConfig, SamplerConfig
@@ -55,6 +55,8 @@ def check_sampler_config(cfg: SamplerConfig, name: str = "roi_sampler") -> Sampl
                          f"got {cfg.floor_thr!r}")
     if not 0.0 <= cfg.floor_fraction <= 1.0:
         raise ValueError(f"{name}.floor_fraction must lie in [0, 1], got {cfg.floor_fraction!r}")
+    if cfg.binning not in BINNINGS:
+        raise ValueError(f"{name}.binning must be one of {BINNINGS}, got {cfg.binning!r}")
     for flag in ("add_gt_as_proposals", "pos_balance", "neg_balance"):
         if not isinstance(getattr(cfg, flag), bool):
             raise ValueError(f"{name}.{flag} must be a bool, got {getattr(cfg, flag)!r}")
@@ -184,6 +186,7 @@ class LibraRoIHeads(RoIHeads):
             num_bins=cfg.num_bins,
             floor_thr=cfg.floor_thr,
             floor_fraction=cfg.floor_fraction,
+            binning=cfg.binning,
             generator=self.generator,
         )
         return torch.cat([pos, neg])

@@ -61,9 +61,12 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["balanced_l1_loss", "BalancedL1Loss"]
+__all__ = ["FORMULAS", "balanced_l1_loss", "BalancedL1Loss"]
 
 _REDUCTIONS = ("none", "mean", "sum")
+#: ``"paper"``: Eq. 7 with the boundary moved to ``beta`` (above); ``"mmdet"``: mmdetection's
+#: expression, equal to the paper's at ``beta = 1`` (see :func:`balanced_l1_loss`).
+FORMULAS = ("paper", "mmdet")
 
 
 def _check_hyperparameters(*, alpha: float, gamma: float, beta: float) -> float:
@@ -89,6 +92,11 @@ def _check_reduction(reduction: str, name: str = "reduction") -> None:
         raise ValueError(f"{name} must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _check_formula(formula: str) -> None:
+    if formula not in FORMULAS:
+        raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
+
+
 def _check_shapes(pred: Tensor, target: Tensor) -> None:
     if pred.shape != target.shape:
         raise ValueError(
@@ -98,10 +106,12 @@ def _check_shapes(pred: Tensor, target: Tensor) -> None:
 
 
 def _elementwise_balanced_l1(pred: Tensor, target: Tensor, *, b: float, alpha: float,
-                             gamma: float, beta: float) -> Tensor:
+                             gamma: float, beta: float, formula: str = "paper") -> Tensor:
     """Elementwise balanced L1 loss in float32 (float64 if ``pred`` is float64), shape ``(*)``."""
     compute_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
     abs_err = (pred.to(compute_dtype) - target.to(compute_dtype)).abs()
+    if formula == "mmdet":
+        return _mmdet_elementwise(abs_err, b=b, alpha=alpha, gamma=gamma, beta=beta)
     u = abs_err / beta
     # Evaluate the inlier branch on min(u, 1) so its (discarded) value and gradient stay finite
     # for huge errors; torch.where would otherwise propagate 0 * inf = NaN into the gradient.
@@ -111,6 +121,20 @@ def _elementwise_balanced_l1(pred: Tensor, target: Tensor, *, b: float, alpha: f
     inlier = inlier.clamp_min(0.0)
     outlier = gamma * u + (gamma / b - alpha)
     return beta * torch.where(u < 1.0, inlier, outlier)
+
+
+def _mmdet_elementwise(abs_err: Tensor, *, b: float, alpha: float, gamma: float,
+                       beta: float) -> Tensor:
+    """mmdetection's expression of the loss, on ``|x|`` of shape ``(*)``::
+
+        alpha / b * (b|x| + 1) * ln(b|x| / beta + 1) - alpha|x|   if |x| < beta
+        gamma|x| + gamma / b - alpha * beta                        otherwise
+    """
+    # inlier branch on min(|x|, beta): finite value and gradient where it is discarded
+    x_in = abs_err.clamp(max=beta)
+    inlier = alpha / b * (b * x_in + 1.0) * torch.log1p(b * x_in / beta) - alpha * x_in
+    outlier = gamma * abs_err + (gamma / b - alpha * beta)
+    return torch.where(abs_err < beta, inlier, outlier)
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -123,7 +147,8 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 
 
 def balanced_l1_loss(pred: Tensor, target: Tensor, *, beta: float = 1.0, alpha: float = 0.5,
-                     gamma: float = 1.5, reduction: str = "mean") -> Tensor:
+                     gamma: float = 1.5, reduction: str = "mean",
+                     formula: str = "paper") -> Tensor:
     r"""Balanced L1 loss (Eq. 7-9), generalised to inlier threshold ``beta``.
 
     Args:
@@ -133,6 +158,7 @@ def balanced_l1_loss(pred: Tensor, target: Tensor, *, beta: float = 1.0, alpha: 
         alpha: inlier gradient promotion factor of Eq. 7 (paper: 0.5). Must be > 0.
         gamma: outlier gradient bound of Eq. 7 (paper: 1.5). Must be > 0.
         reduction: ``"none"`` (shape ``(*)``), ``"mean"`` or ``"sum"`` (0-dim).
+        formula: ``"paper"`` (below) or ``"mmdet"`` (mmdetection's expression, see the note).
 
     Returns:
         The loss in ``pred``'s dtype. An empty input gives 0 for ``"mean"``/``"sum"``, connected
@@ -145,12 +171,14 @@ def balanced_l1_loss(pred: Tensor, target: Tensor, *, beta: float = 1.0, alpha: 
     and :math:`C = \gamma/b - \alpha`.
 
     Note:
-        mmdetection's ``balanced_l1_loss`` agrees with this one for ``beta = 1`` (the paper's
-        setting) but not otherwise: it writes the inlier branch as
-        :math:`\frac{\alpha}{b}(b|x| + 1)\ln(b|x|/\beta + 1) - \alpha|x|`, whose gradient at
-        zero error is :math:`\alpha(1/\beta - 1)` instead of 0 (and whose inlier gradient is not
-        :math:`\alpha\ln(b|x|/\beta + 1)`). This implementation keeps Eq. 7 exact for every
-        ``beta``.
+        mmdetection's ``balanced_l1_loss`` agrees with the paper formula for ``beta = 1`` (the
+        paper's setting) but not otherwise: it writes the inlier branch as
+        :math:`\frac{\alpha}{b}(b|x| + 1)\ln(b|x|/\beta + 1) - \alpha|x|` and the outlier one
+        as :math:`\gamma|x| + \gamma/b - \alpha\beta`, whose gradient at zero error is
+        :math:`\alpha(1/\beta - 1)` instead of 0 (and whose inlier gradient is not
+        :math:`\alpha\ln(b|x|/\beta + 1)`; for ``beta > 1`` the loss is negative near 0).
+        ``formula="paper"`` keeps Eq. 7 exact for every ``beta``; ``formula="mmdet"`` computes
+        mmdetection's expression (e.g. Libra RetinaNet's ``beta = 0.11``), as is.
 
     Raises:
         ValueError: if ``alpha``, ``gamma`` or ``beta`` is not > 0, ``reduction`` is unknown, or
@@ -158,8 +186,10 @@ def balanced_l1_loss(pred: Tensor, target: Tensor, *, beta: float = 1.0, alpha: 
     """
     b = _check_hyperparameters(alpha=alpha, gamma=gamma, beta=beta)
     _check_reduction(reduction)
+    _check_formula(formula)
     _check_shapes(pred, target)
-    loss = _elementwise_balanced_l1(pred, target, b=b, alpha=alpha, gamma=gamma, beta=beta)
+    loss = _elementwise_balanced_l1(pred, target, b=b, alpha=alpha, gamma=gamma, beta=beta,
+                                    formula=formula)
     return _reduce(loss, reduction).to(pred.dtype)
 
 
@@ -177,6 +207,7 @@ class BalancedL1Loss(nn.Module):
         alpha, gamma, beta: see :func:`balanced_l1_loss` (paper: 0.5, 1.5, 1.0).
         reduction: default reduction, ``"none"``, ``"mean"`` or ``"sum"``.
         loss_weight: scalar multiplier of the final loss (:math:`\lambda` of Eq. 4).
+        formula: ``"paper"`` or ``"mmdet"``, see :func:`balanced_l1_loss`.
 
     ``forward(pred, target, weight=None, avg_factor=None, reduction_override=None)``:
 
@@ -193,10 +224,12 @@ class BalancedL1Loss(nn.Module):
     """
 
     def __init__(self, *, alpha: float = 0.5, gamma: float = 1.5, beta: float = 1.0,
-                 reduction: str = "mean", loss_weight: float = 1.0) -> None:
+                 reduction: str = "mean", loss_weight: float = 1.0,
+                 formula: str = "paper") -> None:
         super().__init__()
         self._b = _check_hyperparameters(alpha=alpha, gamma=gamma, beta=beta)
         _check_reduction(reduction)
+        _check_formula(formula)
         if not math.isfinite(loss_weight):
             raise ValueError(f"loss_weight must be finite, got {loss_weight}")
         self.alpha = float(alpha)
@@ -204,6 +237,7 @@ class BalancedL1Loss(nn.Module):
         self.beta = float(beta)
         self.reduction = reduction
         self.loss_weight = float(loss_weight)
+        self.formula = formula
 
     def forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                 avg_factor: Optional[Union[float, Tensor]] = None,
@@ -222,7 +256,7 @@ class BalancedL1Loss(nn.Module):
                              f"got {tuple(weight.shape)}")
         # Stay in float32 until the end even for half inputs: a float16 sum overflows at 65504.
         loss = _elementwise_balanced_l1(pred, target, b=self._b, alpha=self.alpha,
-                                        gamma=self.gamma, beta=self.beta)
+                                        gamma=self.gamma, beta=self.beta, formula=self.formula)
         if weight is not None:
             loss = loss * weight.to(loss.dtype)
         if avg_factor is None or reduction == "none":
@@ -238,4 +272,5 @@ class BalancedL1Loss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, gamma={self.gamma}, beta={self.beta}, "
-                f"reduction={self.reduction!r}, loss_weight={self.loss_weight}")
+                f"reduction={self.reduction!r}, loss_weight={self.loss_weight}, "
+                f"formula={self.formula!r}")

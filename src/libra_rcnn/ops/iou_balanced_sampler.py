@@ -35,21 +35,33 @@ ranking and selection run in NumPy on the host; results are the same on every de
 Choices (mmdetection's ``IoUBalancedNegSampler`` / ``InstanceBalancedPosSampler`` /
 ``CombinedSampler`` semantics unless stated):
 
-* The bins span ``[floor, max IoU among the sampled-by-bins negatives]`` with
-  ``floor = max(floor_thr, 0)``. mmdetection takes the maximum over *all* candidates (positives
-  included), which leaves the top bins empty of negatives and hands their quota to random filling;
-  using the negatives' own maximum makes every bin usable, as Eq. 2 intends. Bins are half-open
-  ``[start, end)`` (up to float rounding exactly at an edge) except the last, which also holds
-  the maximum itself (mmdetection's half-open last bin leaves it to the random fill).
-* ``num // K`` samples per bin; the remainder ``num % K`` goes one each to the highest-IoU bins
-  (the hard end, the point of the method). A bin with too few candidates gives all of them and the
-  shortfall is filled at random from the not-yet-chosen negatives.
+* ``binning="paper"`` (default): the bins span ``[floor, max IoU among the sampled-by-bins
+  negatives]`` with ``floor = max(floor_thr, 0)``, so every bin is usable, as Eq. 2 intends. Bins
+  are half-open ``[start, end)`` (up to float rounding exactly at an edge) except the last, which
+  also holds the maximum itself. ``num // K`` samples per bin; the remainder ``num % K`` goes one
+  each to the highest-IoU bins (the hard end, the point of the method).
+* ``binning="mmdet"``: as mmdetection 3.3. The bins span ``[floor, max IoU over ALL candidates)``
+  (positives and ground truths added as proposals included, so usually 1.0, which leaves the top
+  bins nearly empty of negatives), every bin half-open with edges computed in the IoUs' precision
+  (the maximum itself is in no bin), ``int(num / K)`` per bin, and the remainder filled uniformly
+  from all not-yet-chosen binned negatives (those outside every bin included).
+* Either way a bin with too few candidates gives all of them and the shortfall is filled at
+  random from the not-yet-chosen negatives.
 * Floor variant (``floor_thr >= 0``): negatives with IoU ``< floor_thr`` (exactly ``== 0`` when
   ``floor_thr == 0``) form a floor set; ``int(num * (1 - floor_fraction))`` samples come from the
   bins over the remaining negatives, the rest at random from the floor set, then any shortfall at
   random from all unchosen negatives. With ``floor_thr < 0`` the floor set is empty, so a nonzero
   ``floor_fraction`` becomes a share filled uniformly at random.
+* mmdetection quirk, not copied: with ``floor_thr=-1`` (its Libra configs) its ``_sample_neg``
+  sets ``self.floor_thr = 0`` on its first call, so only the first image of a run is sampled with
+  an empty floor set; every later image uses ``floor_thr = 0``, i.e. negatives with IoU exactly 0
+  are only drawn when fewer than ``num`` negatives overlap a ground truth. Here ``floor_thr`` is
+  what the caller passes: ``-1`` reproduces mmdetection's first image, ``0`` its steady state.
 * Positive quota per instance is ``round(num / n_gt) + 1`` (Python's ``round``, as mmdetection).
+  mmdetection's shortfall fill takes ``set(pos_inds) - set(sampled)`` over 0-d tensors, which
+  hash by identity, so it removes nothing and may re-draw chosen positives (the duplicates are
+  then dropped by its ``unique()``, leaving fewer positives). Here the fill draws from the
+  unchosen positives only, so exactly ``min(num, #pos)`` distinct positives are returned.
 * Ground-truth boxes added as proposals (``SamplerConfig.add_gt_as_proposals``) are handled by the
   detector, which concatenates them to the proposals before matching (as torchvision's
   ``RoIHeads.add_gt_proposals`` does); this module only sees the resulting candidates.
@@ -65,11 +77,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BINNINGS",
     "random_choice",
     "iou_balanced_negative_sample",
     "instance_balanced_positive_sample",
     "sample_positives_negatives",
 ]
+
+#: How the IoU bins of Eq. 2 are laid out (see the module docstring).
+BINNINGS = ("paper", "mmdet")
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +99,11 @@ def _check_num(num: int, name: str = "num") -> None:
         raise ValueError(f"{name} must be >= 0, got {num}")
 
 
-def _check_negative_settings(num_bins: int, floor_thr: float, floor_fraction: float) -> None:
+def _check_negative_settings(
+    num_bins: int, floor_thr: float, floor_fraction: float, binning: str
+) -> None:
+    if binning not in BINNINGS:
+        raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
     if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
         raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}")
     if not (0.0 <= floor_fraction <= 1.0):
@@ -199,6 +219,22 @@ def _np_sample_with_group_quota(
     return inds[order[take]]
 
 
+def _mmdet_bin_ids(
+    ious: np.ndarray, floor: float, range_max: np.generic, num_bins: int
+) -> np.ndarray:
+    """mmdetection's IoU bins: ``int64[M]`` bin of each IoU, ``num_bins`` for none.
+
+    Bin ``k`` is ``[floor + k * w, floor + (k + 1) * w)`` with ``w = (range_max - floor) / K``,
+    the edges computed as mmdetection does, in the IoUs' own precision; IoUs at or above the
+    last edge (usually ``range_max`` itself) belong to no bin.
+    """
+    interval = (range_max - floor) / num_bins
+    edges = np.array([floor + k * interval for k in range(num_bins + 1)], dtype=ious.dtype)
+    bin_ids = np.searchsorted(edges, ious, side="right") - 1  # edges[k] <= iou < edges[k + 1]
+    bin_ids[(bin_ids < 0) | (bin_ids >= num_bins)] = num_bins
+    return bin_ids
+
+
 def _np_sample_by_iou_bins(
     inds: np.ndarray,
     ious: np.ndarray,
@@ -208,16 +244,26 @@ def _np_sample_by_iou_bins(
     floor: float,
     generator: Optional[torch.Generator],
     device: torch.device,
+    range_max: Optional[np.generic] = None,
 ) -> np.ndarray:
     """Eq. 2 proper: ``num_balanced`` split evenly over ``num_bins`` IoU bins, topped up to ``num``.
 
     Args:
         inds: int64[M] distinct candidates, ``M >= num >= num_balanced``, ``M >= 1``.
         ious: float[M], their IoUs, all ``>= floor``.
+        range_max: ``None`` for the paper's bins over ``[floor, ious.max()]``; else
+            mmdetection's half-open bins over ``[floor, range_max)`` (see :func:`_mmdet_bin_ids`).
     Returns:
-        int64[num]: ``num_balanced // K`` per bin (remainder to the top bins), a bin short of its
-        quota gives all it has, then uniform picks from the rest up to ``num``.
+        int64[num]. Paper: ``num_balanced // K`` per bin (remainder to the top bins), a bin short
+        of its quota gives all it has, then uniform picks from the rest up to ``num``.
+        mmdetection: ``num_balanced // K`` per bin, then uniform picks from the rest (IoUs outside
+        every bin included) up to ``num``.
     """
+    if range_max is not None:
+        bin_ids = _mmdet_bin_ids(ious, floor, range_max, num_bins)
+        quota = np.full(num_bins + 1, num_balanced // num_bins, dtype=np.int64)
+        quota[num_bins] = 0  # outside every bin: reached by the uniform fill only
+        return _np_sample_with_group_quota(inds, bin_ids, quota, num, generator, device)
     max_iou = float(ious.max())
     if num_bins == 1 or not max_iou > floor:
         # one bin, or a degenerate (zero-width) range: Eq. 2 reduces to Eq. 1
@@ -244,8 +290,10 @@ def _np_iou_balanced_negative(
     floor_fraction: float,
     generator: Optional[torch.Generator],
     device: torch.device,
+    range_max: Optional[np.generic] = None,
 ) -> np.ndarray:
-    """Host :func:`iou_balanced_negative_sample`; ``ious[i]`` is the IoU of ``neg_inds[i]``."""
+    """Host :func:`iou_balanced_negative_sample`; ``ious[i]`` is the IoU of ``neg_inds[i]``;
+    ``range_max``: ``None`` for the paper's bins, else mmdetection's bins up to it."""
     if neg_inds.size <= num:
         return neg_inds
     num_balanced = int(num * (1.0 - floor_fraction))
@@ -253,7 +301,7 @@ def _np_iou_balanced_negative(
         # no floor set: the floor_fraction share (if any) is uniform over all negatives, which
         # is the same as topping up the binned picks uniformly
         return _np_sample_by_iou_bins(
-            neg_inds, ious, num_balanced, num, num_bins, 0.0, generator, device
+            neg_inds, ious, num_balanced, num, num_bins, 0.0, generator, device, range_max
         )
 
     in_floor = (ious == 0) if floor_thr == 0 else (ious < floor_thr)
@@ -265,7 +313,7 @@ def _np_iou_balanced_negative(
         num_binned = max(num_balanced, num - floor_inds.size)
         binned_pick = _np_sample_by_iou_bins(
             binned_inds, binned_ious, num_balanced, num_binned, num_bins, float(floor_thr),
-            generator, device,
+            generator, device, range_max,
         )
     else:
         binned_pick = binned_inds
@@ -330,6 +378,7 @@ def iou_balanced_negative_sample(
     num_bins: int = 3,
     floor_thr: float = -1.0,
     floor_fraction: float = 0.0,
+    binning: str = "paper",
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """IoU-balanced sampling of negatives (Sec. 3.1, Eq. 2), with mmdetection's floor variant.
@@ -343,6 +392,8 @@ def iou_balanced_negative_sample(
             negatives with IoU below it (``== 0`` exactly when it is 0) in a floor set sampled at
             random, and bins span ``[floor_thr, max]`` over the others.
         floor_fraction: share of ``num`` drawn from the floor set, in ``[0, 1]``.
+        binning: ``"paper"`` or ``"mmdet"``, the bins' layout (see the module docstring);
+            ``"mmdet"`` spans the bins up to the largest of *all* ``max_overlaps``.
         generator: optional ``torch.Generator``.
     Returns:
         LongTensor[min(num, M)] of distinct entries of ``neg_inds``; all of them when ``M <= num``.
@@ -350,14 +401,15 @@ def iou_balanced_negative_sample(
     _check_index_vector(neg_inds, "neg_inds")
     _check_overlaps(max_overlaps)
     _check_num(num)
-    _check_negative_settings(num_bins, floor_thr, floor_fraction)
+    _check_negative_settings(num_bins, floor_thr, floor_fraction, binning)
 
     neg_inds = neg_inds.long()
     if neg_inds.numel() <= num:
         return neg_inds.clone()
+    range_max = _host(max_overlaps).max() if binning == "mmdet" else None
     picked = _np_iou_balanced_negative(
         _host(neg_inds), _host(max_overlaps[neg_inds]), num, num_bins, floor_thr,
-        floor_fraction, generator, neg_inds.device,
+        floor_fraction, generator, neg_inds.device, range_max,
     )
     return _device_tensor(picked, neg_inds.device)
 
@@ -414,6 +466,7 @@ def sample_positives_negatives(
     num_bins: int = 3,
     floor_thr: float = -1.0,
     floor_fraction: float = 0.0,
+    binning: str = "paper",
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Sample the RoI minibatch of one image (Libra R-CNN's combined sampler).
@@ -421,7 +474,8 @@ def sample_positives_negatives(
     ``num_pos = min(#pos, int(num * pos_fraction))`` positives (instance-balanced when
     ``pos_balance``, else random); ``num_neg = num - num_pos``, capped at
     ``int(neg_pos_ub * max(num_pos, 1))`` when ``neg_pos_ub >= 0``, then at ``#neg``
-    (IoU-balanced when ``neg_balance``, else random). Keyword names match
+    (IoU-balanced when ``neg_balance``, else random; ``binning`` as in
+    :func:`iou_balanced_negative_sample`). Keyword names match
     ``libra_rcnn.models.config.SamplerConfig``; ``add_gt_as_proposals`` is the detector's job.
 
     Args:
@@ -448,7 +502,7 @@ def sample_positives_negatives(
     if math.isnan(neg_pos_ub):
         raise ValueError("neg_pos_ub must not be NaN")
     # checked even when neg_balance is off, so a bad config fails on every path
-    _check_negative_settings(num_bins, floor_thr, floor_fraction)
+    _check_negative_settings(num_bins, floor_thr, floor_fraction, binning)
     if neg_balance:
         _check_overlaps(max_overlaps)  # the bins read the IoUs
 
@@ -475,9 +529,11 @@ def sample_positives_negatives(
 
     num_neg = _negative_count(num, pos_pick.size, neg_pos_ub)
     if neg_balance and neg_candidates.size > num_neg:
+        host_overlaps = _host(max_overlaps)
+        range_max = host_overlaps.max() if binning == "mmdet" else None
         neg_pick = _np_iou_balanced_negative(
-            neg_candidates, _host(max_overlaps)[neg_candidates], num_neg, num_bins, floor_thr,
-            floor_fraction, generator, device,
+            neg_candidates, host_overlaps[neg_candidates], num_neg, num_bins, floor_thr,
+            floor_fraction, generator, device, range_max,
         )
     else:
         neg_pick = _np_random_choice(neg_candidates, num_neg, generator, device)

@@ -1,0 +1,262 @@
+"""mmdetection 3.3 as a reference oracle for the parity tests (test-only; never imported by src/).
+
+Tests that use it compare our functions with mmdetection's own on identical inputs. mmdetection
+comes from the ``parity`` extra (``pip install -e .[test,parity]``); the ``mmdet`` fixture of
+``tests/conftest.py`` skips a test, naming the reason, only when :func:`import_mmdet` cannot
+import it.
+
+mmcv-lite has no compiled ``mmcv._ext``, but ``mmcv.ops`` (which mmdet imports) asserts at import
+that hundreds of kernels exist. :func:`import_mmdet` therefore installs a stand-in module, only
+when the real one is missing: ``nms`` and ``roi_align_forward`` call torchvision's ops (the two
+kernels the Libra detectors run on CPU), every other kernel raises ``NotImplementedError``.
+
+Builders: :func:`build_model` builds a model from one of the Libra configs shipped inside the
+mmdet package (no download: the backbone's pretrained ``init_cfg`` is dropped);
+:func:`randomize_model` gives every weight and norm statistic reproducible, non-trivial values
+(mmdetection's init leaves heads near zero and the non-local block's output conv at zero, which
+would hide differences); :func:`save_checkpoint` writes an mmdetection-style checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import importlib.util
+import os
+import sys
+import types
+from typing import Any, Optional, Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+__all__ = [
+    "SKIP_REASON",
+    "LIBRA_CONFIGS",
+    "import_mmdet",
+    "config_path",
+    "load_config",
+    "build_model",
+    "build_libra_faster_rcnn",
+    "build_libra_retinanet",
+    "randomize_model",
+    "save_checkpoint",
+]
+
+#: Why an oracle test may be skipped (used as the module-level reason of the parity tests).
+SKIP_REASON = (
+    "mmdetection parity test: needs mmdet 3.3.0 / mmengine 0.10.7 / mmcv-lite 2.1.0 "
+    "(pip install -e .[parity]) as the reference oracle"
+)
+
+#: The Libra R-CNN configs of mmdetection 3.3, by (detector, backbone).
+LIBRA_CONFIGS = {
+    ("faster_rcnn", "r50"): "libra-faster-rcnn_r50_fpn_1x_coco.py",
+    ("faster_rcnn", "r101"): "libra-faster-rcnn_r101_fpn_1x_coco.py",
+    ("faster_rcnn", "x101-64x4d"): "libra-faster-rcnn_x101-64x4d_fpn_1x_coco.py",
+    ("fast_rcnn", "r50"): "libra-fast-rcnn_r50_fpn_1x_coco.py",
+    ("retinanet", "r50"): "libra-retinanet_r50_fpn_1x_coco.py",
+}
+
+_EXT_NAME = "mmcv._ext"
+
+
+# --------------------------------------------------------------------------------------------
+# the mmcv._ext stand-in
+
+
+def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset: int = 0):
+    if offset != 0:  # mmcv's legacy "+1" box convention; torchvision has none
+        raise NotImplementedError("mmcv._ext stand-in: nms with offset != 0")
+    return torchvision.ops.nms(boxes, scores, float(iou_threshold))
+
+
+def _roi_align_forward(input, rois, output, argmax_y, argmax_x, aligned_height, aligned_width,
+                       spatial_scale, sampling_ratio, pool_mode, aligned):
+    if pool_mode != 1:  # mmcv: 0 = max, 1 = avg; torchvision only averages
+        raise NotImplementedError("mmcv._ext stand-in: roi_align with pool_mode 'max'")
+    output.copy_(torchvision.ops.roi_align(input, rois, (aligned_height, aligned_width),
+                                           spatial_scale, sampling_ratio, aligned))
+
+
+def _make_ext_stand_in() -> types.ModuleType:
+    module = types.ModuleType(_EXT_NAME, "torchvision-backed stand-in for mmcv's compiled ops")
+    module.nms = _nms
+    module.roi_align_forward = _roi_align_forward
+
+    def __getattr__(name: str):
+        # dunder look-ups (inspect, pickle, copy) must fail as for any module
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+
+        def missing_kernel(*args, **kwargs):
+            raise NotImplementedError(f"mmcv._ext stand-in has no kernel {name!r}")
+
+        missing_kernel.__name__ = name
+        return missing_kernel
+
+    module.__getattr__ = __getattr__
+    return module
+
+
+def _install_ext_stand_in() -> None:
+    if _EXT_NAME in sys.modules:
+        return
+    try:
+        real = importlib.util.find_spec(_EXT_NAME)
+    except ImportError:  # mmcv itself is missing: let the import below report it
+        return
+    if real is None:
+        sys.modules[_EXT_NAME] = _make_ext_stand_in()
+
+
+# --------------------------------------------------------------------------------------------
+# importing and building
+
+
+_IMPORTED: Optional[types.SimpleNamespace] = None
+
+
+def import_mmdet() -> types.SimpleNamespace:
+    """Import mmdetection for CPU use (once) and register its modules.
+
+    Returns:
+        A namespace with ``mmdet``, ``mmengine``, ``mmcv``, ``MODELS``, ``TASK_UTILS`` and
+        ``Config``.
+    Raises:
+        ImportError: naming the missing or incompatible package.
+    """
+    global _IMPORTED
+    if _IMPORTED is not None:
+        return _IMPORTED
+    for name in ("mmengine", "mmcv", "mmdet"):
+        if importlib.util.find_spec(name) is None:
+            raise ImportError(f"{name} is not installed ({SKIP_REASON})")
+    _install_ext_stand_in()
+    try:
+        import mmcv
+        import mmcv.ops  # noqa: F401  (asserts the kernels exist)
+        import mmdet
+        import mmengine
+        import mmengine.logging
+        from mmdet.registry import MODELS, TASK_UTILS
+        from mmdet.utils import register_all_modules
+        from mmengine.config import Config
+    except AssertionError as err:  # mmdet's own mmcv / mmengine version checks
+        raise ImportError(f"mmdetection cannot be imported: {err}") from err
+    register_all_modules()
+    # building a model logs every parameter's init at INFO; only warnings matter here
+    mmengine.logging.MMLogger.get_current_instance().setLevel(logging.WARNING)
+    _IMPORTED = types.SimpleNamespace(mmdet=mmdet, mmengine=mmengine, mmcv=mmcv, MODELS=MODELS,
+                                      TASK_UTILS=TASK_UTILS, Config=Config)
+    return _IMPORTED
+
+
+def config_path(name: str) -> str:
+    """Path of a config shipped inside the mmdet package, e.g.
+    ``config_path("libra-faster-rcnn_r50_fpn_1x_coco.py")`` (looked up under ``libra_rcnn/``
+    unless ``name`` contains a folder)."""
+    mm = import_mmdet()
+    folder = "" if "/" in name else "libra_rcnn"
+    path = os.path.join(os.path.dirname(mm.mmdet.__file__), ".mim", "configs", folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mmdetection config {name!r} not found at {path}")
+    return path
+
+
+def load_config(name: str):
+    """The ``mmengine.config.Config`` of a shipped config (see :func:`config_path`)."""
+    return import_mmdet().Config.fromfile(config_path(name))
+
+
+def build_model(name: str, *, num_classes: Optional[int] = None, seed: int = 0) -> nn.Module:
+    """Build and initialise (``init_weights``, seeded, global RNG untouched) the model of a
+    shipped config, without downloading pretrained weights; in eval mode."""
+    mm = import_mmdet()
+    cfg = load_config(name)
+    cfg.model.backbone.init_cfg = None
+    if num_classes is not None:
+        head = cfg.model.roi_head.bbox_head if "roi_head" in cfg.model else cfg.model.bbox_head
+        head.num_classes = num_classes
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = mm.MODELS.build(cfg.model)
+        model.init_weights()
+    return model.eval()
+
+
+def build_libra_faster_rcnn(backbone: str = "r50", **kwargs: Any) -> nn.Module:
+    """mmdetection's Libra Faster R-CNN, ``backbone`` in ``"r50"``, ``"r101"``, ``"x101-64x4d"``."""
+    return build_model(LIBRA_CONFIGS[("faster_rcnn", backbone)], **kwargs)
+
+
+def build_libra_retinanet(backbone: str = "r50", **kwargs: Any) -> nn.Module:
+    """mmdetection's Libra RetinaNet (R-50 only in mmdetection's configs)."""
+    return build_model(LIBRA_CONFIGS[("retinanet", backbone)], **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# randomising and saving
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+@torch.no_grad()
+def randomize_model(model: nn.Module, *, seed: int = 0, image_size: Sequence[int] = (160, 224),
+                    batch_size: int = 2) -> nn.Module:
+    """Give every weight reproducible random values and set BatchNorm statistics from data.
+
+    Every conv / linear weight is drawn ``N(0, 1 / fan_in)`` and its bias ``N(0, 0.1^2)``
+    (heads included, and the non-local block's output conv that mmdetection starts at zero);
+    every norm layer's affine weight ``U(0.5, 1.5)`` and bias ``N(0, 0.1^2)``. BatchNorm running
+    statistics are then those of one forward pass of ``model.extract_feat`` over a random
+    ``[batch_size, 3, *image_size]`` batch, so that features stay of order one in eval mode.
+    Uses its own ``torch.Generator``; returns ``model`` (in eval mode).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal_(t: torch.Tensor, std: float) -> None:
+        t.copy_(torch.randn(t.shape, generator=gen) * std)
+
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            fan_in = module.weight[0].numel()
+            normal_(module.weight, fan_in ** -0.5)
+            if module.bias is not None:
+                normal_(module.bias, 0.1)
+        elif isinstance(module, (*_BATCH_NORMS, nn.GroupNorm)) and module.weight is not None:
+            module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+            normal_(module.bias, 0.1)
+
+    batch_norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
+    momenta = [m.momentum for m in batch_norms]
+    model.eval()
+    for m in batch_norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after one batch, exactly its statistics
+        m.train()
+    model.extract_feat(torch.randn(batch_size, 3, *image_size, generator=gen))
+    for m, momentum in zip(batch_norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
+def save_checkpoint(model: nn.Module, path: str, *, classes: Sequence[str],
+                    style: str = "3.x") -> dict:
+    """Save ``model`` as mmdetection does: ``{"state_dict": ..., "meta": {...}}``.
+
+    ``style="2.x"`` writes the 2.x meta (``"CLASSES"``, as the published Libra R-CNN checkpoints),
+    ``"3.x"`` the 3.x meta (``"dataset_meta": {"classes": ...}``). Returns the saved dict.
+    """
+    if style == "2.x":
+        meta = {"mmdet_version": "2.28.2", "CLASSES": tuple(classes)}
+    elif style == "3.x":
+        meta = {"mmengine_version": "0.10.7", "dataset_meta": {"classes": tuple(classes)}}
+    else:
+        raise ValueError(f"style must be '2.x' or '3.x', got {style!r}")
+    checkpoint = {"state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                  "meta": meta}
+    torch.save(checkpoint, path)
+    return checkpoint
