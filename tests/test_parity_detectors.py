@@ -1,0 +1,282 @@
+"""Whole detectors against mmdetection: its Libra Faster R-CNN and Libra RetinaNet, saved as
+mmdetection checkpoints, converted with ``libra-rcnn convert-mmdet`` and run through
+``libra-rcnn predict`` / our model must give mmdetection's detections and features; with
+exhaustive sampling, the same weights give mmdetection's training losses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from libra_rcnn.cli import main
+from libra_rcnn.config import load_config
+from libra_rcnn.engine.checkpoint import CheckpointError, load_model_from_checkpoint
+from libra_rcnn.engine.convert_mmdet import convert_mmdet_checkpoint
+from libra_rcnn.models import build_model
+from mmdet_oracle import (
+    LIBRA_CONFIGS,
+    build_model as build_mmdet_model,
+    load_config as load_mmdet_config,
+    randomize_model,
+    save_checkpoint,
+)
+
+# Every test here needs mmdetection as the oracle: without it the ``mmdet`` fixture skips them
+# with mmdet_oracle.SKIP_REASON ("pip install -e .[parity]").
+pytestmark = pytest.mark.usefixtures("mmdet")
+
+OURS = {"faster_rcnn": "libra_faster_rcnn_r50_fpn_1x_coco",
+        "retinanet": "libra_retinanet_r50_fpn_1x_coco"}
+BOX_TOLERANCE = 0.01  # px
+SCORE_TOLERANCE = 1e-4
+
+
+def _coco_classes(mm):
+    return list(mm.mmdet.datasets.CocoDataset.METAINFO["classes"])
+
+
+def _photo_like(height: int, width: int, seed: int) -> np.ndarray:
+    """A uint8 RGB image with structure at several scales, so random detectors fire unevenly."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    image = np.zeros((height, width, 3))
+    for period in (9.0, 37.0, 151.0):
+        phase = rng.uniform(0, 6.3, 3)
+        image += 40 * np.sin(xx[..., None] / period + phase) * np.cos(yy[..., None] / (1.3 * period))
+    image += 127.5 + rng.normal(0, 12, (height, width, 3))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _mmdet_detections(mm, model, rgb: np.ndarray):
+    """mmdetection's test pipeline (resize + pack) and ``predict`` on one RGB uint8 image."""
+    from mmdet.datasets.transforms import PackDetInputs, Resize
+
+    results = Resize(scale=(1333, 800), keep_ratio=True)(
+        {"img": np.ascontiguousarray(rgb[:, :, ::-1]), "img_shape": rgb.shape[:2],
+         "ori_shape": rgb.shape[:2]})
+    packed = PackDetInputs(meta_keys=("img_shape", "ori_shape", "scale_factor"))(results)
+    data = {"inputs": [packed["inputs"]], "data_samples": [packed["data_samples"]]}
+    with torch.no_grad():
+        batch = model.data_preprocessor(data, False)
+        instances = model(**batch, mode="predict")[0].pred_instances
+    return instances.bboxes, instances.scores, instances.labels + 1  # our labels count from 1
+
+
+def _matched(ours_boxes, ours_scores, ours_labels, ref_boxes, ref_scores, ref_labels) -> int:
+    """How many reference detections have one of ours with the same class, the box within
+    ``BOX_TOLERANCE`` px and the score within ``SCORE_TOLERANCE``."""
+    count = 0
+    for box, score, label in zip(ref_boxes, ref_scores, ref_labels):
+        close = ((ours_boxes - box).abs().amax(dim=1) <= BOX_TOLERANCE) \
+            & ((ours_scores - score).abs() <= SCORE_TOLERANCE) & (ours_labels == label)
+        count += int(close.any())
+    return count
+
+
+@torch.no_grad()
+def _detector_like(model, scale: float = 0.02):
+    """Random output layers saturate: every score 1.0 (ties, ranked arbitrarily) and every box
+    moved by many times its size (a clipped sliver). Scaled down, scores spread below 1 and boxes
+    move as a trained detector's do, so the test compares detections that ties, NMS and
+    clipping have not made arbitrary."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in ("rpn_reg", "fc_reg", "retina_reg", "rpn_cls", "fc_cls",
+                                   "retina_cls"):
+            module.weight.mul_(scale)
+            module.bias.mul_(scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, mmdet):
+    """arch -> (mmdetection model, our converted checkpoint path), R-50, random weights."""
+    out = {}
+    folder = tmp_path_factory.mktemp("parity")
+    for arch, style in (("faster_rcnn", "2.x"), ("retinanet", "3.x")):
+        model = _detector_like(randomize_model(build_mmdet_model(LIBRA_CONFIGS[(arch, "r50")]),
+                                               seed=1))
+        src, dst = folder / f"{arch}_mmdet.pth", folder / f"{arch}_ours.pth"
+        save_checkpoint(model, str(src), classes=_coco_classes(mmdet), style=style)
+        assert main(["convert-mmdet", str(src), str(dst), "--config", OURS[arch]]) == 0
+        out[arch] = (model, dst)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+def test_predict_on_a_converted_checkpoint_gives_mmdetections_detections(
+        arch, converted, mmdet, tmp_path):
+    model, checkpoint = converted[arch]
+    rgb = _photo_like(800, 1216, seed=2)  # 800 x 1216: mmdetection does not resize it
+    ref_boxes, ref_scores, ref_labels = _mmdet_detections(mmdet, model, rgb)
+    assert len(ref_boxes) == 100  # a full test: the detections cap is reached
+
+    from PIL import Image
+
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    assert main(["predict", str(checkpoint), str(tmp_path / "photo.png"), "--score-thresh", "0.0",
+                 "--out-dir", str(tmp_path / "out")]) == 0
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert len(predictions) == len(ref_boxes)
+    xywh = torch.tensor([p["bbox"] for p in predictions], dtype=torch.float64)
+    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+    scores = torch.tensor([p["score"] for p in predictions], dtype=torch.float64)
+    # predictions carry COCO category ids: map mmdetection's labels the same way
+    cat_ids = [cat_id for cat_id, _ in __import__("libra_rcnn.data.coco_classes",
+                                                   fromlist=["COCO_CATEGORIES"]).COCO_CATEGORIES]
+    labels = torch.tensor([p["category_id"] for p in predictions])
+    ref_cat = torch.tensor([cat_ids[int(label) - 1] for label in ref_labels])
+    matched = _matched(boxes, scores, labels, ref_boxes.double(), ref_scores.double(), ref_cat)
+    assert matched >= 99, f"{matched} of {len(ref_boxes)} detections within tolerance"
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+def test_a_resized_image_gives_mmdetections_detections(arch, converted, mmdet):
+    model, checkpoint = converted[arch]
+    rgb = _photo_like(480, 640, seed=3)  # mmdetection resizes it to 800 x 1067
+    ref = _mmdet_detections(mmdet, model, rgb)
+    ours, _ = load_model_from_checkpoint(checkpoint)
+    with torch.no_grad():
+        out = ours([torch.from_numpy(rgb).permute(2, 0, 1).float() / 255])[0]
+    assert len(out["boxes"]) == len(ref[0]) > 0
+    matched = _matched(out["boxes"], out["scores"], out["labels"], *ref)
+    assert matched >= 0.99 * len(ref[0]), f"{matched} of {len(ref[0])} detections within tolerance"
+
+
+def _relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+def test_backbone_and_pyramid_features_match(arch, converted):
+    model, checkpoint = converted[arch]
+    ours, _ = load_model_from_checkpoint(checkpoint)
+    rgb = _photo_like(320, 480, seed=4)
+    image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        batch, _ = ours.transform([image])
+        stages = list(ours.backbone.body(batch.tensors).values())
+        pyramid = list(ours.backbone(batch.tensors).values())
+        ref_stages = model.backbone(batch.tensors)
+        ref_pyramid = model.extract_feat(batch.tensors)
+    ref_stages = ref_stages[-len(stages):]  # RetinaNet reads C3-C5 of the four
+    assert len(pyramid) == len(ref_pyramid) == 5
+    for ours_level, ref_level in zip(stages + pyramid, list(ref_stages) + list(ref_pyramid)):
+        assert ours_level.shape == ref_level.shape
+        assert _relative_error(ours_level, ref_level) < 1e-4
+
+
+@pytest.mark.parametrize("arch,backbone,ours", [
+    ("faster_rcnn", "r101", "libra_faster_rcnn_r101_fpn_1x_coco"),
+    ("faster_rcnn", "x101-64x4d", "libra_faster_rcnn_x101_64x4d_fpn_1x_coco"),
+    ("fast_rcnn", "r50", "ablation/table2_libra"),
+])
+def test_other_backbones_and_fast_rcnn_convert_to_every_weight(arch, backbone, ours, mmdet,
+                                                               tmp_path):
+    model = build_mmdet_model(LIBRA_CONFIGS[(arch, backbone)])
+    save_checkpoint(model, str(tmp_path / "src.pth"), classes=_coco_classes(mmdet), style="2.x")
+    summary = convert_mmdet_checkpoint(tmp_path / "src.pth", tmp_path / "dst.pth", load_config(ours))
+    converted_model, meta = load_model_from_checkpoint(tmp_path / "dst.pth")  # strict load
+    assert meta["class_names"] == _coco_classes(mmdet)
+    state = converted_model.state_dict()
+    # every mmdetection tensor arrived (the classifier with the background moved to the front)
+    source = model.state_dict()
+    assert torch.equal(state["backbone.body.layer4.2.conv3.weight"],
+                       source["backbone.layer4.2.conv3.weight"])
+    cls = source["roi_head.bbox_head.fc_cls.weight"]
+    assert torch.equal(state["roi_heads.box_predictor.cls_score.weight"][0], cls[-1])
+    assert torch.equal(state["roi_heads.box_predictor.cls_score.weight"][1:], cls[:-1])
+    assert summary["converted"] == len(state)
+
+
+def test_rpn_only_checkpoints_convert(mmdet, tmp_path):
+    model = build_mmdet_model("rpn/rpn_r50_fpn_1x_coco.py")
+    save_checkpoint(model, str(tmp_path / "src.pth"), classes=[], style="3.x")
+    convert_mmdet_checkpoint(tmp_path / "src.pth", tmp_path / "dst.pth",
+                             load_config("rpn_r50_fpn_1x_coco"), class_names=["object"])
+    ours, _ = load_model_from_checkpoint(tmp_path / "dst.pth")
+    assert torch.equal(ours.state_dict()["rpn.head.cls_logits.weight"],
+                       model.state_dict()["rpn_head.rpn_cls.weight"])
+
+
+def test_wrong_files_get_a_clear_error(converted, tmp_path, capsys):
+    model, _ = converted["retinanet"]
+    src = tmp_path / "retina.pth"
+    save_checkpoint(model, str(src), classes=[str(i) for i in range(80)])
+    # a RetinaNet checkpoint against a Faster R-CNN config: names what the file looks like
+    with pytest.raises(CheckpointError, match="looks like: RetinaNet, ResNet-50, FPN \\+ balanced"):
+        convert_mmdet_checkpoint(src, tmp_path / "out.pth",
+                                 load_config("libra_faster_rcnn_r50_fpn_1x_coco"))
+    # a torchvision-convention config would not give mmdetection's detections
+    with pytest.raises(CheckpointError, match="convention"):
+        convert_mmdet_checkpoint(src, tmp_path / "out.pth",
+                                 load_config(OURS["retinanet"], ["model.convention=torchvision"]))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert main(["convert-mmdet", str(tmp_path / "junk.pth"), str(tmp_path / "out.pth"),
+                 "--config", OURS["retinanet"]]) == 2
+    assert "junk.pth: not a readable PyTorch checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out.pth").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# training losses
+
+
+def _loss_inputs(seed: int):
+    """Two 320 x 480 images (no resize at min_size 320 / max_size 480) and their boxes."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.from_numpy(_photo_like(320, 480, seed + k)).permute(2, 0, 1) for k in range(2)]
+    boxes = [torch.tensor([[30.0, 40.0, 200.0, 230.0], [250.0, 20.0, 460.0, 140.0],
+                           [100.0, 150.0, 150.0, 190.0]]),
+             torch.tensor([[10.0, 10.0, 300.0, 310.0]])]
+    labels = [torch.randint(1, 81, (len(b),), generator=g) for b in boxes]
+    return images, boxes, labels
+
+
+def _mmdet_losses(mm, model, images, boxes, labels):
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+
+    samples = []
+    for image, b, l in zip(images, boxes, labels):
+        sample = DetDataSample(metainfo={"img_shape": tuple(image.shape[-2:]),
+                                         "ori_shape": tuple(image.shape[-2:]),
+                                         "scale_factor": (1.0, 1.0)})
+        sample.gt_instances = InstanceData(bboxes=b, labels=l - 1)
+        samples.append(sample)
+    data = {"inputs": [image.flip(0) for image in images], "data_samples": samples}  # BGR
+    with torch.no_grad():
+        batch = model.data_preprocessor(data, True)
+        return model.loss(**batch)
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+def test_training_losses_match_with_exhaustive_sampling(arch, converted, mmdet):
+    model, checkpoint = converted[arch]
+    images, boxes, labels = _loss_inputs(seed=5)
+    sizes = ["model.min_size=320", "model.max_size=480"]
+    exhaustive = []  # every anchor / RoI sampled: no random choice left on either side
+    if arch == "faster_rcnn":
+        model.rpn_head.sampler.num = model.roi_head.bbox_sampler.num = 10**6
+        model.rpn_head.sampler.neg_pos_ub = -1
+        exhaustive = ["model.rpn_batch_size_per_image=1000000", "model.roi_sampler.num=1000000",
+                      "model.rpn_neg_pos_ub=-1"]
+    cfg = load_config(OURS[arch], sizes + exhaustive)
+    ours = build_model(cfg.model)
+    ours.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    ours.train()
+    with torch.no_grad():
+        got = ours([image.float() / 255 for image in images],
+                   [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)])
+    ref = _mmdet_losses(mmdet, model.train(), images, boxes, labels)
+    model.eval()
+    names = ({"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_bbox",
+              "loss_classifier": "loss_cls", "loss_box_reg": "loss_bbox"}
+             if arch == "faster_rcnn" else
+             {"classification": "loss_cls", "bbox_regression": "loss_bbox"})
+    for key, ref_key in names.items():
+        expected = ref[ref_key]
+        expected = sum(expected) if isinstance(expected, (list, tuple)) else expected
+        torch.testing.assert_close(got[key], expected.to(got[key].dtype), rtol=2e-4, atol=1e-6)
