@@ -129,20 +129,35 @@ def test_eval_of_a_checkpoint_and_of_a_results_file(tiny, capsys):
     results = tiny["root"] / "results.json"
     code, out, _ = _run(capsys, "eval", tiny["config"], tiny["full"] / "latest.pth",
                         "--results", results)
-    assert code == 0 and "| AP | AP50 | AP75 | APs | APm | APl |" in out
+    table, report = out.splitlines()[:3], out.splitlines()[3:]
+    assert code == 0 and table[0] == "| AP | AP50 | AP75 | APs | APm | APl |"
+    assert report == ["scored 3 image(s)", f"wrote {results}"]
     assert isinstance(json.loads(results.read_text()), list)
     code, again, _ = _run(capsys, "eval", "--results-file", results, "--ann",
                           tiny["paths"]["val_json"])
-    assert code == 0 and again == out  # the same detections score the same
+    assert code == 0 and again.splitlines() == table  # the same detections score the same
     val = json.loads((tiny["full"] / "log.jsonl").read_text().splitlines()[-1])
-    assert f"{100 * val['AP50']:.1f}" in out.splitlines()[-1]
+    assert f"{100 * val['AP50']:.1f}" in table[-1]
+
+
+def test_eval_without_a_config_uses_the_checkpoints_own(tiny, capsys):
+    ckpt = tiny["full"] / "latest.pth"
+    code, with_config, _ = _run(capsys, "eval", ckpt, "--config", tiny["config"])
+    assert code == 0 and "scored 3 image(s)" in with_config
+    code, own, _ = _run(capsys, "eval", ckpt)
+    assert code == 0 and own == with_config  # training stored this very config
+    # --set still changes data and test-time settings of the stored config
+    code, fewer, _ = _run(capsys, "eval", ckpt, "--set", "model.box_detections_per_img=1")
+    assert code == 0 and fewer != own
 
 
 def test_predict_draws_and_lists_detections(tiny, capsys):
     out_dir = tiny["root"] / "pred"
     code, out, _ = _run(capsys, "predict", tiny["full"] / "latest.pth", tiny["paths"]["val_images"],
                         "--score-thresh", "0.0", "--out-dir", out_dir)
-    assert code == 0 and "in 3 image(s)" in out
+    assert code == 0
+    assert out.startswith(f"wrote {out_dir / 'predictions.json'} (") and \
+        out.endswith(f" detections) and 3 drawn image(s) in {out_dir}\n")
     assert sorted(p.name for p in out_dir.iterdir()) == \
         ["000000.jpg", "000001.jpg", "000002.jpg", "predictions.json"]
 

@@ -274,8 +274,10 @@ def test_bad_boxes_dropped_clipped_and_counted(tmp_path):
     torch.testing.assert_close(target["boxes"], torch.tensor([[10.0, 10, 30, 20], [0, 40, 20, 48]]))
     assert target["labels"].dtype == torch.int64 and target["labels"].tolist() == [1, 1]
     assert target["image_id"] == 1 and target["orig_size"].tolist() == [48, 64]
-    # the COCO object holds only the usable annotations, for evaluation
-    assert sorted(ds.coco.anns) == [1, 6]
+    # the COCO object, which evaluation scores against, holds the file as it is, less the
+    # annotations pycocotools cannot score at all (NaN, malformed)
+    assert sorted(ds.coco.anns) == [1, 2, 3, 5, 6]
+    assert ds.coco.anns[2]["bbox"] == [5, 5, 0, 10] and ds.coco.anns[6]["bbox"] == [-10, 40, 30, 20]
     with pytest.raises(BadAnnotationError, match="annotation id 2"):
         CocoDetection(ann_file, root, strict=True)
 

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Literal, Optional, Union
 
 import yaml
 
+from libra_rcnn.errors import UserInputError
 from libra_rcnn.models.config import ModelConfig
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "TrainConfig",
     "CONFIG_DIR",
     "config_from_dict",
+    "apply_overrides",
     "config_to_dict",
     "dataclass_from_dict",
     "dump_config",
@@ -68,7 +70,7 @@ def _safe_load(text: str):
     return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A config file or override is invalid. The message starts with the file (or ``--set ...``)."""
 
 
@@ -328,11 +330,33 @@ def dataclass_from_dict(cls: type, data: dict, *, prefix: str = "", check_only: 
 
 
 def config_from_dict(data: dict, *, source: str = "config", check_only: bool = False) -> Config:
-    """Validate a plain mapping into a :class:`Config`; errors become ``ConfigError("<source>: ...")``."""
+    """Validate a plain mapping into a :class:`Config`; errors become ``ConfigError("<source>: ...")``.
+
+    The model section is also checked as the model builder will check it, so that a value no
+    detector can be built with is reported here, naming the file, rather than later.
+    """
+    from libra_rcnn.models import check_model_config
+
     try:
-        return dataclass_from_dict(Config, data, check_only=check_only)
+        cfg = dataclass_from_dict(Config, data, check_only=check_only)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    if cfg is not None:
+        try:
+            check_model_config(cfg.model)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: model.{exc}") from None
+    return cfg
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """``data`` (a plain config mapping) with ``"a.b.c=value"`` overrides merged over it; each
+    override's keys and value types are checked (:class:`ConfigError` naming the override)."""
+    for override in overrides:
+        patch = parse_override(override)
+        config_from_dict(patch, source=f"--set {override}", check_only=True)
+        data = _merge(data, patch)
+    return data
 
 
 def _plain(value: Any) -> Any:
@@ -460,11 +484,7 @@ def load_config(path_or_name: Union[str, Path], overrides: Iterable[str] = ()) -
     Raises :class:`ConfigError` naming the file (or the ``--set`` override) and the key.
     """
     path = resolve_config_path(path_or_name)
-    data = _load_merged(path, ())
-    for override in overrides:
-        patch = parse_override(override)
-        config_from_dict(patch, source=f"--set {override}", check_only=True)
-        data = _merge(data, patch)
+    data = apply_overrides(_load_merged(path, ()), overrides)
     cfg = config_from_dict(data, source=str(path))
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("work_dirs") / path.stem)
