@@ -405,6 +405,21 @@ def test_scores_match_pycocotools_on_the_untouched_annotation_file(tmp_path):
     assert filtered["AP"] != pytest.approx(evaluation.metrics["AP"], abs=1e-3)
 
 
+def test_nothing_readable_gives_no_metrics_and_names_every_image(tmp_path):
+    gt = make_gt_dict([(1, 64, 64), (2, 64, 64)], [(1, 1, [0, 0, 8, 8], 0)])
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps(gt))
+    (tmp_path / "images").mkdir()
+    dataset = CocoDetection(ann_file, tmp_path / "images", train=False)  # no image file exists
+    loader = DataLoader(WithSkipped(dataset), batch_size=1, collate_fn=collate_with_skipped)
+    model = FixedBoxModel()
+    evaluation = evaluate(model, loader, results_file=tmp_path / "r.json", progress=False)
+    assert model.calls == 0 and evaluation.metrics == {} and evaluation.image_ids == []
+    assert [(s.image_id, s.reason) for s in evaluation.skipped] == \
+        [(1, "file not found"), (2, "file not found")]
+    assert json.loads((tmp_path / "r.json").read_text()) == []
+
+
 # ------------------------------------------------------------------------------ table
 def test_format_metrics_table():
     metrics = {"AP": 0.3871, "AP50": 0.5987, "AP75": 0.4216, "APs": 0.2213, "APm": 0.4214, "APl": -1.0}

@@ -598,6 +598,17 @@ def test_predict_writes_every_readable_image_and_exits_3(voc_run):
         ["000000.jpg", "000002.jpg", "000004.jpg", "predictions.json"]
 
 
+def test_eval_strict_refuses_unreadable_images_up_front(voc_run, tmp_path):
+    results = tmp_path / "results.json"
+    code, out, err = _cli("eval", voc_run["out"] / "latest.pth", "--strict", "--results", results)
+    damaged = voc_run["damaged_val"]
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"libra-rcnn: error: {damaged['truncated']}: cannot decode: image file is truncated "
+        f"(and 2 more problems; run `libra-rcnn check-data`)"]
+    assert not results.exists()
+
+
 def _torchrun(cwd: Path, *argv) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node 2 -m libra_rcnn --quiet ARGV`` on the CPU (gloo)."""
     env = {k: v for k, v in _child_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

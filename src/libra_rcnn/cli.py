@@ -357,13 +357,14 @@ def _cmd_convert_voc(args) -> int:
     print(f"wrote {args.out_json}: {len(coco['images'])} images, {len(coco['annotations'])} "
           f"boxes, {len(names)} classes ({', '.join(names)}); use image root {args.folder} and "
           f"model.num_classes={len(names) + 1}")
-    notes = [f"{counts[key]} {what}" for key, what in (
+    warned = [f"{counts[key]} {what}" for key, what in (
         ("dropped_empty_boxes", "empty or inverted box(es) dropped"),
-        ("clipped_boxes", "box(es) clipped to their image"),
         ("size_from_xml", "image(s) missing or unreadable (sizes taken from the XML)"))
         if counts[key]]
-    if notes:
-        print("  " + "; ".join(notes) + " (warnings name the files)")
+    if warned:
+        print("  " + "; ".join(warned) + " (warnings name the files)")
+    if counts["clipped_boxes"]:
+        print(f"  {counts['clipped_boxes']} box(es) clipped to their image")
     skipped = counts["skipped_files"]
     if skipped:
         print(f"  skipped {len(skipped)} file(s) that could not be converted:")

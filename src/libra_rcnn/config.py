@@ -162,6 +162,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.base_lr > 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.warmup_iters < 0:
             raise ValueError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
         if not 0.0 < self.warmup_ratio <= 1.0:
@@ -190,11 +192,17 @@ class DemoConfig:
     score_thresh: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("num_train", "num_val", "image_size"):
+        for name in ("num_train", "num_val"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.image_size < 48:  # the smallest the shapes generator draws
+            raise ValueError(f"image_size must be >= 48, got {self.image_size}")
         if self.num_predictions < 0:
             raise ValueError(f"num_predictions must be >= 0, got {self.num_predictions}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0.0 <= self.score_thresh <= 1.0:
+            raise ValueError(f"score_thresh must be in [0, 1], got {self.score_thresh}")
 
 
 @dataclass

@@ -75,7 +75,10 @@ def loss_curves(
             raise UserInputError(f"settings: each entry must be an (alpha, gamma) pair, got {pair!r}")
         alpha, gamma = float(pair[0]), float(pair[1])
         # let the loss validate alpha/gamma/beta now, with its own messages
-        balanced_l1_loss(torch.zeros(1), torch.zeros(1), alpha=alpha, gamma=gamma, beta=beta)
+        try:
+            balanced_l1_loss(torch.zeros(1), torch.zeros(1), alpha=alpha, gamma=gamma, beta=beta)
+        except ValueError as exc:
+            raise UserInputError(str(exc)) from None
         pairs.append((alpha, gamma))
     if len(set(pairs)) != len(pairs):
         raise UserInputError(f"settings: duplicate (alpha, gamma) pairs in {list(settings)}")
