@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -29,6 +31,7 @@ from libra_rcnn.analysis._common import background_loss, roi_candidates
 from libra_rcnn.config import config_to_dict
 from libra_rcnn.data import CocoDetection, make_shapes_dataset
 from libra_rcnn.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from libra_rcnn.errors import UserInputError
 from libra_rcnn.models import baseline_model_config, build_model, libra_model_config
 from libra_rcnn.ops import balanced_l1_loss
 
@@ -368,3 +371,34 @@ def test_analyze_and_ablate_are_wired_into_the_libra_rcnn_command(tmp_path, caps
     code = main(["ablate", str(tmp_path / "missing.yaml"), "--table", "table2"])
     err = capsys.readouterr().err
     assert code == 2 and "missing.yaml" in err and "Traceback" not in err
+
+
+def test_analyses_name_the_files_they_write_and_the_images_they_cannot_read(checkpoint, shapes,
+                                                                            tmp_path, capsys):
+    out = tmp_path / "out"
+    # an --out without a suffix becomes a PNG, and the message names the file actually written
+    args = _parse(["bfp-heatmaps", str(checkpoint), "--split", "val", "--out", str(out / "fig4")])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == f"wrote {out / 'fig4.png'}\n"
+    assert sorted(p.name for p in out.iterdir()) == ["fig4.png"]
+    args = _parse(["bfp-heatmaps", str(checkpoint), "--split", "val", "--out", str(out / "fig4.v2")])
+    with pytest.raises(UserInputError, match=r"fig4\.v2: cannot write a figure as '\.v2'; use one "
+                                             r"of .*\.pdf.*\.png"):
+        args.func(args)
+
+    # the same images with image 1 truncated
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shapes["train_images"], damaged)
+    broken = damaged / "000001.png"
+    broken.write_bytes(broken.read_bytes()[:100])
+    data = ["--ann-file", shapes["train_json"], "--image-root", str(damaged)]
+    args = _parse(["samples", str(checkpoint), *data, "--index", "1", "--out", str(out / "s.png")])
+    with pytest.raises(UserInputError, match=f"{re.escape(str(broken))}: cannot decode: .* "
+                                             f"\\(image --index 1; pick another one\\)"):
+        args.func(args)
+    args = _parse(["iou-hist", str(checkpoint), *data, "--num-images", "4", "--num-neg", "8",
+                   "--out-dir", str(out)])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    at = printed.index("1 unreadable image(s) skipped:")
+    assert printed[at + 1].startswith(f"  {broken}: cannot decode: ")

@@ -73,7 +73,7 @@ def _evaluate_independently(checkpoint: Path, paths: dict) -> dict:
     model, _ = load_model_from_checkpoint(checkpoint)
     dataset = CocoDetection(paths["val_json"], paths["val_images"], train=False)
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn)
-    return evaluate(model, loader, progress=False)
+    return evaluate(model, loader, progress=False).metrics
 
 
 def _table_rows(markdown: str) -> list[list[str]]:

@@ -129,20 +129,35 @@ def test_eval_of_a_checkpoint_and_of_a_results_file(tiny, capsys):
     results = tiny["root"] / "results.json"
     code, out, _ = _run(capsys, "eval", tiny["config"], tiny["full"] / "latest.pth",
                         "--results", results)
-    assert code == 0 and "| AP | AP50 | AP75 | APs | APm | APl |" in out
+    table, report = out.splitlines()[:3], out.splitlines()[3:]
+    assert code == 0 and table[0] == "| AP | AP50 | AP75 | APs | APm | APl |"
+    assert report == ["scored 3 image(s)", f"wrote {results}"]
     assert isinstance(json.loads(results.read_text()), list)
     code, again, _ = _run(capsys, "eval", "--results-file", results, "--ann",
                           tiny["paths"]["val_json"])
-    assert code == 0 and again == out  # the same detections score the same
+    assert code == 0 and again.splitlines() == table  # the same detections score the same
     val = json.loads((tiny["full"] / "log.jsonl").read_text().splitlines()[-1])
-    assert f"{100 * val['AP50']:.1f}" in out.splitlines()[-1]
+    assert f"{100 * val['AP50']:.1f}" in table[-1]
+
+
+def test_eval_without_a_config_uses_the_checkpoints_own(tiny, capsys):
+    ckpt = tiny["full"] / "latest.pth"
+    code, with_config, _ = _run(capsys, "eval", ckpt, "--config", tiny["config"])
+    assert code == 0 and "scored 3 image(s)" in with_config
+    code, own, _ = _run(capsys, "eval", ckpt)
+    assert code == 0 and own == with_config  # training stored this very config
+    # --set still changes data and test-time settings of the stored config
+    code, fewer, _ = _run(capsys, "eval", ckpt, "--set", "model.box_detections_per_img=1")
+    assert code == 0 and fewer != own
 
 
 def test_predict_draws_and_lists_detections(tiny, capsys):
     out_dir = tiny["root"] / "pred"
     code, out, _ = _run(capsys, "predict", tiny["full"] / "latest.pth", tiny["paths"]["val_images"],
                         "--score-thresh", "0.0", "--out-dir", out_dir)
-    assert code == 0 and "in 3 image(s)" in out
+    assert code == 0
+    assert out.startswith(f"wrote {out_dir / 'predictions.json'} (") and \
+        out.endswith(f" detections) and 3 drawn image(s) in {out_dir}\n")
     assert sorted(p.name for p in out_dir.iterdir()) == \
         ["000000.jpg", "000001.jpg", "000002.jpg", "predictions.json"]
 
@@ -240,6 +255,90 @@ def test_user_errors_are_one_line_with_exit_code_2(tiny, tmp_path, capsys):
     code, _, err = _run(capsys, "eval", "--results-file", not_coco, "--ann",
                         tiny["paths"]["val_json"])
     _assert_user_error(code, err, str(not_coco))
+
+
+def test_more_user_errors_are_one_line(tiny, tmp_path, capsys):
+    config, ckpt = tiny["config"], tiny["full"] / "latest.pth"
+    # a model setting no detector can be built with is reported when the config is read
+    code, _, err = _run(capsys, "train", config, "--set", "model.trainable_backbone_layers=7")
+    _assert_user_error(code, err, f"{config}: model.trainable_backbone_layers must be an int in "
+                                  f"[0, 5], got 7")
+    code, _, err = _run(capsys, "eval", ckpt, "--device", "abacus")
+    _assert_user_error(code, err, "device 'abacus': not a device name")
+    code, _, err = _run(capsys, "eval")
+    _assert_user_error(code, err, "eval needs CHECKPOINT [--config CONFIG]")
+    code, _, err = _run(capsys, "eval", config, ckpt, "--config", config)
+    _assert_user_error(code, err, "eval needs CHECKPOINT [--config CONFIG]")
+    code, _, err = _run(capsys, "eval", ckpt, "--set", "data.val_ann=null",
+                        "--set", "data.val_images=null")
+    _assert_user_error(code, err, f"{ckpt} (its stored config): data.val_ann / data.val_images "
+                                  f"are not set")
+    code, _, err = _run(capsys, "convert-voc", tmp_path / "no_folder", tmp_path / "x.json")
+    _assert_user_error(code, err, f"{tmp_path / 'no_folder'}: not an existing directory")
+    code, _, err = _run(capsys, "predict", ckpt, tiny["paths"]["val_images"], "--score-thresh", "2")
+    _assert_user_error(code, err, "score_thresh must lie in [0, 1], got 2.0")
+
+
+def test_commands_that_do_not_split_their_work_are_marked_for_the_first_process_only():
+    from libra_rcnn.cli import build_parser
+
+    parser = build_parser()
+    single = {name: getattr(parser.parse_args(argv), "single_process", False) for name, argv in {
+        "predict": ["predict", "c.pth", "x.png"], "check-data": ["check-data", "c.yaml"],
+        "convert-voc": ["convert-voc", "f", "o.json"], "analyze": ["analyze", "loss-curves"],
+        "train": ["train", "c.yaml"], "eval": ["eval", "c.pth"]}.items()}
+    assert single == {"predict": True, "check-data": True, "convert-voc": True, "analyze": True,
+                      "train": False, "eval": False}
+
+
+def test_every_user_error_type_is_a_user_input_error():
+    from libra_rcnn import cli
+    from libra_rcnn.config import ConfigError
+    from libra_rcnn.data import BadAnnotationError, BadImageError
+    from libra_rcnn.engine.checkpoint import CheckpointError
+    from libra_rcnn.engine.train import DataValidationError
+    from libra_rcnn.errors import UserInputError
+
+    for error in (ConfigError, CheckpointError, BadImageError, BadAnnotationError,
+                  DataValidationError, cli.UserError):
+        assert issubclass(error, UserInputError) and issubclass(error, ValueError), error
+
+
+def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors_in_full(tiny, tmp_path, capsys,
+                                                                       monkeypatch):
+    import libra_rcnn.data
+
+    def broken(dataset):
+        raise ValueError("internal inconsistency")  # a ValueError, but not a user error
+
+    monkeypatch.setattr(libra_rcnn.data, "check_dataset", broken)
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        main(["--quiet", "check-data", str(tiny["config"])])
+    monkeypatch.undo()
+
+    missing = tmp_path / "nope.yaml"
+    assert main(["--debug", "--quiet", "train", str(missing)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert "libra_rcnn.config.ConfigError: " in err
+    assert lines[-1] == f"libra-rcnn: error: {missing}: no such config file (and no shipped " \
+                        f"config of that name; see `libra-rcnn configs`)"
+
+
+@pytest.mark.slow
+def test_a_bug_exits_1_with_its_traceback_from_the_command_line(tiny):
+    child = ("import runpy, libra_rcnn.data\n"
+             "def broken(dataset):\n"
+             "    raise ValueError('internal inconsistency')\n"
+             "libra_rcnn.data.check_dataset = broken\n"
+             "runpy.run_module('libra_rcnn', run_name='__main__', alter_sys=True)\n")
+    result = subprocess.run([sys.executable, "-c", child, "--quiet", "check-data",
+                             str(tiny["config"])], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last):" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "ValueError: internal inconsistency"
+    assert "libra-rcnn: error:" not in result.stderr
 
 
 def test_python_dash_m_entry_point(tmp_path):

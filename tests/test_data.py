@@ -30,6 +30,7 @@ from libra_rcnn.data import (
     build_dataset,
     check_dataset,
     collate_fn,
+    ground_truth_coco,
     load_image,
     read_image_size,
 )
@@ -274,10 +275,37 @@ def test_bad_boxes_dropped_clipped_and_counted(tmp_path):
     torch.testing.assert_close(target["boxes"], torch.tensor([[10.0, 10, 30, 20], [0, 40, 20, 48]]))
     assert target["labels"].dtype == torch.int64 and target["labels"].tolist() == [1, 1]
     assert target["image_id"] == 1 and target["orig_size"].tolist() == [48, 64]
-    # the COCO object holds only the usable annotations, for evaluation
-    assert sorted(ds.coco.anns) == [1, 6]
+    # the COCO object, which evaluation scores against, holds the file as it is, less the
+    # annotations pycocotools cannot score at all (NaN, malformed)
+    assert sorted(ds.coco.anns) == [1, 2, 3, 5, 6]
+    assert ds.coco.anns[2]["bbox"] == [5, 5, 0, 10] and ds.coco.anns[6]["bbox"] == [-10, 40, 30, 20]
     with pytest.raises(BadAnnotationError, match="annotation id 2"):
         CocoDetection(ann_file, root, strict=True)
+
+
+def test_ground_truth_for_scoring_is_the_file_as_it_is():
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48}],
+        "categories": [{"id": 1, "name": "c"}],
+        "annotations": [
+            {"id": 7, "image_id": 1, "category_id": 1, "bbox": [0, 0, -2, 5], "area": 3.5},
+            {"image_id": 1, "category_id": 1, "bbox": [200, 1, 2, 2]},  # no id, area, iscrowd
+            {"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 3], "iscrowd": 1},
+            {"id": 8, "image_id": 1, "category_id": 99, "bbox": [1, 1, 2, 2]},  # unknown category
+            {"id": 9, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2]},  # cannot be scored
+            {"id": 10, "image_id": "1", "category_id": 1, "bbox": [1, 1, 2, 2]},  # cannot either
+            "not an object",
+        ],
+    }
+    original = json.loads(json.dumps(data))
+    coco = ground_truth_coco(data)
+    assert data == original  # not modified
+    anns = coco.dataset["annotations"]
+    assert [a["bbox"] for a in anns] == [[0, 0, -2, 5], [200, 1, 2, 2], [1, 1, 2, 3], [1, 1, 2, 2]]
+    assert [a["id"] for a in anns] == [7, 11, 12, 8]  # missing and repeated ids made unique
+    assert [a["area"] for a in anns] == [3.5, 4.0, 6.0, 4.0]  # the file's, else the box area
+    assert [a["iscrowd"] for a in anns] == [0, 0, 1, 0]
+    assert sorted(coco.anns) == [7, 8, 11, 12]
 
 
 def test_unknown_category_dropped_or_strict_error(tmp_path):

@@ -177,6 +177,39 @@ def test_voc_malformed_xml_and_unknown_size(tmp_path):
         voc_to_coco(folder)
 
 
+def test_voc_skip_bad_converts_the_rest_and_lists_every_file_left_out(flat_voc):
+    good = voc_to_coco(flat_voc, class_names=["cat", "dog"])
+    bad = {
+        "malformed.xml": "<annotation><object>",
+        "no_box.xml": "<annotation><object><name>cat</name></object></annotation>",
+        "not_a_number.xml": voc_xml("a.jpg", [("cat", (1, "one", 5, 5), False)], size=(40, 30)),
+        "unknown_class.xml": voc_xml("a.jpg", [("bird", (1, 1, 5, 5), False)], size=(40, 30)),
+        "no_size.xml": voc_xml("gone.jpg", [("cat", (1, 1, 2, 2), False)]),
+    }
+    for name, text in bad.items():
+        (flat_voc / name).write_text(text)
+    with pytest.raises(BadAnnotationError, match=r"malformed\.xml"):
+        voc_to_coco(flat_voc, class_names=["cat", "dog"])  # strict unless asked
+
+    data = voc_to_coco(flat_voc, class_names=["cat", "dog"], skip_bad=True)
+    assert data["images"] == good["images"] and data["annotations"] == good["annotations"]
+    skipped = data["info"]["conversion"]["skipped_files"]
+    assert [os.path.basename(s["file"]) for s in skipped] == sorted(bad)
+    reasons = {os.path.basename(s["file"]): s["reason"] for s in skipped}
+    assert reasons["no_box.xml"] == "<object> 'cat' without <bndbox>"
+    assert reasons["not_a_number.xml"] == "<ymin> is 'one', not a number"
+    assert reasons["unknown_class.xml"].startswith("unknown class 'bird'")
+    assert reasons["no_size.xml"].startswith("image size unknown")
+    assert data["info"]["conversion"]["images"] == 3
+
+    only_bad = flat_voc.parent / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "malformed.xml").write_text(bad["malformed.xml"])
+    with pytest.raises(BadAnnotationError, match=r"none of the 1 \.xml files could be converted; "
+                                                 r"first: .*malformed\.xml: malformed XML"):
+        voc_to_coco(only_bad, skip_bad=True)
+
+
 def test_voc_release_layout_with_image_set(tmp_path):
     root = tmp_path / "VOC"
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):

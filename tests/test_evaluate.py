@@ -7,14 +7,19 @@ the 101 recall points 0.00, 0.01, ..., 1.00.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import DataLoader
 
+from libra_rcnn.data import CocoDetection, WithSkipped, collate_with_skipped
 from libra_rcnn.engine.evaluate import (
     BBOX_METRIC_NAMES,
     coco_bbox_eval,
@@ -289,9 +294,9 @@ def test_run_inference_with_fake_model():
     dataset = ListDataset(items, label_to_cat_id={1: 10, 2: 20})
     loader = DataLoader(dataset, batch_size=2, collate_fn=collate)
     model = FixedBoxModel().train()
-    results, image_ids = run_inference(model, loader, progress=False)
+    results, image_ids, skipped = run_inference(model, loader, progress=False)
     assert model.training and model.calls == 2  # mode restored, two batches
-    assert image_ids == [1, 2, 3]
+    assert image_ids == [1, 2, 3] and skipped == []
     assert len(results) == 6
     first = results[0]
     assert first == {"image_id": 1, "category_id": 20, "bbox": pytest.approx([0, 0, 24, 16]), "score": pytest.approx(0.9)}
@@ -305,7 +310,7 @@ def test_run_inference_passes_proposals():
     items[0][1]["proposals"] = torch.tensor([[0.0, 0.0, 5.0, 5.0], [1.0, 1.0, 9.0, 9.0]])
     items[1][1]["proposals"] = torch.tensor([[2.0, 2.0, 4.0, 8.0]])
     loader = DataLoader(ListDataset(items), batch_size=2, collate_fn=collate)
-    results, ids = run_inference(ProposalEchoModel(), loader, progress=False, label_to_cat_id={1: 1})
+    results, ids, _ = run_inference(ProposalEchoModel(), loader, progress=False, label_to_cat_id={1: 1})
     assert ids == [1, 2]
     assert [r["bbox"] for r in results] == [[0, 0, 5, 5], [1, 1, 8, 8], [2, 2, 2, 6]]
 
@@ -314,8 +319,8 @@ def test_merge_rank_results_dedupes_padded_images():
     rank0 = ([1, 3], [det(1, 1, [0, 0, 1, 1], 0.9), det(3, 1, [0, 0, 2, 2], 0.8)])
     # DistributedSampler padding repeats image 1 on rank 1
     rank1 = ([2, 1], [det(2, 1, [0, 0, 3, 3], 0.7), det(1, 1, [0, 0, 1, 1], 0.9)])
-    results, ids = merge_rank_results([rank0, rank1])
-    assert ids == [1, 3, 2]
+    results, ids, skipped = merge_rank_results([rank0, rank1])
+    assert ids == [1, 3, 2] and skipped == []
     assert [r["image_id"] for r in results] == [1, 3, 2]
 
 
@@ -330,8 +335,10 @@ def test_evaluate_end_to_end(tmp_path):
     dataset = ListDataset(tiny_items([(64, 64), (64, 64)]), coco=coco, label_to_cat_id={1: 10, 2: 20})
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate)
     results_file = tmp_path / "out" / "results.json"
-    metrics = evaluate(FixedBoxModel(), loader, results_file=results_file, progress=False)
+    evaluation = evaluate(FixedBoxModel(), loader, results_file=results_file, progress=False)
+    metrics = evaluation.metrics
     assert metrics["AP"] == pytest.approx(1.0)
+    assert evaluation.image_ids == [1, 2] and evaluation.skipped == []
     ann_file = tmp_path / "ann.json"
     ann_file.write_text(json.dumps(gt))
     assert evaluate_results_file(ann_file, results_file) == metrics
@@ -339,13 +346,78 @@ def test_evaluate_end_to_end(tmp_path):
     # Only image 1 in the loader: evaluation is restricted to it, still perfect.
     sub = torch.utils.data.Subset(dataset, [0])
     metrics_sub = evaluate(FixedBoxModel(), DataLoader(sub, batch_size=1, collate_fn=collate), progress=False)
-    assert metrics_sub["AP"] == pytest.approx(1.0)
+    assert metrics_sub.metrics["AP"] == pytest.approx(1.0) and metrics_sub.image_ids == [1]
 
     prop = evaluate(FixedBoxModel(), loader, proposals=True, progress=False)
-    assert prop["AR@100"] == pytest.approx(1.0)
+    assert prop.metrics["AR@100"] == pytest.approx(1.0)
 
     with pytest.raises(ValueError, match="coco"):
         evaluate(FixedBoxModel(), DataLoader(ListDataset(tiny_items([(8, 8)])), collate_fn=collate), progress=False)
+
+
+def test_scores_match_pycocotools_on_the_untouched_annotation_file(tmp_path):
+    """Degenerate, out-of-image, partly outside and crowd boxes, and two unreadable images (one
+    alone in its batch): our metrics equal pycocotools' own evaluation of the same results file
+    on the same annotation file, over the images that could be read."""
+    annotations = [
+        (1, 20, [0, 0, 32, 32], 0), (1, 10, [56, 56, 8, 8], 0),
+        (1, 10, [5, 5, 0, 10], 0),  # degenerate: zero width
+        (2, 20, [0, 0, 32, 32], 0),
+        (2, 10, [100, 100, 10, 10], 0),  # entirely outside the 64x64 image
+        (2, 20, [30, 30, 30, 30], 1),  # crowd
+        (3, 20, [2, 2, 30, 30], 0), (3, 10, [50, 50, 14, 14], 0),
+        (3, 10, [60, 10, 10, 10], 0),  # partly outside
+        (4, 20, [0, 0, 32, 32], 0), (5, 10, [56, 56, 8, 8], 0),  # images 4, 5: unreadable
+    ]
+    gt = make_gt_dict([(i, 64, 64) for i in range(1, 6)], annotations, cat_ids=(10, 20))
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps(gt))
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in (1, 2, 3):
+        Image.new("RGB", (64, 64)).save(root / f"{i}.jpg")
+    for i in (4, 5):
+        (root / f"{i}.jpg").write_bytes(b"not an image")
+    dataset = CocoDetection(ann_file, root, train=False)
+    assert (dataset.stats["dropped_degenerate_box"], dataset.stats["dropped_outside_image"],
+            dataset.stats["clipped_boxes"]) == (1, 1, 1)  # training's view differs from the file
+    loader = DataLoader(WithSkipped(dataset), batch_size=2, collate_fn=collate_with_skipped)
+    results_file = tmp_path / "results.json"
+    evaluation = evaluate(FixedBoxModel(), loader, results_file=results_file, progress=False)
+    assert evaluation.image_ids == [1, 2, 3]
+    assert [(s.image_id, s.path) for s in evaluation.skipped] == \
+        [(4, str(root / "4.jpg")), (5, str(root / "5.jpg"))]
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(ann_file))
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(str(results_file)), iouType="bbox")
+        coco_eval.params.imgIds = [1, 2, 3]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    assert evaluation.metrics == {n: float(v) for n, v in zip(BBOX_METRIC_NAMES, coco_eval.stats)}
+    # scoring against the filtered annotations instead would give other numbers
+    usable = make_gt_dict([(i, 64, 64) for i in range(1, 6)],
+                          [a for k, a in enumerate(annotations) if k not in (2, 4)],
+                          cat_ids=(10, 20))
+    results = json.loads(results_file.read_text())
+    filtered = coco_bbox_eval(make_coco(usable), results, image_ids=[1, 2, 3])
+    assert filtered["AP"] != pytest.approx(evaluation.metrics["AP"], abs=1e-3)
+
+
+def test_nothing_readable_gives_no_metrics_and_names_every_image(tmp_path):
+    gt = make_gt_dict([(1, 64, 64), (2, 64, 64)], [(1, 1, [0, 0, 8, 8], 0)])
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps(gt))
+    (tmp_path / "images").mkdir()
+    dataset = CocoDetection(ann_file, tmp_path / "images", train=False)  # no image file exists
+    loader = DataLoader(WithSkipped(dataset), batch_size=1, collate_fn=collate_with_skipped)
+    model = FixedBoxModel()
+    evaluation = evaluate(model, loader, results_file=tmp_path / "r.json", progress=False)
+    assert model.calls == 0 and evaluation.metrics == {} and evaluation.image_ids == []
+    assert [(s.image_id, s.reason) for s in evaluation.skipped] == \
+        [(1, "file not found"), (2, "file not found")]
+    assert json.loads((tmp_path / "r.json").read_text()) == []
 
 
 # ------------------------------------------------------------------------------ table

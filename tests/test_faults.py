@@ -11,7 +11,9 @@ training code itself is the package's.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -407,3 +409,245 @@ def test_temporary_files_of_finds_only_this_files_leftovers(tmp_path):
     assert [p.name for p in temporary_files_of(tmp_path / "a[1].pth")] == \
         [".a[1].pth.x1.tmp", ".a[1].pth.x2.tmp"]
     assert temporary_files_of(tmp_path / "missing_dir" / "a.pth") == []
+
+
+# ------------------------------------------------------------------------------ damaged VOC folder
+#
+# A PASCAL VOC folder of photos as users have them: in the val split one image is truncated, one
+# is an empty file and one is missing; in the train split one XML file is cut off, one box is
+# inverted and one image is truncated. Every command must finish with its report, nothing lost.
+
+CLASSES = "circle,square,triangle"
+# the damaged val images are the odd ones: under two processes, the second one's whole shard
+DAMAGED_VAL = {"truncated": "000001.png", "empty": "000003.png", "missing": "000005.png"}
+
+
+def _write_voc_folder(paths: dict, split: str, folder: Path) -> None:
+    """labelImg's flat layout: ``name.xml`` next to ``name.png``, VOC's 1-based inclusive boxes."""
+    coco = json.loads(Path(paths[f"{split}_json"]).read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    folder.mkdir(parents=True)
+    for image in coco["images"]:
+        shutil.copy(Path(paths[f"{split}_images"]) / image["file_name"], folder)
+        objects = "".join(
+            f"<object><name>{names[a['category_id']]}</name><difficult>0</difficult><bndbox>"
+            f"<xmin>{a['bbox'][0] + 1:g}</xmin><ymin>{a['bbox'][1] + 1:g}</ymin>"
+            f"<xmax>{a['bbox'][0] + a['bbox'][2]:g}</xmax>"
+            f"<ymax>{a['bbox'][1] + a['bbox'][3]:g}</ymax></bndbox></object>"
+            for a in coco["annotations"] if a["image_id"] == image["id"])
+        (folder / image["file_name"]).with_suffix(".xml").write_text(
+            f"<annotation><filename>{image['file_name']}</filename><size>"
+            f"<width>{image['width']}</width><height>{image['height']}</height><depth>3</depth>"
+            f"</size>{objects}</annotation>")
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.fixture(scope="module")
+def damaged_voc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged_voc")
+    paths = make_shapes_dataset(root / "shapes", num_train=8, num_val=6, image_size=64, seed=1)
+    train, val = root / "train_voc", root / "val_voc"
+    _write_voc_folder(paths, "train", train)
+    _write_voc_folder(paths, "val", val)
+    _truncate(val / DAMAGED_VAL["truncated"])
+    (val / DAMAGED_VAL["empty"]).write_bytes(b"")
+    (val / DAMAGED_VAL["missing"]).unlink()
+    cut_off = train / "000003.xml"
+    cut_off.write_text(cut_off.read_text()[:60])
+    inverted = train / "000004.xml"
+    text = inverted.read_text()
+    xmin = text[text.index("<xmin>") + 6:text.index("</xmin>")]
+    xmax = text[text.index("<xmax>") + 6:text.index("</xmax>")]
+    inverted.write_text(text.replace(f"<xmin>{xmin}</xmin>", f"<xmin>{xmax}</xmin>", 1)
+                        .replace(f"<xmax>{xmax}</xmax>", f"<xmax>{xmin}</xmax>", 1))
+    _truncate(train / "000006.png")
+    return {"root": root, "train": train, "val": val, "cut_off": cut_off,
+            "damaged_val": {k: str(val / v) for k, v in DAMAGED_VAL.items()}}
+
+
+def _voc_config_args(voc: dict) -> list[str]:
+    root = voc["root"]
+    return ["--set", f"data.train_ann={root / 'train.json'}", "--set", f"data.train_images={voc['train']}",
+            "--set", f"data.val_ann={root / 'val.json'}", "--set", f"data.val_images={voc['val']}",
+            "--set", "train.tensorboard=false", "--set", "train.deterministic=true",
+            "--set", "train.num_threads=1", "--set", "data.val_batch_size=1",
+            # an untrained model's scores are low: keep its detections so scoring has work to do
+            "--set", "model.box_score_thresh=0.0"]
+
+
+def _cli(*argv) -> tuple[int, str, str]:
+    """``libra-rcnn --quiet ARGV`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["--quiet", *map(str, argv)])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def voc_run(damaged_voc, tmp_path_factory):
+    """convert-voc (--skip-bad) -> check-data -> train with evaluation -> eval -> predict, each
+    through the command line in this process; the outputs of every step."""
+    voc, steps = damaged_voc, {}
+    root = voc["root"]
+    out = tmp_path_factory.mktemp("voc_run") / "run"
+    steps["strict"] = _cli("convert-voc", voc["train"], root / "strict.json", "--class-names", CLASSES)
+    steps["convert_train"] = _cli("convert-voc", voc["train"], root / "train.json",
+                                  "--class-names", CLASSES, "--skip-bad")
+    steps["convert_val"] = _cli("convert-voc", voc["val"], root / "val.json",
+                                "--class-names", CLASSES, "--skip-bad")
+    config = _voc_config_args(voc)
+    steps["check"] = _cli("check-data", "demo_quick", *config)
+    steps["train"] = _cli("train", "demo_quick", "--output-dir", out, "--device", "cpu", *config)
+    steps["eval"] = _cli("eval", out / "latest.pth", "--device", "cpu",
+                         "--results", out / "eval_results.json")
+    steps["predict"] = _cli("predict", out / "latest.pth", voc["val"], "--device", "cpu",
+                            "--score-thresh", "0", "--out-dir", out / "predictions")
+    return {"steps": steps, "out": out, **voc}
+
+
+def test_convert_voc_is_strict_by_default_and_skip_bad_converts_the_rest(voc_run):
+    code, out, err = voc_run["steps"]["strict"]
+    assert code == 2 and out == "", err
+    assert err.startswith(f"libra-rcnn: error: {voc_run['cut_off']}: malformed XML: ")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (voc_run["root"] / "strict.json").exists()
+
+    code, out, _ = voc_run["steps"]["convert_train"]
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[0].startswith(f"wrote {voc_run['root'] / 'train.json'}: 7 images, ")
+    assert lines[1] == "  1 empty or inverted box(es) dropped (warnings name the files)"
+    assert lines[2:4] == ["  skipped 1 file(s) that could not be converted:",
+                          f"    {voc_run['cut_off']}: malformed XML: " + lines[3].split(": ", 2)[2]]
+    train = json.loads((voc_run["root"] / "train.json").read_text())
+    assert [i["file_name"] for i in train["images"]] == \
+        [f"{i:06d}.png" for i in range(8) if i != 3]
+    assert train["info"]["conversion"]["skipped_files"][0]["file"] == str(voc_run["cut_off"])
+
+    code, out, _ = voc_run["steps"]["convert_val"]
+    assert code == 0 and out.startswith(f"wrote {voc_run['root'] / 'val.json'}: 6 images, ")
+    assert out.splitlines()[1] == \
+        "  2 image(s) missing or unreadable (sizes taken from the XML) (warnings name the files)"
+
+
+def test_check_data_lists_every_damaged_image(voc_run):
+    code, out, _ = voc_run["steps"]["check"]
+    assert code == 1
+    problems = [line.strip() for line in out.splitlines() if line.startswith("    ")]
+    damaged = voc_run["damaged_val"]
+    assert [p.split(": ")[0] for p in problems] == \
+        [str(voc_run["train"] / "000006.png"), damaged["truncated"], damaged["empty"],
+         damaged["missing"]]
+    assert f"{damaged['missing']}: file not found" in problems
+
+
+def _assert_evaluation_report(out: str, damaged: dict) -> None:
+    """The table, then: 3 scored, the 3 damaged images named with their reasons."""
+    lines = out.splitlines()
+    assert lines[0] == "| AP | AP50 | AP75 | APs | APm | APl |"
+    at = lines.index("scored 3 image(s); 3 unreadable image(s) not scored:")
+    named = lines[at + 1:at + 4]
+    assert [line.split(": ")[0].strip() for line in named] == \
+        [damaged["truncated"], damaged["empty"], damaged["missing"]]
+    assert named[2] == f"  {damaged['missing']}: file not found"
+    assert named[1] == f"  {damaged['empty']}: not a recognised image format"
+
+
+def test_training_evaluates_the_readable_images_and_names_the_others(voc_run):
+    code, out, err = voc_run["steps"]["train"]
+    assert code == 0, err
+    _assert_evaluation_report(out, voc_run["damaged_val"])
+    assert "finished at epoch 1, iteration 4" in out  # 7 images, one unreadable, batches of 2
+    records = [json.loads(line) for line in (voc_run["out"] / "log.jsonl").read_text().splitlines()]
+    (epoch,) = [r for r in records if r["type"] == "epoch"]
+    (val,) = [r for r in records if r["type"] == "val"]
+    assert epoch["skipped_samples"] == 1
+    assert (val["images"], val["skipped_images"]) == (3, 3) and 0.0 <= val["AP50"] <= 1.0
+    scored = {r["image_id"] for r in json.loads((voc_run["out"] / "val_results.json").read_text())}
+    assert scored <= {1, 3, 5}  # image ids 1..6: only the readable 000000, 000002, 000004.png
+    assert "unreadable image(s) not scored" in err  # and the warning in the log
+
+
+def test_eval_without_a_config_reports_like_training(voc_run):
+    code, out, err = voc_run["steps"]["eval"]
+    assert code == 0, err
+    _assert_evaluation_report(out, voc_run["damaged_val"])
+    assert out.splitlines()[-1] == f"wrote {voc_run['out'] / 'eval_results.json'}"
+    train_table = voc_run["steps"]["train"][1].splitlines()[:3]
+    assert out.splitlines()[:3] == train_table  # the same model scores the same
+    assert json.loads((voc_run["out"] / "eval_results.json").read_text()) == \
+        json.loads((voc_run["out"] / "val_results.json").read_text())
+
+
+def test_predict_writes_every_readable_image_and_exits_3(voc_run):
+    code, out, _ = voc_run["steps"]["predict"]
+    pred = voc_run["out"] / "predictions"
+    lines = out.splitlines()
+    assert code == 3
+    assert lines[0].startswith(f"wrote {pred / 'predictions.json'} (")
+    assert lines[0].endswith(f" detections) and 3 drawn image(s) in {pred}")
+    damaged = voc_run["damaged_val"]
+    assert lines[1:] == ["2 of 5 image(s) could not be read (exit status 3):",
+                         f"  {damaged['truncated']}: " + lines[2].split(": ", 1)[1],
+                         f"  {damaged['empty']}: not a recognised image format"]
+    assert lines[2].split(": ", 1)[1].startswith("cannot decode: ")
+    assert sorted(p.name for p in pred.iterdir()) == \
+        ["000000.jpg", "000002.jpg", "000004.jpg", "predictions.json"]
+
+
+def test_eval_strict_refuses_unreadable_images_up_front(voc_run, tmp_path):
+    results = tmp_path / "results.json"
+    code, out, err = _cli("eval", voc_run["out"] / "latest.pth", "--strict", "--results", results)
+    damaged = voc_run["damaged_val"]
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"libra-rcnn: error: {damaged['truncated']}: cannot decode: image file is truncated "
+        f"(and 2 more problems; run `libra-rcnn check-data`)"]
+    assert not results.exists()
+
+
+def _torchrun(cwd: Path, *argv) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m libra_rcnn --quiet ARGV`` on the CPU (gloo)."""
+    env = {k: v for k, v in _child_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+         "--nproc_per_node", "2", "-m", "libra_rcnn", "--quiet", *map(str, argv)],
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env, cwd=cwd)
+
+
+def test_two_processes_train_and_eval_when_one_shard_is_all_unreadable(voc_run):
+    """Under torchrun the second process's val shard holds only the damaged images (every one
+    of its batches is empty): training and evaluation still finish, on the readable images."""
+    out = voc_run["out"].parent / "torchrun"
+    config = _voc_config_args(voc_run)
+    trained = _torchrun(voc_run["root"], "train", "demo_quick", "--output-dir", out,
+                        "--device", "cpu", "--set", "train.batch_size=1", *config)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    _assert_evaluation_report(trained.stdout, voc_run["damaged_val"])
+    assert trained.stdout.count("scored 3 image(s)") == 1  # reported by the first process only
+    (val,) = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+              if json.loads(line)["type"] == "val"]
+    assert (val["images"], val["skipped_images"]) == (3, 3)
+
+    evaluated = _torchrun(voc_run["root"], "eval", out / "latest.pth", "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    _assert_evaluation_report(evaluated.stdout, voc_run["damaged_val"])
+    assert evaluated.stdout.splitlines()[:3] == trained.stdout.splitlines()[:3]
+
+
+@pytest.mark.slow
+def test_commands_that_do_not_split_their_work_run_once_under_torchrun(voc_run):
+    checked = _torchrun(voc_run["root"], "check-data", "demo_quick", *_voc_config_args(voc_run))
+    assert checked.returncode != 0 and checked.stdout.count("[val]") == 1, checked.stderr[-3000:]
+    assert f"{voc_run['damaged_val']['missing']}: file not found" in checked.stdout
+    pred = voc_run["out"].parent / "torchrun_predictions"
+    predicted = _torchrun(voc_run["root"], "predict", voc_run["out"] / "latest.pth", voc_run["val"],
+                          "--device", "cpu", "--out-dir", pred)
+    assert predicted.returncode != 0  # the first process exits 3, torchrun reports the failure
+    assert "exitcode  : 3" in predicted.stderr
+    assert predicted.stdout.count("2 of 5 image(s) could not be read (exit status 3):") == 1
+    assert sorted(p.name for p in pred.iterdir()) == \
+        ["000000.jpg", "000002.jpg", "000004.jpg", "predictions.json"]

@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from libra_rcnn.engine.predict import load_image_tensor, predict_images
+from libra_rcnn.errors import UserInputError
 from libra_rcnn.engine.visualize import class_color, draw_detections, to_pil_image
 
 
@@ -51,10 +52,13 @@ def test_predict_images_writes_images_and_json(tmp_path):
     paths = write_images(tmp_path)
     out_dir = tmp_path / "out"
     model = ThreeBoxModel().train()
-    preds = predict_images(
+    written = predict_images(
         model, paths, class_names=["cat", "dog"], label_to_cat_id={1: 17, 2: 18},
         score_thresh=0.5, out_dir=out_dir,
     )
+    preds = written.detections
+    assert written.json_file == out_dir / "predictions.json" and written.failed == []
+    assert written.drawn == [out_dir / "a.jpg", out_dir / "b.jpg"]
     assert model.training  # mode restored
     assert model.seen_shapes == [(3, 48, 64), (3, 56, 40)]
     assert sorted(p.name for p in out_dir.iterdir()) == ["a.jpg", "b.jpg", "predictions.json"]
@@ -72,7 +76,7 @@ def test_predict_images_writes_images_and_json(tmp_path):
 
     # Without a mapping the label is written; a lower threshold keeps all three boxes.
     preds_all = predict_images(ThreeBoxModel(), paths[:1], class_names=["cat", "dog"],
-                               score_thresh=0.1, out_dir=tmp_path / "out2")
+                               score_thresh=0.1, out_dir=tmp_path / "out2").detections
     assert [p["category_id"] for p in preds_all] == [1, 2, 1]
 
 
@@ -90,17 +94,34 @@ def test_predict_images_draws_only_kept_boxes(tmp_path):
     assert (drawn[1, 0] - grey).abs().max() < 25
 
 
-def test_predict_images_missing_and_unreadable(tmp_path):
+def test_predict_images_writes_the_readable_and_lists_the_unreadable(tmp_path):
     paths = write_images(tmp_path)
     missing = tmp_path / "in" / "missing.jpg"
-    with pytest.raises(ValueError, match="missing.jpg"):
-        predict_images(ThreeBoxModel(), [paths[0], missing], class_names=["cat", "dog"], out_dir=tmp_path / "o")
-    assert not (tmp_path / "o" / "a.jpg").exists()  # checked before any work
     broken = tmp_path / "in" / "broken.jpg"
     broken.write_bytes(b"definitely not a jpeg")
-    with pytest.raises(ValueError, match="broken.jpg"):
-        predict_images(ThreeBoxModel(), [broken], class_names=["cat", "dog"], out_dir=tmp_path / "o")
-    with pytest.raises(ValueError, match="score_thresh"):
+    empty = tmp_path / "in" / "empty.png"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "in" / "truncated.png"
+    truncated.write_bytes(paths[0].read_bytes()[:200])
+    model = ThreeBoxModel()
+    inputs = [missing, paths[0], broken, empty, truncated, paths[1]]
+    written = predict_images(model, inputs, class_names=["cat", "dog"], out_dir=tmp_path / "o")
+    assert model.seen_shapes == [(3, 48, 64), (3, 56, 40)]  # only the readable images ran
+    assert written.drawn == [tmp_path / "o" / "a.jpg", tmp_path / "o" / "b.jpg"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.jpg", "b.jpg", "predictions.json"]
+    assert {d["file_name"] for d in written.detections} == {str(paths[0]), str(paths[1])}
+    assert json.loads(written.json_file.read_text()) == written.detections
+    assert [file for file, _ in written.failed] == [str(missing), str(broken), str(empty), str(truncated)]
+    reasons = dict(written.failed)
+    assert reasons[str(missing)] == "file not found"
+    assert reasons[str(broken)] == "not a recognised image format"
+    assert reasons[str(truncated)].startswith("cannot decode")
+
+    # nothing readable: an empty predictions.json, every input listed
+    nothing = predict_images(model, [broken], class_names=["cat"], out_dir=tmp_path / "n")
+    assert nothing.detections == [] and json.loads(nothing.json_file.read_text()) == []
+    assert len(nothing.failed) == 1
+    with pytest.raises(UserInputError, match="score_thresh"):
         predict_images(ThreeBoxModel(), paths, class_names=["cat"], score_thresh=1.5, out_dir=tmp_path / "o")
 
 

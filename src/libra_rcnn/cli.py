@@ -3,11 +3,11 @@
 Subcommands::
 
     libra-rcnn train CONFIG [--set KEY=VALUE ...] [--resume CKPT] [--strict] [--output-dir D]
-    libra-rcnn eval CONFIG CHECKPOINT [--results FILE]
+    libra-rcnn eval CHECKPOINT [--config CONFIG] [--set KEY=VALUE ...] [--results FILE] [--strict]
     libra-rcnn eval --results-file FILE --ann ANN_JSON [--proposals]
     libra-rcnn predict CHECKPOINT IMAGE_OR_DIR ... [--score-thresh T] [--out-dir D]
-    libra-rcnn convert-voc FOLDER OUT_JSON
-    libra-rcnn convert-mmdet SRC DST --config CONFIG
+    libra-rcnn convert-voc FOLDER OUT_JSON [--skip-bad]
+    libra-rcnn convert-mmdet SRC DST --config CONFIG [--class-names A,B,...]
     libra-rcnn check-data CONFIG
     libra-rcnn demo [--output-dir D] [--quick]
     libra-rcnn configs
@@ -15,33 +15,48 @@ Subcommands::
     libra-rcnn ablate CONFIG (--table tableN | --variant NAME k=v ...) [--max-iters N] ...
 
 CONFIG is a YAML file or the name of a shipped config (``libra-rcnn configs`` lists them).
-Multi-GPU / multi-process: ``torchrun --nproc_per_node N -m libra_rcnn train CONFIG``.
+``eval CHECKPOINT`` takes the data and test-time settings from the config stored in the
+checkpoint unless ``--config`` names another (``eval CONFIG CHECKPOINT`` is the same as
+``eval CHECKPOINT --config CONFIG``).
+
+Multi-GPU / multi-process: ``torchrun --nproc_per_node N -m libra_rcnn train|eval ...`` splits
+the work between the processes. The commands that do not split their work (``predict``,
+``check-data``, ``convert-voc``, ``analyze``) run in the first process only under torchrun;
+the others exit at once with 0.
+
+Unreadable images never stop ``train`` or ``eval``: they are skipped, counted and named, and
+evaluation scores the other images (``--strict`` refuses them up front instead). ``predict``
+writes every image it can read and lists the others with the reason.
 
 Exit codes: 0 success; 1 training diverged (non-finite losses) or ``check-data`` found problems;
-2 user error (bad or missing config, dataset, checkpoint; one line on stderr
-``libra-rcnn: error: <file>: <problem>``, no traceback); 130 / 143 training interrupted by
-SIGINT / SIGTERM after writing ``latest.pth`` (resume with ``--resume``).
+2 user error (bad or missing config, dataset, checkpoint, argument; one line on stderr
+``libra-rcnn: error: <file>: <problem>``, no traceback unless ``--debug``); 3 ``predict`` could
+not read some of its input images (everything else was written); 130 / 143 training interrupted
+by SIGINT / SIGTERM after writing ``latest.pth`` (resume with ``--resume``). Any other failure
+is a bug: Python prints its traceback and the exit code is 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
+from libra_rcnn.errors import UserInputError
+
 PROG = "libra-rcnn"
-EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
+EXIT_USER_ERROR = 2
+EXIT_UNREADABLE_INPUTS = 3
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
-
-class UserError(Exception):
-    """A problem with the user's input, reported as one line."""
+UserError = UserInputError  # the short name the commands below raise
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Libra R-CNN object detection "
                                      "(train, evaluate, predict).")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of user errors too (bad config, data, arguments)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a detector from a config")
@@ -72,12 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint, or of a results file",
-                       description="eval CONFIG CHECKPOINT [--results FILE] evaluates a checkpoint on "
-                                   "the config's val set; eval --results-file F --ann A scores an "
-                                   "existing COCO results json.")
-    p.add_argument("config", nargs="?", help="YAML config file or shipped config name")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint (.pth) written by train")
+                       description="eval CHECKPOINT [--config CONFIG] [--results FILE] evaluates a "
+                                   "checkpoint on the val set of its own config (or of CONFIG); "
+                                   "eval --results-file F --ann A scores an existing COCO results "
+                                   "json. Unreadable images are skipped, named and not scored.")
+    p.add_argument("paths", nargs="*", metavar="[CONFIG] CHECKPOINT",
+                   help="checkpoint (.pth) written by train, optionally preceded by a config")
+    p.add_argument("--config", help="YAML config file or shipped config name giving the data and "
+                                    "test-time settings (default: the checkpoint's own config)")
     _add_config_args(p)
+    p.add_argument("--strict", action="store_true",
+                   help="decode every val image first and stop on any bad image or annotation")
     p.add_argument("--results", metavar="FILE", help="also write the COCO results json here")
     p.add_argument("--results-file", metavar="FILE", help="evaluate this COCO results json instead")
     p.add_argument("--ann", metavar="ANN_JSON", help="COCO annotations for --results-file")
@@ -86,13 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("predict", help="detect objects in images and draw them")
+    p = sub.add_parser("predict", help="detect objects in images and draw them",
+                       description="Writes <out-dir>/<image stem>.jpg per image and "
+                                   "<out-dir>/predictions.json. Images that cannot be read are "
+                                   f"listed with the reason and the exit status is "
+                                   f"{EXIT_UNREADABLE_INPUTS}; the others are still written.")
     p.add_argument("checkpoint", help="checkpoint (.pth) written by train")
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--score-thresh", type=float, default=0.5, help="minimum score (default 0.5)")
     p.add_argument("--out-dir", default="predictions", help="output folder (default predictions/)")
     _add_device_arg(p)
-    p.set_defaults(func=_cmd_predict)
+    p.set_defaults(func=_cmd_predict, single_process=True)
 
     p = sub.add_parser("convert-voc", help="convert a VOC-style folder to a COCO json")
     p.add_argument("folder", help="folder with .xml annotations (and images)")
@@ -100,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", help="comma-separated class names (fixes the label order)")
     p.add_argument("--difficult-as-crowd", action="store_true",
                    help="mark VOC 'difficult' objects as crowd (ignored in training/evaluation)")
-    p.set_defaults(func=_cmd_convert_voc)
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out XML files that cannot be converted (each is listed with the "
+                        "reason) instead of stopping at the first")
+    p.set_defaults(func=_cmd_convert_voc, single_process=True)
 
     p = sub.add_parser("convert-mmdet", help="convert an mmdetection checkpoint into ours",
                        description="Convert an mmdetection (2.x / 3.x) checkpoint of a Libra or "
@@ -118,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file or shipped config name")
     _add_config_args(p)
     p.add_argument("--split", choices=("train", "val", "all"), default="all")
-    p.set_defaults(func=_cmd_check_data)
+    p.set_defaults(func=_cmd_check_data, single_process=True)
 
     p = sub.add_parser("demo", help="generate a synthetic shapes dataset, train, evaluate, predict")
     p.add_argument("--output-dir", default="work_dirs/demo", help="default work_dirs/demo")
@@ -135,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="the paper's figures as PNG/CSV: iou-hist (Fig. 3), "
                        "bfp-heatmaps (Fig. 4), loss-curves (Fig. 5), samples (Fig. 6)")
     add_analyze_subcommands(p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True))
+    p.set_defaults(single_process=True)
     p = sub.add_parser("ablate", help="train + evaluate config variants into a paper-style "
                        "ablation table (Tables 2, 4, 5, 6)")
     add_ablate_command(p)
@@ -167,14 +197,17 @@ def _cmd_train(args) -> int:
 
 
 def _report_training(summary: dict) -> int:
-    if summary["metrics"]:
-        print(_metrics_table(summary["metrics"]))
-    print(f"{summary['stop_reason']} at epoch {summary['epoch']}, iteration "
-          f"{summary['iteration']}; checkpoint: {summary['checkpoint']}")
-    if summary["stop_reason"] == "interrupted" and summary["signal"]:
-        print(f"interrupted: resume with --resume {summary['checkpoint']}", file=sys.stderr)
-        return 128 + int(summary["signal"])
-    return 0
+    """Print the run's report (first process only under torchrun); the exit code."""
+    interrupted = summary["stop_reason"] == "interrupted" and summary["signal"]
+    if not _secondary_process():
+        if summary["metrics"] or summary.get("eval_skipped"):
+            print(_evaluation_report(summary["metrics"], summary.get("eval_images", 0),
+                                     summary.get("eval_skipped", [])))
+        print(f"{summary['stop_reason']} at epoch {summary['epoch']}, iteration "
+              f"{summary['iteration']}; checkpoint: {summary['checkpoint']}")
+        if interrupted:
+            print(f"interrupted: resume with --resume {summary['checkpoint']}", file=sys.stderr)
+    return 128 + int(summary["signal"]) if interrupted else 0
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -187,38 +220,100 @@ def _metrics_table(metrics: dict) -> str:
     return format_metrics_table(metrics, keys=keys)
 
 
+def _evaluation_report(metrics: dict, num_scored: int, skipped: Sequence) -> str:
+    """The metrics table, how many images were scored, and the unreadable ones by name."""
+    from libra_rcnn.engine.evaluate import describe_skipped
+
+    lines = [_metrics_table(metrics)] if metrics else []
+    if skipped:
+        lines.append(f"scored {num_scored} image(s); {len(skipped)} unreadable image(s) not "
+                     f"scored:")
+        lines.extend(f"  {line}" for line in describe_skipped(skipped))
+    else:
+        lines.append(f"scored {num_scored} image(s)")
+    if not metrics:
+        lines.append("no metrics: no image could be read")
+    return "\n".join(lines)
+
+
 def _cmd_eval(args) -> int:
-    from libra_rcnn.engine.evaluate import evaluate, evaluate_results_file
-
     if args.results_file is not None:
-        if args.ann is None:
-            raise UserError("eval --results-file needs --ann ANN_JSON")
-        if args.config is not None or args.checkpoint is not None:
-            raise UserError("eval: give either CONFIG CHECKPOINT or --results-file/--ann, not both")
-        metrics = evaluate_results_file(args.ann, args.results_file, proposals=args.proposals)
-        print(_metrics_table(metrics))
-        return 0
-    if args.config is None or args.checkpoint is None:
-        raise UserError("eval needs CONFIG and CHECKPOINT (or --results-file FILE --ann ANN_JSON)")
+        return _eval_results_file(args)
+    if len(args.paths) not in (1, 2) or (len(args.paths) == 2 and args.config is not None):
+        raise UserError("eval needs CHECKPOINT [--config CONFIG] (or --results-file FILE "
+                        "--ann ANN_JSON)")
+    config, checkpoint = (args.paths if len(args.paths) == 2 else (args.config, args.paths[0]))
 
-    from libra_rcnn.engine.checkpoint import CheckpointError, load_model_from_checkpoint
-    from libra_rcnn.engine.distributed import DistInfo
-    from libra_rcnn.engine.train import build_dataset, build_val_loader, resolve_device
+    from libra_rcnn.engine import distributed as dist_utils
+    from libra_rcnn.engine.checkpoint import load_checkpoint
+    from libra_rcnn.engine.train import resolve_device
 
-    cfg = _load_config(args.config, args.overrides)
-    if cfg.data.val_ann is None or cfg.data.val_images is None:
-        raise UserError(f"{args.config}: data.val_ann / data.val_images are not set")
-    device = resolve_device(args.device, DistInfo())
-    model, meta = load_model_from_checkpoint(args.checkpoint, expected=cfg.model, device=device)
-    dataset = build_dataset(cfg, train=False)
-    if list(meta.get("class_names", dataset.class_names)) != list(dataset.class_names):
-        raise CheckpointError(f"{args.checkpoint}: trained on classes {meta['class_names']}, but "
-                              f"{cfg.data.val_ann} has {dataset.class_names}")
-    loader = build_val_loader(dataset, cfg=cfg, info=DistInfo())
-    metrics = evaluate(model, loader, device=device, results_file=args.results,
-                       proposals=cfg.model.arch == "rpn", progress=not args.quiet)
+    state = load_checkpoint(checkpoint)
+    cfg = _eval_config(config, checkpoint, state, args)
+    info = dist_utils.init_distributed(resolve_device(args.device, dist_utils.DistInfo()).type)
+    try:
+        evaluation = _evaluate_checkpoint(cfg, checkpoint, state, args, info)
+    finally:
+        dist_utils.cleanup_distributed(info)
+    if info.rank == 0:
+        print(_evaluation_report(evaluation.metrics, len(evaluation.image_ids),
+                                 evaluation.skipped))
+        if args.results:
+            print(f"wrote {args.results}")
+    return 0
+
+
+def _eval_results_file(args) -> int:
+    from libra_rcnn.engine.evaluate import evaluate_results_file
+
+    if args.ann is None:
+        raise UserError("eval --results-file needs --ann ANN_JSON")
+    if args.paths or args.config is not None:
+        raise UserError("eval: give either CHECKPOINT [--config CONFIG] or --results-file/--ann, "
+                        "not both")
+    metrics = evaluate_results_file(args.ann, args.results_file, proposals=args.proposals)
     print(_metrics_table(metrics))
     return 0
+
+
+def _eval_config(config: Optional[str], checkpoint: str, state: dict, args):
+    """The config of ``eval``: ``config`` if given, else the one stored in the checkpoint; then
+    ``--set`` overrides and ``--strict``."""
+    from libra_rcnn.config import apply_overrides, config_from_dict
+
+    overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
+    if config is not None:
+        cfg = _load_config(config, overrides)
+        source = config
+    else:
+        if not isinstance(state.get("config"), dict):
+            raise UserError(f"{checkpoint}: the checkpoint holds no config; pass --config CONFIG")
+        source = f"{checkpoint} (its stored config)"
+        cfg = config_from_dict(apply_overrides(state["config"], overrides), source=source)
+    if cfg.data.val_ann is None or cfg.data.val_images is None:
+        raise UserError(f"{source}: data.val_ann / data.val_images are not set (use --set or "
+                        f"--config)")
+    return cfg
+
+
+def _evaluate_checkpoint(cfg, checkpoint: str, state: dict, args, info):
+    from libra_rcnn.engine.checkpoint import CheckpointError, model_from_checkpoint_state
+    from libra_rcnn.engine.evaluate import evaluate
+    from libra_rcnn.engine.train import build_dataset, build_val_loader, check_strict, \
+        resolve_device
+
+    device = resolve_device(args.device, info)
+    model, meta = model_from_checkpoint_state(state, path=checkpoint, expected=cfg.model,
+                                              device=device)
+    dataset = build_dataset(cfg, train=False)
+    if list(meta.get("class_names", dataset.class_names)) != list(dataset.class_names):
+        raise CheckpointError(f"{checkpoint}: trained on classes {meta['class_names']}, but "
+                              f"{cfg.data.val_ann} has {dataset.class_names}")
+    if cfg.data.strict:
+        check_strict(dataset)
+    loader = build_val_loader(dataset, cfg=cfg, info=info)
+    return evaluate(model, loader, device=device, results_file=args.results,
+                    proposals=cfg.model.arch == "rpn", progress=not args.quiet)
 
 
 def _expand_images(paths: Sequence[str]) -> list[Path]:
@@ -246,12 +341,19 @@ def _cmd_predict(args) -> int:
     images = _expand_images(args.images)
     device = resolve_device(args.device, DistInfo())
     model, meta = load_model_from_checkpoint(args.checkpoint, device=device)
-    predictions = predict_images(
+    written = predict_images(
         model, images, class_names=meta.get("class_names") or [],
         label_to_cat_id=meta.get("label_to_cat_id"), score_thresh=args.score_thresh,
         device=device, out_dir=args.out_dir)
-    print(f"{len(predictions)} detections in {len(images)} image(s) written to {args.out_dir}")
-    return 0
+    print(f"wrote {written.json_file} ({len(written.detections)} detections) and "
+          f"{len(written.drawn)} drawn image(s) in {args.out_dir}")
+    if not written.failed:
+        return 0
+    print(f"{len(written.failed)} of {len(images)} image(s) could not be read (exit status "
+          f"{EXIT_UNREADABLE_INPUTS}):")
+    for file, reason in written.failed:
+        print(f"  {file}: {reason}")
+    return EXIT_UNREADABLE_INPUTS
 
 
 def _cmd_convert_voc(args) -> int:
@@ -261,12 +363,26 @@ def _cmd_convert_voc(args) -> int:
     if args.class_names:
         class_names = [n.strip() for n in args.class_names.split(",") if n.strip()]
     coco = voc_to_coco(args.folder, class_names=class_names,
-                       difficult_as_crowd=args.difficult_as_crowd)
+                       difficult_as_crowd=args.difficult_as_crowd, skip_bad=args.skip_bad)
     write_coco_json(coco, args.out_json)
     names = [c["name"] for c in coco["categories"]]
+    counts = coco["info"]["conversion"]
     print(f"wrote {args.out_json}: {len(coco['images'])} images, {len(coco['annotations'])} "
           f"boxes, {len(names)} classes ({', '.join(names)}); use image root {args.folder} and "
           f"model.num_classes={len(names) + 1}")
+    warned = [f"{counts[key]} {what}" for key, what in (
+        ("dropped_empty_boxes", "empty or inverted box(es) dropped"),
+        ("size_from_xml", "image(s) missing or unreadable (sizes taken from the XML)"))
+        if counts[key]]
+    if warned:
+        print("  " + "; ".join(warned) + " (warnings name the files)")
+    if counts["clipped_boxes"]:
+        print(f"  {counts['clipped_boxes']} box(es) clipped to their image")
+    skipped = counts["skipped_files"]
+    if skipped:
+        print(f"  skipped {len(skipped)} file(s) that could not be converted:")
+        for entry in skipped:
+            print(f"    {entry['file']}: {entry['reason']}")
     return 0
 
 
@@ -393,12 +509,24 @@ def _one_line(message: str) -> str:
 
 
 def _user_error_message(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.filename is not None:
+    if isinstance(exc, OSError):
         return f"{exc.filename}: {(exc.strerror or str(exc)).lower()}"
     path, reason = getattr(exc, "path", None), getattr(exc, "reason", None)
     if path is not None and reason is not None:  # the data package's BadImage/BadAnnotation
         return f"{path}: {reason}"
     return str(exc)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Our user-error type, or an operating-system error about a file the user named."""
+    return isinstance(exc, UserInputError) or (isinstance(exc, OSError)
+                                               and exc.filename is not None)
+
+
+def _secondary_process() -> bool:
+    """Under torchrun: a process other than the first."""
+    rank = os.environ.get("RANK", "0").strip()
+    return rank.isdigit() and int(rank) > 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -408,15 +536,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.quiet)
+    if getattr(args, "single_process", False) and _secondary_process():
+        return 0
     try:
         return int(args.func(args) or 0)
     except TrainingDivergedError as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
-    # user errors: the boundary where ValueError (our ConfigError, CheckpointError,
-    # BadAnnotationError, BadImageError, ... all subclass it) becomes one line and exit 2
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, json.JSONDecodeError) as exc:
+    except (UserInputError, OSError) as exc:
+        if not _is_user_error(exc):
+            raise  # a bug, or an operating-system failure not about a user's file
+        if args.debug:
+            traceback.print_exc()
         print(f"{PROG}: error: {_one_line(_user_error_message(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
 

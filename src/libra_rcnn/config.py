@@ -28,6 +28,7 @@ from typing import Any, Iterable, Literal, Optional, Union
 
 import yaml
 
+from libra_rcnn.errors import UserInputError
 from libra_rcnn.models.config import ModelConfig
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "TrainConfig",
     "CONFIG_DIR",
     "config_from_dict",
+    "apply_overrides",
     "config_to_dict",
     "dataclass_from_dict",
     "dump_config",
@@ -68,7 +70,7 @@ def _safe_load(text: str):
     return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A config file or override is invalid. The message starts with the file (or ``--set ...``)."""
 
 
@@ -160,6 +162,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.base_lr > 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.warmup_iters < 0:
             raise ValueError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
         if not 0.0 < self.warmup_ratio <= 1.0:
@@ -188,11 +192,17 @@ class DemoConfig:
     score_thresh: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("num_train", "num_val", "image_size"):
+        for name in ("num_train", "num_val"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.image_size < 48:  # the smallest the shapes generator draws
+            raise ValueError(f"image_size must be >= 48, got {self.image_size}")
         if self.num_predictions < 0:
             raise ValueError(f"num_predictions must be >= 0, got {self.num_predictions}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0.0 <= self.score_thresh <= 1.0:
+            raise ValueError(f"score_thresh must be in [0, 1], got {self.score_thresh}")
 
 
 @dataclass
@@ -328,11 +338,33 @@ def dataclass_from_dict(cls: type, data: dict, *, prefix: str = "", check_only: 
 
 
 def config_from_dict(data: dict, *, source: str = "config", check_only: bool = False) -> Config:
-    """Validate a plain mapping into a :class:`Config`; errors become ``ConfigError("<source>: ...")``."""
+    """Validate a plain mapping into a :class:`Config`; errors become ``ConfigError("<source>: ...")``.
+
+    The model section is also checked as the model builder will check it, so that a value no
+    detector can be built with is reported here, naming the file, rather than later.
+    """
+    from libra_rcnn.models import check_model_config
+
     try:
-        return dataclass_from_dict(Config, data, check_only=check_only)
+        cfg = dataclass_from_dict(Config, data, check_only=check_only)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    if cfg is not None:
+        try:
+            check_model_config(cfg.model)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: model.{exc}") from None
+    return cfg
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """``data`` (a plain config mapping) with ``"a.b.c=value"`` overrides merged over it; each
+    override's keys and value types are checked (:class:`ConfigError` naming the override)."""
+    for override in overrides:
+        patch = parse_override(override)
+        config_from_dict(patch, source=f"--set {override}", check_only=True)
+        data = _merge(data, patch)
+    return data
 
 
 def _plain(value: Any) -> Any:
@@ -460,11 +492,7 @@ def load_config(path_or_name: Union[str, Path], overrides: Iterable[str] = ()) -
     Raises :class:`ConfigError` naming the file (or the ``--set`` override) and the key.
     """
     path = resolve_config_path(path_or_name)
-    data = _load_merged(path, ())
-    for override in overrides:
-        patch = parse_override(override)
-        config_from_dict(patch, source=f"--set {override}", check_only=True)
-        data = _merge(data, patch)
+    data = apply_overrides(_load_merged(path, ()), overrides)
     cfg = config_from_dict(data, source=str(path))
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("work_dirs") / path.stem)

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserInputError
 from ..models.mode import eval_mode, module_mode
 
 PathLike = Union[str, os.PathLike]
@@ -36,7 +37,7 @@ def check_two_stage(model: nn.Module, what: str) -> None:
     """``ValueError`` unless ``model`` has the parts of a two-stage detector ``what`` needs."""
     missing = [name for name in ("transform", "backbone", "roi_heads") if not hasattr(model, name)]
     if missing:
-        raise ValueError(f"model: {what} needs a two-stage detector (transform, backbone, RPN or "
+        raise UserInputError(f"model: {what} needs a two-stage detector (transform, backbone, RPN or "
                          f"precomputed proposals, roi_heads); {type(model).__name__} lacks "
                          f"{', '.join(missing)}")
 
@@ -208,8 +209,20 @@ def write_csv(path: PathLike, header: Sequence[str], rows: Sequence[Sequence[Any
 
 
 def save_figure(fig: Any, path: PathLike, *, dpi: int = 120) -> Path:
-    """Save a ``matplotlib.figure.Figure`` (parent folders created). Returns the path."""
+    """Save a ``matplotlib.figure.Figure`` in the format its suffix names (parent folders
+    created); a path without a suffix gets ``.png``. Returns the path of the file written.
+
+    Raises:
+        UserInputError: a suffix matplotlib cannot write.
+    """
     path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    file_format = path.suffix[1:].lower()
+    supported = fig.canvas.get_supported_filetypes()
+    if file_format not in supported:
+        raise UserInputError(f"{path}: cannot write a figure as {path.suffix!r}; use one of "
+                             f"{', '.join('.' + s for s in sorted(supported))}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", format=file_format)
     return path

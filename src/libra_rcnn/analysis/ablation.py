@@ -36,6 +36,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from ..errors import UserInputError
 from ..io_utils import atomic_write_text
 
 PathLike = Union[str, os.PathLike]
@@ -143,24 +144,24 @@ def variant_dir_name(name: str) -> str:
     ``_`` (``"alpha = 0.5, gamma = 1.5"`` -> ``"alpha_0.5_gamma_1.5"``)."""
     slug = re.sub(r"[^a-z0-9.]+", "_", name.lower()).strip("_.")
     if not slug:
-        raise ValueError(f"variant name {name!r} has no letters or digits to name its folder")
+        raise UserInputError(f"variant name {name!r} has no letters or digits to name its folder")
     return slug
 
 
 def _check_variants(variants: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     if not isinstance(variants, Mapping) or not variants:
-        raise ValueError("variants must be a non-empty mapping of name -> list of overrides")
+        raise UserInputError("variants must be a non-empty mapping of name -> list of overrides")
     checked: dict[str, list[str]] = {}
     folders: dict[str, str] = {}
     for name, overrides in variants.items():
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"variants: names must be non-empty strings, got {name!r}")
+            raise UserInputError(f"variants: names must be non-empty strings, got {name!r}")
         if isinstance(overrides, str) or not all(isinstance(o, str) and "=" in o for o in overrides):
-            raise ValueError(f"variants[{name!r}] must be a list of 'key=value' strings, got "
+            raise UserInputError(f"variants[{name!r}] must be a list of 'key=value' strings, got "
                              f"{overrides!r}")
         folder = variant_dir_name(name)
         if folder in folders:
-            raise ValueError(f"variants {folders[folder]!r} and {name!r} would share the folder "
+            raise UserInputError(f"variants {folders[folder]!r} and {name!r} would share the folder "
                              f"{folder!r}; rename one")
         folders[folder] = name
         checked[name] = list(overrides)
@@ -193,23 +194,24 @@ def evaluate_checkpoint(cfg: Any, checkpoint: PathLike, *, device: Any = None,
     The model is rebuilt with :func:`load_model_from_checkpoint` (``expected=cfg.model``: its
     structure must match, test-time settings come from ``cfg``); the data loader is un-augmented,
     ``cfg.data.val_batch_size`` images per batch. RPN-only models get proposal AR instead of AP.
+    Unreadable validation images are not scored; a warning names them.
     """
-    from torch.utils.data import DataLoader
-
-    from libra_rcnn.data import collate_fn
     from libra_rcnn.engine.checkpoint import load_model_from_checkpoint
-    from libra_rcnn.engine.evaluate import evaluate
-    from libra_rcnn.engine.train import build_dataset
+    from libra_rcnn.engine.distributed import DistInfo
+    from libra_rcnn.engine.evaluate import describe_skipped, evaluate
+    from libra_rcnn.engine.train import build_dataset, build_val_loader
 
     if cfg.data.val_ann is None or cfg.data.val_images is None:
-        raise ValueError("data.val_ann / data.val_images: the ablation needs a validation set")
+        raise UserInputError("data.val_ann / data.val_images: the ablation needs a validation set")
     device = _default_device(device)
-    dataset = build_dataset(cfg, train=False)
-    loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, shuffle=False,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_fn)
+    loader = build_val_loader(build_dataset(cfg, train=False), cfg=cfg, info=DistInfo())
     model, _ = load_model_from_checkpoint(checkpoint, expected=cfg.model, device=device)
-    return evaluate(model, loader, device=device, results_file=results_file,
-                    proposals=cfg.model.arch == "rpn", progress=progress)
+    evaluation = evaluate(model, loader, device=device, results_file=results_file,
+                          proposals=cfg.model.arch == "rpn", progress=progress)
+    if evaluation.skipped:
+        logger.warning("%s: %d unreadable validation image(s) not scored:\n  %s", checkpoint,
+                       len(evaluation.skipped), "\n  ".join(describe_skipped(evaluation.skipped)))
+    return evaluation.metrics
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -293,12 +295,12 @@ def run_ablation(
     shared = list(overrides)
     for override in shared:
         if not isinstance(override, str) or "=" not in override:
-            raise ValueError(f"overrides must be 'key=value' strings, got {override!r}")
+            raise UserInputError(f"overrides must be 'key=value' strings, got {override!r}")
     for name, value in (("epochs", epochs), ("max_iters", max_iters)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+            raise UserInputError(f"{name} must be a positive int or None, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+        raise UserInputError(f"seed must be an int, got {seed!r}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(base_config, Config):
@@ -319,7 +321,7 @@ def run_ablation(
         cfg = load_config(base_path, all_overrides)
         cfg.output_dir = str(folder)  # set directly: a path is not always a valid YAML scalar
         if cfg.data.val_ann is None or cfg.data.val_images is None:
-            raise ValueError(f"variant {name!r}: data.val_ann / data.val_images are null; the "
+            raise UserInputError(f"variant {name!r}: data.val_ann / data.val_images are null; the "
                              f"ablation evaluates on the validation set")
         plans.append((name, folder, all_overrides, cfg))
     probe = plans[0][3]
@@ -333,7 +335,7 @@ def run_ablation(
         if metrics_file.is_file():
             entry = json.loads(metrics_file.read_text())
             if entry.get("overrides") != all_overrides:
-                raise ValueError(
+                raise UserInputError(
                     f"{metrics_file}: was produced with other overrides ({entry.get('overrides')}) "
                     f"than variant {name!r} now has ({all_overrides}); use another output_dir or "
                     f"delete {folder}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from libra_rcnn.ops.balanced_l1_loss import balanced_l1_loss
 
+from ..errors import UserInputError
 from ._common import PathLike, save_figure, write_csv
 
 __all__ = ["DEFAULT_SETTINGS", "loss_curves", "curve_column_name"]
@@ -67,21 +68,24 @@ def loss_curves(
         {"loss", "grad"}}, "beta": beta, "files": {...}}`` with float64 arrays ``[P]``.
     """
     if not settings:
-        raise ValueError("settings must name at least one (alpha, gamma) pair")
+        raise UserInputError("settings must name at least one (alpha, gamma) pair")
     pairs = []
     for pair in settings:
         if len(pair) != 2:
-            raise ValueError(f"settings: each entry must be an (alpha, gamma) pair, got {pair!r}")
+            raise UserInputError(f"settings: each entry must be an (alpha, gamma) pair, got {pair!r}")
         alpha, gamma = float(pair[0]), float(pair[1])
         # let the loss validate alpha/gamma/beta now, with its own messages
-        balanced_l1_loss(torch.zeros(1), torch.zeros(1), alpha=alpha, gamma=gamma, beta=beta)
+        try:
+            balanced_l1_loss(torch.zeros(1), torch.zeros(1), alpha=alpha, gamma=gamma, beta=beta)
+        except ValueError as exc:
+            raise UserInputError(str(exc)) from None
         pairs.append((alpha, gamma))
     if len(set(pairs)) != len(pairs):
-        raise ValueError(f"settings: duplicate (alpha, gamma) pairs in {list(settings)}")
+        raise UserInputError(f"settings: duplicate (alpha, gamma) pairs in {list(settings)}")
     if not max_error > 0:
-        raise ValueError(f"max_error must be > 0, got {max_error!r}")
+        raise UserInputError(f"max_error must be > 0, got {max_error!r}")
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
-        raise ValueError(f"num_points must be an int >= 2, got {num_points!r}")
+        raise UserInputError(f"num_points must be an int >= 2, got {num_points!r}")
 
     x = np.linspace(0.0, float(max_error), num_points)
     smooth_loss, smooth_grad = _loss_and_grad(

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserInputError
 from .ablation import ABLATION_TABLES, ABLATION_TITLES
 
 __all__ = [
@@ -86,13 +87,13 @@ def load_model_and_dataset(args: argparse.Namespace) -> tuple[Any, Any]:
     ann_file = args.ann_file if args.ann_file is not None else data.get(ann_key)
     image_root = args.image_root if args.image_root is not None else data.get(root_key)
     if ann_file is None or image_root is None:
-        raise ValueError(f"{source}: no data.{ann_key}/data.{root_key}; pass --ann-file and "
+        raise UserInputError(f"{source}: no data.{ann_key}/data.{root_key}; pass --ann-file and "
                          f"--image-root")
     proposals = None
     if getattr(model, "rpn", None) is None:
         proposals = args.proposals or data.get(f"{args.split}_proposals")
         if proposals is None:
-            raise ValueError(f"{args.checkpoint}: the model has no RPN; pass --proposals (a "
+            raise UserInputError(f"{args.checkpoint}: the model has no RPN; pass --proposals (a "
                              f"precomputed proposals file for {ann_file})")
     # no transforms (no flips): the model's own transform resizes; train=True leaves crowd
     # boxes out of the targets, as the training step sees them
@@ -102,11 +103,14 @@ def load_model_and_dataset(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _dataset_sample(dataset: Any, index: int) -> tuple[Any, dict]:
     """``dataset[index]`` with a clear error for a bad index or an unreadable image."""
+    from libra_rcnn.data import SkippedImage
+
     if not 0 <= index < len(dataset):
-        raise ValueError(f"--index must lie in [0, {len(dataset)}), got {index}")
-    sample = dataset[index]
-    if sample is None:
-        raise ValueError(f"image {index} of the dataset could not be read")
+        raise UserInputError(f"--index must lie in [0, {len(dataset)}), got {index}")
+    sample = dataset.load(index)
+    if isinstance(sample, SkippedImage):
+        raise UserInputError(f"{sample.path}: {sample.reason} (image --index {index}; pick "
+                             f"another one)")
     return sample
 
 
@@ -133,11 +137,17 @@ def add_iou_hist_arguments(parser: argparse.ArgumentParser) -> None:
 def run_iou_hist(args: argparse.Namespace) -> int:
     from .iou_distribution import format_shares, iou_histograms
 
+    from libra_rcnn.data import WithSkipped
+
     model, dataset = load_model_and_dataset(args)
-    result = iou_histograms(model, dataset, num_images=args.num_images, num_neg=args.num_neg,
-                            bins=args.bins, seed=args.seed, num_bins=args.num_bins,
-                            out_dir=args.out_dir)
+    result = iou_histograms(model, WithSkipped(dataset), num_images=args.num_images,
+                            num_neg=args.num_neg, bins=args.bins, seed=args.seed,
+                            num_bins=args.num_bins, out_dir=args.out_dir)
     print(format_shares(result))
+    if result["unreadable"]:
+        print(f"{len(result['unreadable'])} unreadable image(s) skipped:")
+        for path, reason in result["unreadable"]:
+            print(f"  {path}: {reason}")
     for path in result["files"].values():
         print(f"wrote {path}")
     return 0
@@ -270,17 +280,17 @@ def _variants_from_args(args: argparse.Namespace) -> dict[str, list[str]]:
         if args.only:
             unknown = [n for n in args.only if n not in table]
             if unknown:
-                raise ValueError(f"--only: {args.table} has no row(s) {unknown}; rows: {list(table)}")
+                raise UserInputError(f"--only: {args.table} has no row(s) {unknown}; rows: {list(table)}")
             return {n: table[n] for n in table if n in args.only}
         return dict(table)
     if args.only:
-        raise ValueError("--only selects rows of --table; with --variant list just those")
+        raise UserInputError("--only selects rows of --table; with --variant list just those")
     variants: dict[str, list[str]] = {}
     for name, *overrides in args.variants:
         if name in variants:
-            raise ValueError(f"--variant: duplicate name {name!r}")
+            raise UserInputError(f"--variant: duplicate name {name!r}")
         if "=" in name:
-            raise ValueError(f"--variant: the first value is the variant's name, got {name!r}")
+            raise UserInputError(f"--variant: the first value is the variant's name, got {name!r}")
         variants[name] = overrides
     return variants
 

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserInputError
 from ..models.mode import eval_mode
 from ._common import (
     PathLike,
@@ -35,15 +36,15 @@ def activation_heatmap(feature: Tensor) -> Tensor:
 def _pyramid_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
     backbone = getattr(model, "backbone", None)
     if backbone is None or not hasattr(model, "transform"):
-        raise ValueError(f"model: bfp-heatmaps needs a detector with transform and backbone, "
+        raise UserInputError(f"model: bfp-heatmaps needs a detector with transform and backbone, "
                          f"got {type(model).__name__}")
     bfp = getattr(backbone, "bfp", None)
     if bfp is None:
-        raise ValueError("model has no balanced feature pyramid (backbone.bfp is None): "
+        raise UserInputError("model has no balanced feature pyramid (backbone.bfp is None): "
                          "bfp-heatmaps needs a model built with model.bfp.enabled=true")
     for name in ("body", "fpn"):
         if not hasattr(backbone, name):
-            raise ValueError(f"model.backbone has no {name!r}: expected a LibraBackboneWithFPN "
+            raise UserInputError(f"model.backbone has no {name!r}: expected a LibraBackboneWithFPN "
                              f"(body -> fpn -> bfp)")
     return backbone.body, backbone.fpn, bfp
 

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from libra_rcnn.ops.iou_balanced_sampler import iou_balanced_negative_sample, random_choice
 
+from ..data.coco import SkippedImage
+from ..errors import UserInputError
 from ._common import (
     PathLike,
     background_loss,
@@ -105,8 +107,9 @@ def iou_histograms(
 
     Args:
         model: a two-stage detector (``transform``, ``backbone``, ``rpn``, ``roi_heads``).
-        dataset: yields ``(image FloatTensor[3, H, W], target {"boxes", "labels"})`` (``None``
-            for unreadable images, skipped).
+        dataset: yields ``(image FloatTensor[3, H, W], target {"boxes", "labels"})``, or for an
+            unreadable image ``None`` or a :class:`~libra_rcnn.data.SkippedImage` (skipped; the
+            latter is also named in ``unreadable``).
         num_images: images to use (fewer if the dataset runs out), ``>= 1``.
         num_neg: negatives per image per selection; default the model's RoI sampler's
             ``num * (1 - pos_fraction)`` (512 x 0.75 = 384).
@@ -122,7 +125,8 @@ def iou_histograms(
         of chosen negatives with IoU ``> share_threshold``), ``share_threshold``,
         ``negatives_per_image`` (candidates ``M`` of each used image), ``image_ids``,
         ``num_neg``, ``num_bins``, ``neg_iou_thresh``, ``skipped`` (``{"unreadable",
-        "no_ground_truth"}``) and ``files`` (paths written).
+        "no_ground_truth"}`` counts), ``unreadable`` (``(file, reason)`` of the skipped
+        unreadable images that were named) and ``files`` (paths written).
     """
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
@@ -143,13 +147,16 @@ def iou_histograms(
     negatives_per_image: list[int] = []
     image_ids: list[int] = []
     skipped = {"unreadable": 0, "no_ground_truth": 0}
+    unreadable: list[tuple[str, str]] = []
     neg_iou_thresh = None
     for index in range(len(dataset)):
         if len(image_ids) >= num_images:
             break
         sample = dataset[index]
-        if sample is None:
+        if sample is None or isinstance(sample, SkippedImage):
             skipped["unreadable"] += 1
+            if sample is not None:
+                unreadable.append((sample.path, sample.reason))
             continue
         image, target = sample
         if target["boxes"].numel() == 0:
@@ -170,7 +177,7 @@ def iou_histograms(
         negatives_per_image.append(int(neg.numel()))
         image_ids.append(int(target.get("image_id", index)))
     if not image_ids:
-        raise ValueError(f"dataset: no usable image among {len(dataset)} (skipped: {skipped}); "
+        raise UserInputError(f"dataset: no usable image among {len(dataset)} (skipped: {skipped}); "
                          f"the analysis needs images with ground-truth boxes")
 
     upper = float(neg_iou_thresh)
@@ -194,6 +201,7 @@ def iou_histograms(
         "num_bins": num_bins,
         "neg_iou_thresh": upper,
         "skipped": skipped,
+        "unreadable": unreadable,
         "files": {},
     }
     if out_dir is not None:

@@ -5,15 +5,25 @@ Conventions used throughout:
 * images are ``FloatTensor[3, H, W]`` in ``[0, 1]``, RGB, EXIF orientation applied;
 * boxes are ``FloatTensor[N, 4]`` absolute ``(x1, y1, x2, y2)`` pixels of the displayed image;
 * labels are contiguous ``1..C`` (``0`` = background), ``class_names[label - 1]``;
-* unusable files raise :class:`BadImageError` / :class:`BadAnnotationError` (``ValueError``
-  subclasses naming the file), or are skipped and counted where the API says so.
+* unusable files raise :class:`BadImageError` / :class:`BadAnnotationError`
+  (:class:`~libra_rcnn.errors.UserInputError` s naming the file), or are skipped and counted
+  where the API says so.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .coco import CocoDetection, check_dataset, collate_fn, load_coco_json
+from .coco import (
+    CocoDetection,
+    SkippedImage,
+    WithSkipped,
+    check_dataset,
+    collate_fn,
+    collate_with_skipped,
+    ground_truth_coco,
+    load_coco_json,
+)
 from .errors import BadAnnotationError, BadImageError, PathLike
 from .image_io import DEFAULT_MAX_PIXELS, load_image, read_image_size, to_rgb
 from .samplers import GroupedBatchSampler, aspect_ratio_group_ids
@@ -31,12 +41,16 @@ __all__ = [
     "RandomHorizontalFlip",
     "Resize",
     "SHAPE_CLASSES",
+    "SkippedImage",
     "ToTensor",
+    "WithSkipped",
     "aspect_ratio_group_ids",
     "build_dataset",
     "build_transforms",
     "check_dataset",
     "collate_fn",
+    "collate_with_skipped",
+    "ground_truth_coco",
     "load_coco_json",
     "load_image",
     "make_shapes_dataset",

@@ -21,15 +21,17 @@ What is validated when the json is loaded (each problem names the file):
   ``allow_outside_root=True``. The check is lexical, so symlinks placed inside the root (data
   caches such as DVC or git-annex use them) are followed on purpose.
 
-The :attr:`CocoDetection.coco` object holds the validated annotations (dropped ones removed,
-crowd ones kept, missing ``area``/``iscrowd``/``id`` fields filled in) so that ``COCOeval``
-scores against exactly the ground truth the model could learn.
+Training targets come from the validated annotations only. Scoring does not: the
+:attr:`CocoDetection.coco` object is the annotation file as it is (:func:`ground_truth_coco`), so
+``COCOeval`` scores against the untouched file, as the official protocol does; degenerate,
+out-of-image and crowd boxes stay in it.
 
-Images are only decoded in ``__getitem__`` (or by :func:`check_dataset`): a missing, corrupt or
-too-large image makes ``__getitem__`` return ``None`` when ``skip_bad=True`` (logged and counted;
-:func:`collate_fn` drops it), or raise :class:`BadImageError` when ``skip_bad=False``. Counters
-incremented in ``__getitem__`` live in the process that ran it (DataLoader workers keep their
-own copies); load-time counts and :func:`check_dataset` are exact.
+Images are only decoded in ``__getitem__`` / :meth:`CocoDetection.load` (or by
+:func:`check_dataset`): a missing, corrupt or too-large image makes ``__getitem__`` return
+``None`` and ``load`` a :class:`SkippedImage` record when ``skip_bad=True`` (logged and counted;
+:func:`collate_fn` drops both), or raise :class:`BadImageError` when ``skip_bad=False``. Counters
+incremented there live in the process that ran it (DataLoader workers keep their own copies);
+load-time counts and :func:`check_dataset` are exact.
 """
 
 from __future__ import annotations
@@ -48,11 +50,21 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from ..errors import UserInputError
 from .errors import BadAnnotationError, BadImageError, PathLike
 from .image_io import DEFAULT_MAX_PIXELS, load_image, read_image_size
 from .transforms import ToTensor
 
-__all__ = ["CocoDetection", "collate_fn", "check_dataset", "load_coco_json"]
+__all__ = [
+    "CocoDetection",
+    "SkippedImage",
+    "WithSkipped",
+    "check_dataset",
+    "collate_fn",
+    "collate_with_skipped",
+    "ground_truth_coco",
+    "load_coco_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +88,15 @@ _STAT_KEYS = (
     "bad_images",
     "size_mismatch",
 )
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image left out because it could not be read: its id, its file and why."""
+
+    image_id: int
+    path: str
+    reason: str
 
 
 @dataclass
@@ -127,6 +148,51 @@ def load_coco_json(ann_file: PathLike) -> dict:
         if not isinstance(data[key], list):
             raise BadAnnotationError(ann_file, f"{key!r} must be a list, got {type(data[key]).__name__}")
     return data
+
+
+def _bbox_is_usable(bbox: Any) -> bool:
+    return (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(_is_number(v) and math.isfinite(v) for v in bbox))
+
+
+def ground_truth_coco(data: dict) -> COCO:
+    """A pycocotools ``COCO`` holding an annotation file's content as it is, for scoring.
+
+    Nothing is clipped or dropped for being degenerate, outside its image or crowd: ``COCOeval``
+    treats such boxes as the official evaluation of the same file does. Only what pycocotools
+    needs to run at all is touched: annotations that are not objects, lack an integer
+    ``image_id`` / ``category_id`` or have a ``bbox`` that is not 4 finite numbers cannot be
+    scored and are left out; a missing ``iscrowd`` becomes 0, a missing ``area`` the box area,
+    and a missing or repeated annotation ``id`` a fresh one. ``data`` is not modified.
+
+    Args:
+        data: a parsed COCO instances file (:func:`load_coco_json`).
+    """
+    annotations = []
+    used = {a["id"] for a in data["annotations"] if isinstance(a, dict) and _is_int(a.get("id"))}
+    next_id, assigned = max(used, default=0) + 1, set()
+    for ann in data["annotations"]:
+        if not (isinstance(ann, dict) and _is_int(ann.get("image_id"))
+                and _is_int(ann.get("category_id")) and _bbox_is_usable(ann.get("bbox"))):
+            continue
+        missing_id = not _is_int(ann.get("id")) or ann["id"] in assigned
+        if missing_id or "iscrowd" not in ann or not _is_number(ann.get("area")):
+            ann = dict(ann)
+            ann.setdefault("iscrowd", 0)
+            if not _is_number(ann.get("area")):
+                ann["area"] = max(float(ann["bbox"][2]), 0.0) * max(float(ann["bbox"][3]), 0.0)
+            if missing_id:
+                while next_id in used:
+                    next_id += 1
+                ann["id"] = next_id
+                used.add(next_id)
+        assigned.add(ann["id"])
+        annotations.append(ann)
+    coco = COCO()
+    coco.dataset = {**data, "annotations": annotations}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
 
 
 def _first_duplicates(ids: Sequence[int], limit: int = 5) -> List[int]:
@@ -189,7 +255,7 @@ class CocoDetection(Dataset):
         if max_pixels is not None and (isinstance(max_pixels, bool) or not max_pixels > 0):
             raise ValueError(f"max_pixels must be a positive number or None, got {max_pixels!r}")
         if not os.path.isdir(image_root):
-            raise ValueError(f"image_root {os.fspath(image_root)!r} is not an existing directory")
+            raise UserInputError(f"{os.fspath(image_root)}: image_root is not an existing directory")
         self.ann_file = os.fspath(ann_file)
         self.image_root = os.path.abspath(image_root)
         self.transforms = transforms
@@ -208,11 +274,8 @@ class CocoDetection(Dataset):
         self._load_categories(data["categories"])
         images = self._load_images(data["images"])
         annotations = self._load_annotations(data["annotations"], images)
-        data["annotations"] = annotations
-        self.coco = COCO()
-        self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco.createIndex()
+        #: the annotation file as it is (:func:`ground_truth_coco`): what evaluation scores against
+        self.coco = ground_truth_coco(data)
 
         self._records = self._build_records(images, annotations)
         if remove_empty and self.train:
@@ -319,8 +382,7 @@ class CocoDetection(Dataset):
                               f"{where}: category_id {cat_id!r} is not in 'categories'")
                 continue
             bbox = ann.get("bbox")
-            if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-                    or not all(_is_number(v) and math.isfinite(v) for v in bbox)):
+            if not _bbox_is_usable(bbox):
                 self._problem("dropped_invalid_bbox", f"{where}: bbox {bbox!r} is not 4 finite numbers")
                 continue
             x, y, w, h = (float(v) for v in bbox)
@@ -445,6 +507,12 @@ class CocoDetection(Dataset):
                 f"image size {width}x{height}; boxes are clipped to the decoded image")
 
     def __getitem__(self, index: int):
+        sample = self.load(index)
+        return None if isinstance(sample, SkippedImage) else sample
+
+    def load(self, index: int):
+        """``self[index]``, except that an unreadable image gives a :class:`SkippedImage` record
+        (with ``skip_bad=True``; it raises :class:`BadImageError` otherwise) instead of ``None``."""
         rec = self._records[index]
         try:
             pil_image = self._load(rec)
@@ -453,7 +521,7 @@ class CocoDetection(Dataset):
             if not self.skip_bad:
                 raise
             logger.warning("skipping image %s (image id %d): %s", exc.path, rec.image_id, exc.reason)
-            return None
+            return SkippedImage(rec.image_id, exc.path, exc.reason)
         width, height = pil_image.size
         mismatch = self._check_size(rec, width, height)
         if mismatch is not None:
@@ -496,15 +564,41 @@ class CocoDetection(Dataset):
                 f"classes={self.num_classes}, train={self.train})")
 
 
-def collate_fn(batch: Sequence[Optional[Tuple[torch.Tensor, dict]]]):
-    """DataLoader collate for detection: drop ``None`` (skipped) samples and return
-    ``(tuple(images), tuple(targets))``; images keep their own sizes (the model batches them).
-    An all-``None`` batch gives ``((), ())``."""
-    samples = [s for s in batch if s is not None]
+class WithSkipped(Dataset):
+    """``dataset`` with unreadable images as :class:`SkippedImage` records instead of ``None``
+    (:meth:`CocoDetection.load`), so that evaluation can name them; collate its samples with
+    :func:`collate_with_skipped`."""
+
+    def __init__(self, dataset: CocoDetection) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset.load(index)
+
+
+def _is_sample(sample: Any) -> bool:
+    return sample is not None and not isinstance(sample, SkippedImage)
+
+
+def collate_fn(batch: Sequence[Any]):
+    """DataLoader collate for detection: drop skipped samples (``None`` or
+    :class:`SkippedImage`) and return ``(tuple(images), tuple(targets))``; images keep their own
+    sizes (the model batches them). A batch without any readable sample gives ``((), ())``."""
+    samples = [s for s in batch if _is_sample(s)]
     if not samples:
         return (), ()
     images, targets = zip(*samples)
     return tuple(images), tuple(targets)
+
+
+def collate_with_skipped(batch: Sequence[Any]):
+    """:func:`collate_fn` plus the batch's :class:`SkippedImage` records:
+    ``(tuple(images), tuple(targets), tuple(skipped))``."""
+    images, targets = collate_fn(batch)
+    return images, targets, tuple(s for s in batch if isinstance(s, SkippedImage))
 
 
 def check_dataset(dataset: CocoDetection) -> Dict[str, Any]:

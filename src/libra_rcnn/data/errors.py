@@ -1,8 +1,9 @@
 """Exceptions for unusable data files.
 
 Both name the offending file in their message so that a failure deep inside a data loader
-worker still says which file to fix. Both subclass :class:`ValueError` (the file's content is
-a bad value), so callers can catch either one specifically or both as ``ValueError``.
+worker still says which file to fix. Both are :class:`~libra_rcnn.errors.UserInputError` s
+(hence ``ValueError`` s: the file's content is a bad value), so callers can catch either one
+specifically or every user error at once.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import os
 from typing import Union
 
+from ..errors import UserInputError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class _BadFileError(ValueError):
+class _BadFileError(UserInputError):
     """Base: ``path`` is the file, ``reason`` a short human-readable explanation."""
 
     kind = "file"

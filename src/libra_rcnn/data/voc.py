@@ -23,8 +23,12 @@ Conventions of the conversion:
 * **Classes.** ``class_names=None`` takes the sorted set of names found; a fixed list makes an
   unknown name an error naming the XML file. Category ids are ``1..C`` in list order.
 * ``area`` is the box area (VOC has no masks).
+* **Bad files.** By default the first unusable XML file stops the conversion with
+  :class:`BadAnnotationError` naming it. With ``skip_bad=True`` such a file is left out (its
+  image with it) and listed with the reason, and the rest is converted.
 
-Conversion counts are stored under ``d["info"]["conversion"]``.
+Conversion counts are stored under ``d["info"]["conversion"]``, the files left out under
+``d["info"]["conversion"]["skipped_files"]`` as ``{"file", "reason"}`` objects.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import os
 import xml.etree.ElementTree as ET
 from typing import List, Optional, Sequence, Tuple
 
+from ..errors import UserInputError
 from ..io_utils import atomic_write
 from .errors import BadAnnotationError, BadImageError, PathLike
 from .image_io import read_image_size
@@ -56,14 +61,14 @@ def _find_layout(folder: str, image_set: Optional[str]) -> Tuple[List[str], str]
         if image_set is not None:
             list_file = os.path.join(folder, "ImageSets", "Main", f"{image_set}.txt")
             if not os.path.isfile(list_file):
-                raise ValueError(f"image_set {image_set!r}: {list_file!r} does not exist")
+                raise UserInputError(f"{list_file}: no such image set file (image_set {image_set!r})")
             with open(list_file, "r", encoding="utf-8") as f:
                 stems = [line.split()[0] for line in f if line.strip()]
             return [os.path.join(ann_dir, f"{s}.xml") for s in stems], image_dir
         xmls = sorted(os.path.join(ann_dir, n) for n in os.listdir(ann_dir) if n.lower().endswith(".xml"))
         return xmls, image_dir
     if image_set is not None:
-        raise ValueError(f"image_set={image_set!r} needs the VOC layout (folder/Annotations, "
+        raise UserInputError(f"image_set={image_set!r} needs the VOC layout (folder/Annotations, "
                          f"folder/ImageSets/Main), not found in {folder!r}")
     xmls = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(".xml"))
     return xmls, folder
@@ -103,32 +108,86 @@ def _xml_size(root: ET.Element) -> Tuple[int, int]:
         return 0, 0
 
 
+def _parse_annotation(xml_path: str, *, folder: str, image_dir: str,
+                      class_names: Optional[Sequence[str]], image_set: Optional[str],
+                      counts: dict) -> tuple:
+    """``(xml_path, image file_name, width, height, objects)`` of one VOC XML file, objects as
+    ``(name, x1, y1, x2, y2, difficult)`` in 0-based continuous coordinates (not clipped).
+    Raises :class:`BadAnnotationError` naming the file; ``counts`` is only updated once the
+    whole file has been read."""
+    if not os.path.isfile(xml_path):
+        raise BadAnnotationError(xml_path, f"annotation file missing (listed in image_set {image_set!r})")
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise BadAnnotationError(xml_path, f"malformed XML: {exc}") from exc
+    objects = []
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            raise BadAnnotationError(xml_path, "<object> without a <name>")
+        if class_names is not None and name not in class_names:
+            raise BadAnnotationError(xml_path, f"unknown class {name!r}; expected one of {class_names}")
+        box = obj.find("bndbox")
+        if box is None:
+            raise BadAnnotationError(xml_path, f"<object> {name!r} without <bndbox>")
+        xmin, ymin, xmax, ymax = (_number(box, t, xml_path) for t in ("xmin", "ymin", "xmax", "ymax"))
+        difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true", "True")
+        objects.append((name, xmin - 1.0, ymin - 1.0, xmax, ymax, difficult))
+    image_path = _find_image(xml_path, root.findtext("filename"), image_dir)
+    width = height = 0
+    if image_path is not None:
+        try:
+            width, height = read_image_size(image_path)
+        except BadImageError as exc:
+            logger.warning("%s: cannot read size of %s (%s); using <size>", xml_path, image_path, exc.reason)
+    else:
+        logger.warning("%s: image file not found (filename %r)", xml_path, root.findtext("filename"))
+    from_image = width > 0 and height > 0
+    if not from_image:
+        width, height = _xml_size(root)
+        if width <= 0 or height <= 0:
+            raise BadAnnotationError(xml_path, "image size unknown: image unreadable or missing "
+                                               "and <size> absent or 0x0")
+    counts["size_from_image" if from_image else "size_from_xml"] += 1
+    counts["missing_images"] += int(image_path is None)
+    rel = os.path.relpath(image_path, folder) if image_path is not None else os.path.relpath(
+        os.path.join(image_dir, os.path.basename(root.findtext("filename") or "")), folder)
+    return xml_path, rel.replace(os.sep, "/"), width, height, objects
+
+
 def voc_to_coco(
     folder: PathLike,
     *,
     class_names: Optional[Sequence[str]] = None,
     difficult_as_crowd: bool = False,
     image_set: Optional[str] = None,
+    skip_bad: bool = False,
 ) -> dict:
     """Convert a VOC-style folder into a COCO instances dict (conventions in the module doc).
 
     ``file_name`` entries are relative to ``folder``, so use ``folder`` as the dataset's
     ``image_root``. Images are numbered ``1..N`` in sorted XML order.
 
+    Args:
+        skip_bad: leave out XML files that cannot be converted, listing them under
+            ``d["info"]["conversion"]["skipped_files"]``, instead of raising on the first.
+
     Raises:
-        ValueError: ``folder`` is not a directory, ``class_names`` is empty or has duplicates,
-            ``image_set`` cannot be found.
+        UserInputError: ``folder`` is not a directory, ``class_names`` is empty or has
+            duplicates, ``image_set`` cannot be found.
         BadAnnotationError: malformed XML, an object without a name or box, an unknown class
             with a fixed ``class_names``, an image whose size can be found neither in the file
-            nor in the XML, or a folder without any XML.
+            nor in the XML (unless ``skip_bad``); a folder without any XML, or without any
+            convertible one.
     """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise ValueError(f"folder {folder!r} is not an existing directory")
+        raise UserInputError(f"{folder}: not an existing directory")
     if class_names is not None:
         class_names = [str(n) for n in class_names]
         if not class_names or len(set(class_names)) != len(class_names):
-            raise ValueError(f"class_names must be non-empty and unique, got {class_names!r}")
+            raise UserInputError(f"class_names must be non-empty and unique, got {class_names!r}")
     xml_paths, image_dir = _find_layout(folder, image_set)
     if not xml_paths:
         raise BadAnnotationError(folder, "no .xml annotation files found")
@@ -136,50 +195,23 @@ def voc_to_coco(
     counts = {"images": 0, "objects": 0, "difficult": 0, "clipped_boxes": 0,
               "dropped_empty_boxes": 0, "size_from_image": 0, "size_from_xml": 0,
               "missing_images": 0}
-    parsed = []  # (xml_path, image_path, width, height, objects)
-    found_names = set()
+    parsed, skipped = [], []
     for xml_path in xml_paths:
-        if not os.path.isfile(xml_path):
-            raise BadAnnotationError(xml_path, f"annotation file missing (listed in image_set {image_set!r})")
         try:
-            root = ET.parse(xml_path).getroot()
-        except (ET.ParseError, OSError) as exc:
-            raise BadAnnotationError(xml_path, f"malformed XML: {exc}") from exc
-        image_path = _find_image(xml_path, root.findtext("filename"), image_dir)
-        width = height = 0
-        if image_path is not None:
-            try:
-                width, height = read_image_size(image_path)
-                counts["size_from_image"] += 1
-            except BadImageError as exc:
-                logger.warning("%s: cannot read size of %s (%s); using <size>", xml_path, image_path, exc.reason)
-        else:
-            counts["missing_images"] += 1
-            logger.warning("%s: image file not found (filename %r)", xml_path, root.findtext("filename"))
-        if width <= 0 or height <= 0:
-            width, height = _xml_size(root)
-            if width <= 0 or height <= 0:
-                raise BadAnnotationError(xml_path, "image size unknown: image unreadable or missing "
-                                                   "and <size> absent or 0x0")
-            counts["size_from_xml"] += 1
-        objects = []
-        for obj in root.iter("object"):
-            name = (obj.findtext("name") or "").strip()
-            if not name:
-                raise BadAnnotationError(xml_path, "<object> without a <name>")
-            if class_names is not None and name not in class_names:
-                raise BadAnnotationError(xml_path, f"unknown class {name!r}; expected one of {class_names}")
-            box = obj.find("bndbox")
-            if box is None:
-                raise BadAnnotationError(xml_path, f"<object> {name!r} without <bndbox>")
-            xmin, ymin, xmax, ymax = (_number(box, t, xml_path) for t in ("xmin", "ymin", "xmax", "ymax"))
-            difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true", "True")
-            objects.append((name, xmin - 1.0, ymin - 1.0, xmax, ymax, difficult))
-            found_names.add(name)
-        rel = os.path.relpath(image_path, folder) if image_path is not None else os.path.relpath(
-            os.path.join(image_dir, os.path.basename(root.findtext("filename") or "")), folder)
-        parsed.append((xml_path, rel.replace(os.sep, "/"), width, height, objects))
+            parsed.append(_parse_annotation(xml_path, folder=folder, image_dir=image_dir,
+                                            class_names=class_names, image_set=image_set,
+                                            counts=counts))
+        except BadAnnotationError as exc:
+            if not skip_bad:
+                raise
+            logger.warning("skipping %s: %s", exc.path, exc.reason)
+            skipped.append({"file": exc.path, "reason": exc.reason})
+    if not parsed:
+        raise BadAnnotationError(folder, f"none of the {len(xml_paths)} .xml files could be "
+                                         f"converted; first: {skipped[0]['file']}: "
+                                         f"{skipped[0]['reason']}")
 
+    found_names = {obj[0] for record in parsed for obj in record[4]}
     names = list(class_names) if class_names is not None else sorted(found_names)
     if not names:
         raise BadAnnotationError(folder, "no objects found, so no class names (pass class_names)")
@@ -210,6 +242,7 @@ def voc_to_coco(
                 "difficult": int(difficult),
             })
     counts["images"] = len(images)
+    counts["skipped_files"] = skipped
     return {
         "info": {"description": f"converted from PASCAL VOC XML in {folder}", "conversion": counts},
         "images": images,

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from libra_rcnn.errors import UserInputError
 from libra_rcnn.io_utils import atomic_write
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "load_checkpoint",
     "load_model_from_checkpoint",
     "model_config_from_checkpoint",
+    "model_from_checkpoint_state",
     "describe_config_mismatch",
 ]
 
@@ -70,7 +72,7 @@ _UNSAFE_PICKLE = re.compile(r"unsupported global|unsupported class|reduce|unreco
                             re.IGNORECASE)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
     """A checkpoint cannot be written, read or used. The message starts with the file."""
 
 
@@ -210,10 +212,11 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
 def model_config_from_checkpoint(state: dict, *, path: PathLike = "checkpoint"):
     """The ``ModelConfig`` stored in a loaded checkpoint."""
     from libra_rcnn.config import dataclass_from_dict
+    from libra_rcnn.models import check_model_config
     from libra_rcnn.models.config import ModelConfig
 
     try:
-        return dataclass_from_dict(ModelConfig, state["model_config"])
+        return check_model_config(dataclass_from_dict(ModelConfig, state["model_config"]))
     except ValueError as exc:
         raise CheckpointError(f"{path}: stored model config is not valid here: {exc}") from None
 
@@ -255,12 +258,23 @@ def load_model_from_checkpoint(
     Returns ``(model, meta)``: ``meta`` is the checkpoint without the weights and training
     state (``model_config``, ``class_names``, ``label_to_cat_id``, ``epoch``, ``iteration``, ...).
     """
+    return model_from_checkpoint_state(load_checkpoint(path), path=path, expected=expected,
+                                       device=device)
+
+
+def model_from_checkpoint_state(
+    state: dict,
+    *,
+    path: PathLike,
+    expected=None,
+    device: Union[str, torch.device] = "cpu",
+) -> tuple[nn.Module, dict]:
+    """:func:`load_model_from_checkpoint` for a checkpoint already read with
+    :func:`load_checkpoint` (``path`` is only named in errors)."""
     from libra_rcnn.models import build_model
 
     path = Path(path)
-    state = load_checkpoint(path)
     stored = model_config_from_checkpoint(state, path=path)
-    model_cfg = stored
     if expected is not None:
         differences = describe_config_mismatch(stored, expected)
         if differences:

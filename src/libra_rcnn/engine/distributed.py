@@ -15,6 +15,8 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from libra_rcnn.errors import UserInputError
+
 __all__ = [
     "DistInfo",
     "init_distributed",
@@ -51,7 +53,8 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+        raise UserInputError(f"environment variable {name} must be an integer, got {raw!r}") \
+            from None
 
 
 def init_distributed(device_type: Optional[str] = None, *, timeout_s: float = 1800.0) -> DistInfo:

@@ -13,6 +13,12 @@ Conventions
 Metrics are the standard COCO bbox metrics reported in the paper (Sec. 4.1): AP averaged over
 IoU thresholds 0.50:0.05:0.95, AP50, AP75, AP for small/medium/large objects, and average recall
 (AR). Proposal quality is measured as class-agnostic AR at 100/300/1000 proposals per image.
+
+Unreadable images. A loader may yield ``(images, targets, skipped)`` batches, ``skipped`` being
+the :class:`~libra_rcnn.data.SkippedImage` records of images that could not be read
+(:func:`~libra_rcnn.data.collate_with_skipped`). They are not run and not scored: scoring is
+restricted to the images that were run, and :func:`evaluate` returns the skipped ones so the
+caller can name them. A batch left without any image is passed over.
 """
 
 from __future__ import annotations
@@ -24,23 +30,28 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from libra_rcnn.errors import UserInputError
 from libra_rcnn.io_utils import atomic_write
 from libra_rcnn.models.mode import eval_mode
 
 __all__ = [
     "BBOX_METRIC_NAMES",
     "PAPER_METRIC_NAMES",
+    "Evaluation",
+    "InferenceOutput",
     "detections_to_coco_results",
     "merge_rank_results",
     "run_inference",
     "coco_bbox_eval",
+    "describe_skipped",
     "proposal_recall_eval",
     "evaluate",
     "evaluate_results_file",
@@ -153,27 +164,33 @@ def _dist_info() -> tuple[bool, int]:
     return False, 0
 
 
-def merge_rank_results(
-    per_rank: Sequence[tuple[Sequence[int], Sequence[dict]]],
-) -> tuple[list[dict], list[int]]:
-    """Merge ``(image_ids, results)`` pairs gathered from several ranks.
+class InferenceOutput(NamedTuple):
+    """What :func:`run_inference` collected."""
+
+    results: list[dict]  # COCO results of the images run
+    image_ids: list[int]  # the images run, unique, in first-seen order
+    skipped: list[Any]  # SkippedImage records of images that could not be read, unique by id
+
+
+def merge_rank_results(per_rank: Sequence[Sequence[Any]]) -> InferenceOutput:
+    """Merge ``(image_ids, results[, skipped])`` tuples gathered from several ranks.
 
     ``DistributedSampler`` pads the last batch by repeating images, so an image id may come from
-    more than one rank; only the first rank's detections for it are kept.
-
-    Returns:
-        (results, image_ids) with image ids unique and in first-seen order.
+    more than one rank; only the first rank's detections (or skip record) for it are kept.
     """
     seen: set[int] = set()
     merged_ids: list[int] = []
     merged_results: list[dict] = []
-    for image_ids, results in per_rank:
+    merged_skipped: dict[int, Any] = {}
+    for image_ids, results, *skipped in per_rank:
         fresh = [i for i in dict.fromkeys(int(i) for i in image_ids) if i not in seen]
         fresh_set = set(fresh)
         merged_ids.extend(fresh)
         merged_results.extend(r for r in results if int(r["image_id"]) in fresh_set)
         seen.update(fresh_set)
-    return merged_results, merged_ids
+        for record in (skipped[0] if skipped else ()):
+            merged_skipped.setdefault(int(record.image_id), record)
+    return InferenceOutput(merged_results, merged_ids, list(merged_skipped.values()))
 
 
 def run_inference(
@@ -185,16 +202,17 @@ def run_inference(
     progress: bool = True,
     label_to_cat_id: Mapping[int, int] | None = None,
     proposals_key: str = "proposals",
-) -> tuple[list[dict], list[int]]:
+) -> InferenceOutput:
     """Run ``model`` over ``data_loader`` and collect COCO-format results.
 
     Args:
         model: torchvision-style detector; put in eval mode for the loop, its previous mode is
             restored afterwards.
-        data_loader: yields ``(images, targets)``: a sequence of ``FloatTensor[3, H, W]`` and a
-            sequence of target dicts holding ``"image_id"``. When a target holds
-            ``proposals_key`` (``Tensor[P, 4]`` xyxy, Fast R-CNN), the proposals of the batch are
-            passed as ``model(images, proposals=[...])``.
+        data_loader: yields ``(images, targets)`` or ``(images, targets, skipped)``: a sequence
+            of ``FloatTensor[3, H, W]``, a sequence of target dicts holding ``"image_id"`` and
+            the batch's :class:`~libra_rcnn.data.SkippedImage` records. A batch without images
+            is passed over. When a target holds ``proposals_key`` (``Tensor[P, 4]`` xyxy, Fast
+            R-CNN), the proposals of the batch are passed as ``model(images, proposals=[...])``.
         device: where images (and proposals) are moved before the forward pass.
         amp: run the forward pass under ``torch.autocast`` for ``device``'s type.
         progress: show a tqdm bar (rank 0 only).
@@ -203,9 +221,10 @@ def run_inference(
         proposals_key: target key holding precomputed proposals.
 
     Returns:
-        ``(results, image_ids)``: COCO results of all processed images and their image ids. Under
-        ``torch.distributed`` every rank's results are gathered with ``all_gather_object`` so each
-        rank (in particular rank 0) returns the full, de-duplicated set.
+        :class:`InferenceOutput` ``(results, image_ids, skipped)``. Under ``torch.distributed``
+        every rank's outputs are gathered with ``all_gather_object`` (once, after the loop, so
+        ranks may pass over different numbers of empty batches), and each rank returns the
+        full, de-duplicated set.
     """
     from tqdm.auto import tqdm
 
@@ -216,11 +235,15 @@ def run_inference(
 
     results: list[dict] = []
     image_ids: list[int] = []
+    skipped: list[Any] = []
     with eval_mode(model):
         with torch.inference_mode():
-            for images, targets in tqdm(
+            for images, targets, *batch_skipped in tqdm(
                 data_loader, desc="inference", disable=not progress or rank != 0, leave=False
             ):
+                skipped.extend(batch_skipped[0] if batch_skipped else ())
+                if len(images) == 0:
+                    continue
                 images = [image.to(device, non_blocking=True) for image in images]
                 batch_ids = [_to_int(t["image_id"]) for t in targets]
                 kwargs = {}
@@ -238,9 +261,9 @@ def run_inference(
 
     if distributed:
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, (image_ids, results))
+        torch.distributed.all_gather_object(gathered, (image_ids, results, skipped))
         return merge_rank_results(gathered)
-    return merge_rank_results([(image_ids, results)])
+    return merge_rank_results([(image_ids, results, skipped)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +278,7 @@ def _check_results_image_ids(coco_gt: Any, results: Sequence[Mapping], *, source
     known = set(coco_gt.getImgIds())
     unknown = sorted({int(r["image_id"]) for r in results} - known)
     if unknown:
-        raise ValueError(
+        raise UserInputError(
             f"{source}: {len(unknown)} image id(s) are not in the ground truth, e.g. {unknown[:5]}"
         )
 
@@ -369,24 +392,24 @@ def write_results_file(results: Sequence[Mapping], path: str | os.PathLike) -> P
 
 def _validate_results_list(results: Any, *, source: str) -> None:
     if not isinstance(results, list):
-        raise ValueError(
+        raise UserInputError(
             f"{source}: expected a JSON list of COCO results, got a JSON {type(results).__name__}"
         )
     for index, entry in enumerate(results):
         if not isinstance(entry, dict):
-            raise ValueError(f"{source}: entry {index} is a {type(entry).__name__}, expected an object")
+            raise UserInputError(f"{source}: entry {index} is a {type(entry).__name__}, expected an object")
         missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in entry]
         if missing:
-            raise ValueError(f"{source}: entry {index} lacks COCO result key(s) {missing}")
+            raise UserInputError(f"{source}: entry {index} lacks COCO result key(s) {missing}")
         bbox = entry["bbox"]
         if (
             not isinstance(bbox, list)
             or len(bbox) != 4
             or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
         ):
-            raise ValueError(f"{source}: entry {index} has bbox {bbox!r}; expected 4 finite numbers [x, y, w, h]")
+            raise UserInputError(f"{source}: entry {index} has bbox {bbox!r}; expected 4 finite numbers [x, y, w, h]")
         if not isinstance(entry["score"], (int, float)):
-            raise ValueError(f"{source}: entry {index} has non-numeric score {entry['score']!r}")
+            raise UserInputError(f"{source}: entry {index} has non-numeric score {entry['score']!r}")
 
 
 def evaluate_results_file(
@@ -403,28 +426,26 @@ def evaluate_results_file(
         results_file: COCO results json (a list of ``image_id``/``category_id``/``bbox``/``score``).
         proposals: compute proposal AR (:func:`proposal_recall_eval`) instead of bbox AP.
 
+    The ground truth is ``ann_file`` as it is (:func:`~libra_rcnn.data.ground_truth_coco`), as
+    for :func:`evaluate`.
+
     Raises:
-        ValueError: naming the file when it is missing, not valid json, not a list of COCO
+        UserInputError: naming the file when it is missing, not valid json, not a list of COCO
             results, or refers to images absent from the ground truth.
     """
-    from pycocotools.coco import COCO
+    from libra_rcnn.data import ground_truth_coco, load_coco_json
 
-    ann_file, results_file = Path(ann_file), Path(results_file)
-    for name, path in (("ann_file", ann_file), ("results_file", results_file)):
-        if not path.is_file():
-            raise ValueError(f"{name} {str(path)!r} does not exist or is not a file")
+    results_file = Path(results_file)
+    if not results_file.is_file():
+        raise UserInputError(f"{results_file}: no such results file")
     try:
         with open(results_file) as f:
             results = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"results_file {str(results_file)!r} is not valid JSON: {err}") from err
-    _validate_results_list(results, source=f"results_file {str(results_file)!r}")
-    try:
-        with _quiet(verbose):
-            coco_gt = COCO(str(ann_file))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"ann_file {str(ann_file)!r} is not a COCO annotation json: {err}") from err
-    _check_results_image_ids(coco_gt, results, source=f"results_file {str(results_file)!r}")
+        raise UserInputError(f"{results_file}: not valid JSON: {err}") from None
+    _validate_results_list(results, source=str(results_file))
+    coco_gt = ground_truth_coco(load_coco_json(ann_file))
+    _check_results_image_ids(coco_gt, results, source=str(results_file))
     if proposals:
         return proposal_recall_eval(coco_gt, results, verbose=verbose)
     return coco_bbox_eval(coco_gt, results, verbose=verbose)
@@ -433,6 +454,20 @@ def evaluate_results_file(
 # --------------------------------------------------------------------------------------------
 # Full evaluation
 # --------------------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured and on which images."""
+
+    #: metric name -> value (see :func:`coco_bbox_eval` / :func:`proposal_recall_eval`); empty
+    #: on ranks other than 0, and when no image could be run
+    metrics: dict[str, float] = field(default_factory=dict)
+    #: the images run and scored
+    image_ids: list[int] = field(default_factory=list)
+    #: :class:`~libra_rcnn.data.SkippedImage` records of the images that could not be read
+    #: (not scored)
+    skipped: list[Any] = field(default_factory=list)
+
+
 def evaluate(
     model: nn.Module,
     data_loader: Iterable,
@@ -444,11 +479,13 @@ def evaluate(
     progress: bool = True,
     verbose: bool = False,
     max_dets: Sequence[int] = (100, 300, 1000),
-) -> dict[str, float]:
+) -> Evaluation:
     """Run inference over ``data_loader`` and compute COCO metrics.
 
-    The ground truth is the dataset's ``coco`` attribute (``Subset`` wrappers are unwrapped);
-    evaluation is restricted to the images that were actually run.
+    The ground truth is the dataset's ``coco`` attribute (``Subset`` wrappers are unwrapped; a
+    :class:`~libra_rcnn.data.CocoDetection` holds its annotation file as it is there). Scoring
+    is restricted to the images that were actually run: images the loader reports as skipped
+    (unreadable) are left out of it and listed in the returned :class:`Evaluation`.
 
     Args:
         proposals: the model is an RPN; report class-agnostic ``AR@N`` for ``N`` in ``max_dets``
@@ -456,22 +493,37 @@ def evaluate(
         results_file: when given, the COCO results json is written there (atomically) by rank 0.
 
     Returns:
-        metrics dict (see :func:`coco_bbox_eval` / :func:`proposal_recall_eval`) on rank 0; an
-        empty dict on other ranks under ``torch.distributed``.
+        an :class:`Evaluation`; under ``torch.distributed`` its ``metrics`` are empty on ranks
+        other than 0 (the image lists are complete on every rank).
     """
     coco_gt = _find_dataset_attr(data_loader, "coco")
     if coco_gt is None:
         raise ValueError("data_loader: its dataset has no 'coco' attribute holding the COCO ground truth")
-    results, image_ids = run_inference(model, data_loader, device=device, amp=amp, progress=progress)
+    results, image_ids, skipped = run_inference(model, data_loader, device=device, amp=amp,
+                                                progress=progress)
+    evaluation = Evaluation(image_ids=image_ids, skipped=skipped)
     if _dist_info()[1] != 0:
-        return {}
+        return evaluation
     if results_file is not None:
         write_results_file(results, results_file)
+    if not image_ids:
+        return evaluation
     if proposals:
-        return proposal_recall_eval(
+        evaluation.metrics = proposal_recall_eval(
             coco_gt, results, max_dets=max_dets, image_ids=image_ids, verbose=verbose
         )
-    return coco_bbox_eval(coco_gt, results, image_ids=image_ids, verbose=verbose)
+    else:
+        evaluation.metrics = coco_bbox_eval(coco_gt, results, image_ids=image_ids, verbose=verbose)
+    return evaluation
+
+
+def describe_skipped(skipped: Sequence[Any], *, limit: int = 20) -> list[str]:
+    """``"<file>: <reason>"`` for each :class:`~libra_rcnn.data.SkippedImage` (the first
+    ``limit``, then how many more)."""
+    lines = [f"{s.path}: {s.reason}" for s in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"... and {len(skipped) - limit} more")
+    return lines
 
 
 def format_metrics_table(

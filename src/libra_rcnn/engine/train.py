@@ -24,7 +24,8 @@ Failure handling. A non-finite loss skips the optimizer step with a warning; aft
 ``max_consecutive_nonfinite`` in a row training stops with :class:`TrainingDivergedError` and
 the last good checkpoint is kept. SIGINT/SIGTERM finish the current step, write ``latest.pth``
 and return with ``stop_reason="interrupted"`` (the CLI then exits with 130 / 143, i.e.
-128 + signal number). Samples whose image cannot be read are skipped and counted per epoch.
+128 + signal number). Samples whose image cannot be read are skipped and counted per epoch;
+evaluation leaves them out of scoring and names them (``log.jsonl`` val records count them).
 
 Distributed. Under ``torchrun`` (``WORLD_SIZE > 1``) each process trains on its shard with
 ``batch_size`` images; gradients are averaged by ``DistributedDataParallel`` (gloo on CPU, NCCL on
@@ -63,6 +64,7 @@ from libra_rcnn.engine.checkpoint import (
     save_checkpoint,
 )
 from libra_rcnn.engine.schedule import build_lr_scheduler
+from libra_rcnn.errors import UserInputError
 
 __all__ = [
     "TrainingDivergedError",
@@ -70,6 +72,7 @@ __all__ = [
     "train",
     "build_dataset",
     "build_val_loader",
+    "check_strict",
     "epoch_batches",
     "build_optimizer",
     "scaled_lr",
@@ -85,7 +88,7 @@ class TrainingDivergedError(RuntimeError):
     """Too many consecutive non-finite losses; the last good checkpoint was kept."""
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserInputError):
     """``--strict`` start-up validation found bad samples. The message starts with the file."""
 
 
@@ -126,7 +129,9 @@ def build_dataset(cfg: Config, *, train: bool):
     )
 
 
-def _check_strict(dataset) -> None:
+def check_strict(dataset) -> None:
+    """``--strict``: decode every sample of ``dataset`` now and raise
+    :class:`DataValidationError` naming the first problem (and how many there are)."""
     from libra_rcnn.data import check_dataset
 
     report = check_dataset(dataset)
@@ -240,13 +245,16 @@ def _train_loader(dataset, batches: list[list[int]], *, cfg: Config, epoch: int,
 
 
 def build_val_loader(dataset, *, cfg: Config, info: dist_utils.DistInfo) -> DataLoader:
-    """Evaluation loader in dataset order (this rank's shard under DDP)."""
-    from libra_rcnn.data import collate_fn
+    """Evaluation loader in dataset order (this rank's shard under DDP). Its batches are
+    ``(images, targets, skipped)``: unreadable images come out as
+    :class:`~libra_rcnn.data.SkippedImage` records, so that evaluation can name them."""
+    from libra_rcnn.data import WithSkipped, collate_with_skipped
 
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                  shuffle=False) if info.distributed else None
-    return DataLoader(dataset, batch_size=cfg.data.val_batch_size, sampler=sampler,
-                      shuffle=False, num_workers=cfg.data.num_workers, collate_fn=collate_fn)
+    return DataLoader(WithSkipped(dataset), batch_size=cfg.data.val_batch_size, sampler=sampler,
+                      shuffle=False, num_workers=cfg.data.num_workers,
+                      collate_fn=collate_with_skipped)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,10 +265,14 @@ def resolve_device(device: Union[str, torch.device, None], info: dist_utils.Dist
     """``None`` -> the process's GPU (``cuda:LOCAL_RANK``) when available, else the CPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserInputError(f"device {device!r}: not a device name such as cpu, cuda, "
+                             f"cuda:1") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: CUDA is not available")
+            raise UserInputError(f"device {str(device)!r}: CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", info.local_rank)
     return device
@@ -448,9 +460,9 @@ class _Trainer:
                 raise ConfigError(f"{cfg.data.val_ann}: categories differ from those of "
                                   f"{cfg.data.train_ann}")
         if cfg.data.strict:
-            _check_strict(self.train_set)
+            check_strict(self.train_set)
             if self.val_set is not None:
-                _check_strict(self.val_set)
+                check_strict(self.val_set)
 
         self.group_ids = aspect_ratio_group_ids(self.train_set) \
             if cfg.data.aspect_ratio_grouping else None
@@ -574,21 +586,29 @@ class _Trainer:
         return latest
 
     # -- evaluation ----------------------------------------------------------------------------
-    def _evaluate(self) -> dict:
-        from libra_rcnn.engine.evaluate import evaluate
+    def _evaluate(self):
+        from libra_rcnn.engine.evaluate import describe_skipped, evaluate
 
         loader = build_val_loader(self.val_set, cfg=self.cfg, info=self.info)
-        metrics = evaluate(
+        evaluation = evaluate(
             _unwrap(self.model), loader, device=self.device,
             results_file=self.output_dir / "val_results.json",
             proposals=self.cfg.model.arch == "rpn", amp=self.use_amp, progress=self.progress)
         if self.main:
+            metrics = evaluation.metrics
             record = {"type": "val", "epoch": self.epoch, "iter": self.iteration,
+                      "images": len(evaluation.image_ids),
+                      "skipped_images": len(evaluation.skipped),
                       **{k: float(v) for k, v in metrics.items()}}
             self.log.write(record, step=self.iteration, tb_prefix="val")
-            logger.info("val after epoch %d: %s", self.epoch,
-                        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        return metrics
+            if evaluation.skipped:
+                logger.warning("val after epoch %d: %d unreadable image(s) not scored:\n  %s",
+                               self.epoch, len(evaluation.skipped),
+                               "\n  ".join(describe_skipped(evaluation.skipped)))
+            logger.info("val after epoch %d on %d image(s): %s", self.epoch,
+                        len(evaluation.image_ids),
+                        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()) or "no metrics")
+        return evaluation
 
     # -- the loop ------------------------------------------------------------------------------
     def _step(self, images, targets) -> tuple[dict, bool]:
@@ -688,7 +708,8 @@ class _Trainer:
                  "start_time": time.perf_counter(), "start_iteration": self.iteration}
         summary: dict[str, Any] = {
             "output_dir": str(self.output_dir), "stop_reason": "finished", "signal": None,
-            "metrics": {}, "skipped_samples": 0, "nonfinite_steps": 0,
+            "metrics": {}, "eval_images": 0, "eval_skipped": [], "skipped_samples": 0,
+            "nonfinite_steps": 0,
             "checkpoint": None, "iters_per_epoch": self.iters_per_epoch, "evaluated_at": -1,
         }
         self.model.train()
@@ -720,7 +741,10 @@ class _Trainer:
                 finished = self.epoch >= t.epochs or self.iteration >= total_iters
                 if self.val_set is not None and (
                         finished or (epoch_done and self.epoch % t.eval_period == 0)):
-                    summary["metrics"] = self._evaluate()
+                    evaluation = self._evaluate()
+                    summary.update(metrics=evaluation.metrics,
+                                   eval_images=len(evaluation.image_ids),
+                                   eval_skipped=evaluation.skipped)
                     summary["evaluated_at"] = self.iteration
                     self.model.train()
         if summary["stop_reason"] == "finished" and self.epoch < t.epochs \
@@ -755,8 +779,10 @@ def train(
     Returns:
         a summary dict: ``stop_reason`` (``"finished"``, ``"max_iters"`` or ``"interrupted"``),
         ``signal`` (the signal number when interrupted), ``epoch``, ``iteration``,
-        ``iters_per_epoch``, ``metrics`` (last evaluation), ``last_losses``, ``skipped_samples``,
-        ``nonfinite_steps``, ``checkpoint`` (path of ``latest.pth``), ``output_dir``.
+        ``iters_per_epoch``, ``metrics`` (last evaluation), ``eval_images`` (how many images it
+        scored), ``eval_skipped`` (the :class:`~libra_rcnn.data.SkippedImage` records of the
+        unreadable ones it could not score), ``last_losses``, ``skipped_samples`` (training
+        samples), ``nonfinite_steps``, ``checkpoint`` (path of ``latest.pth``), ``output_dir``.
 
     Raises:
         ConfigError / FileNotFoundError / CheckpointError / DataValidationError and the data
@@ -764,7 +790,7 @@ def train(
         TrainingDivergedError after too many consecutive non-finite losses.
     """
     info = dist_utils.init_distributed(
-        None if device is None else torch.device(device).type)
+        None if device is None else resolve_device(device, dist_utils.DistInfo()).type)
     trainer = None
     try:
         trainer = _Trainer(cfg, info, device=device, resume=resume, progress=progress)
