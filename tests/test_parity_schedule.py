@@ -103,3 +103,19 @@ def test_warmup_differs_by_one_iteration(mmengine_factors):
     # one iteration shorter, ours is mmengine's curve
     shorter = _our_factors(len(mmengine_factors), warmup_iters=499)
     assert shorter == pytest.approx(mmengine_factors, rel=1e-12)
+
+
+def test_the_shipped_config_schedule_is_mmengines(mmengine_factors):
+    from libra_rcnn.config import load_config as load_our_config
+
+    train = load_our_config("libra_faster_rcnn_r50_fpn_1x_coco").train
+    optimizer = _optimizer()
+    scheduler = build_lr_scheduler(optimizer, iters_per_epoch=ITERS_PER_EPOCH,
+                                   lr_steps=train.lr_steps, gamma=train.gamma,
+                                   warmup_iters=train.warmup_iters, warmup_ratio=train.warmup_ratio)
+    ours = []
+    for _ in range(train.epochs * ITERS_PER_EPOCH):
+        ours.append(optimizer.param_groups[0]["lr"] / BASE_LR)
+        optimizer.step()
+        scheduler.step()
+    assert ours == pytest.approx(mmengine_factors, rel=1e-12)

@@ -47,6 +47,7 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
     "load_checkpoint",
+    "read_torch_file",
     "load_model_from_checkpoint",
     "model_config_from_checkpoint",
     "model_from_checkpoint_state",
@@ -160,13 +161,12 @@ def save_checkpoint(path: PathLike, state: dict) -> Path:
     return path
 
 
-def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
-
-    Raises :class:`CheckpointError` naming the file when it is missing, unreadable, truncated,
-    not a PyTorch file, holds pickled Python objects (refused: loading them could run code), or is
-    not a libra-rcnn checkpoint.
-    """
+def read_torch_file(path: PathLike, map_location: Any = "cpu", *,
+                    refused_hint: str = "only weights-only checkpoints are accepted") -> Any:
+    """``torch.load(path, weights_only=True)`` with one :class:`CheckpointError` naming the file
+    for every way it can fail: missing, a directory, unreadable, empty, truncated, not a PyTorch
+    file, or holding pickled Python objects (refused: loading them could run code;
+    ``refused_hint`` says what to do instead)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -180,18 +180,28 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     if not head:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError/RuntimeError/OSError/KeyError/...
         if isinstance(exc, pickle.UnpicklingError) and _UNSAFE_PICKLE.search(str(exc)):
             raise CheckpointError(
                 f"{path}: refused to load: the file contains pickled Python objects, which could "
-                f"run arbitrary code; only weights-only checkpoints are accepted") from None
+                f"run arbitrary code; {refused_hint}") from None
         if head == b"PK\x03\x04":  # a zip (PyTorch's format) that cannot be read to the end
             raise CheckpointError(f"{path}: truncated or corrupted checkpoint") from None
         if isinstance(exc, OSError):
             raise CheckpointError(
                 f"{path}: cannot read checkpoint: {exc.strerror or exc}") from exc
         raise CheckpointError(f"{path}: not a PyTorch checkpoint file") from None
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
+
+    Raises :class:`CheckpointError` naming the file when :func:`read_torch_file` does, or when it
+    is not a libra-rcnn checkpoint.
+    """
+    path = Path(path)
+    state = read_torch_file(path, map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         what = "a bare state_dict or another tool's file" if isinstance(state, dict) else \
             type(state).__name__

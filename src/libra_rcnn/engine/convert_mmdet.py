@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -32,6 +31,7 @@ from libra_rcnn.engine.checkpoint import (
     CHECKPOINT_FORMAT,
     FORMAT_VERSION,
     CheckpointError,
+    read_torch_file,
     save_checkpoint,
 )
 from libra_rcnn.models import build_model
@@ -51,9 +51,10 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (r"^neck(?:\.0)?\.pafpn_convs\.(\d+)\.conv\.(weight|bias)$", r"backbone.fpn.pafpn_blocks.\1.0.\2"),
     (r"^neck\.1\.refine\.(g|theta|phi|conv_out)\.conv\.(weight|bias)$", r"backbone.bfp.refine.\1.\2"),
     (r"^neck\.1\.refine\.conv\.(weight|bias)$", r"backbone.bfp.refine.0.\1"),
-    (r"^rpn_head\.rpn_conv\.(weight|bias)$", r"rpn.head.conv.0.0.\1"),
-    (r"^rpn_head\.rpn_cls\.(weight|bias)$", r"rpn.head.cls_logits.\1"),
-    (r"^rpn_head\.rpn_reg\.(weight|bias)$", r"rpn.head.bbox_pred.\1"),
+    # the RPN's head: rpn_head.* in a two-stage detector, bbox_head.* in mmdetection's RPN-only one
+    (r"^(?:rpn|bbox)_head\.rpn_conv\.(weight|bias)$", r"rpn.head.conv.0.0.\1"),
+    (r"^(?:rpn|bbox)_head\.rpn_cls\.(weight|bias)$", r"rpn.head.cls_logits.\1"),
+    (r"^(?:rpn|bbox)_head\.rpn_reg\.(weight|bias)$", r"rpn.head.bbox_pred.\1"),
     (r"^roi_head\.bbox_head\.shared_fcs\.0\.(weight|bias)$", r"roi_heads.box_head.fc6.\1"),
     (r"^roi_head\.bbox_head\.shared_fcs\.1\.(weight|bias)$", r"roi_heads.box_head.fc7.\1"),
     (r"^roi_head\.bbox_head\.fc_cls\.(weight|bias)$", r"roi_heads.box_predictor.cls_score.\1"),
@@ -114,7 +115,7 @@ def describe_mmdet_model(state_dict: Mapping[str, Tensor]) -> str:
         arch = "Faster R-CNN" if any(k.startswith("rpn_head.") for k in keys) else "Fast R-CNN"
     elif any(k.startswith("bbox_head.retina_cls") for k in keys):
         arch = "RetinaNet"
-    elif any(k.startswith("rpn_head.") for k in keys):
+    elif any(k.startswith(("rpn_head.", "bbox_head.rpn_")) for k in keys):
         arch = "RPN"
     elif any(k.startswith("bbox_head.") for k in keys):
         arch = "a single-stage detector other than RetinaNet"
@@ -141,19 +142,9 @@ def describe_mmdet_model(state_dict: Mapping[str, Tensor]) -> str:
 
 def _load_mmdet_file(path: Path) -> tuple[Mapping[str, Tensor], dict]:
     """``(state_dict, meta)`` of an mmdetection checkpoint, read with ``weights_only=True``."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to load: it holds pickled Python objects besides the weights "
-            f"(training state such as mmengine's message hub); strip them with mmdetection's "
-            f"tools/model_converters/publish_model.py first ({str(exc).splitlines()[0][:200]})"
-        ) from None
-    except Exception as exc:  # not a zip / truncated / not torch
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    obj = read_torch_file(path, refused_hint=(
+        "strip the training state (such as mmengine's message hub) with mmdetection's "
+        "tools/model_converters/publish_model.py first"))
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: already a libra-rcnn checkpoint, nothing to convert")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -228,11 +219,13 @@ def convert_mmdet_checkpoint(src: PathLike, dst: PathLike, cfg: Config, *,
     state_dict, meta = _load_mmdet_file(src)
     looks_like = describe_mmdet_model(state_dict)
     num_anchors = 9 if cfg.model.arch == "retinanet" else 3
-    num_classes = _num_classes(state_dict, cfg.model.arch, num_anchors) or cfg.model.num_classes
-    model_cfg = dataclasses.replace(cfg.model, num_classes=num_classes, backbone_weights=None)
     names = list(class_names) if class_names is not None else _class_names(meta)
+    num_classes = _num_classes(state_dict, cfg.model.arch, num_anchors)
+    if num_classes is None:  # a class-agnostic RPN: the classes are only names to carry along
+        num_classes = len(names) + 1 if names else cfg.model.num_classes
     if names is None and num_classes == len(COCO_CATEGORIES) + 1:
         names = [name for _, name in COCO_CATEGORIES]
+    model_cfg = dataclasses.replace(cfg.model, num_classes=num_classes, backbone_weights=None)
     if names is None or len(names) != num_classes - 1:
         raise CheckpointError(
             f"{src}: {num_classes - 1} classes in the weights but "

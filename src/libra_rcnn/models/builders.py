@@ -227,6 +227,8 @@ def _mmdet_settings(arch: str, libra: bool) -> dict[str, Any]:
         settings["rpn_box_loss"] = l1
     if not (libra and arch in ("faster_rcnn", "fast_rcnn")):
         settings["box_loss"] = dataclasses.replace(l1)
+    if libra and arch == "retinanet":  # the two balanced L1 formulas differ at beta 0.11
+        settings["retina_box_loss"] = {"formula": "mmdet"}
     return settings
 
 
