@@ -167,3 +167,47 @@ def test_named_builders_build_real_models(name, cls, arch):
     assert model.backbone.body.layer1[0].conv3.in_channels == 64  # a bottleneck ResNet-50
     assert (model.backbone.bfp is not None) == name.startswith("libra")
     assert model.backbone.out_channels == 16
+
+
+# arguments that would have no effect raise, naming them
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_BUILDERS))
+def test_named_builders_refuse_arguments_without_effect(name):
+    arch = NAMED_BUILDERS[name][0]
+    builder = getattr(builders, name)
+    # torchvision's argument names that are not settings here
+    with pytest.raises(ValueError, match="box_batch_size_per_image"):
+        builder(box_batch_size_per_image=128)
+    # settings this architecture never reads
+    ignored = builders.UNUSED_FIELDS[arch][0]
+    with pytest.raises(ValueError, match=ignored):
+        builder(**{ignored: getattr(ModelConfig(), ignored)})
+
+
+@pytest.mark.parametrize("make", [baseline_model_config, libra_model_config])
+@pytest.mark.parametrize("arch", builders.ARCHS)
+def test_config_factories_refuse_settings_the_architecture_ignores(make, arch):
+    for field in builders.UNUSED_FIELDS[arch]:
+        with pytest.raises(ValueError, match=f"does not use \\['{field}'\\]"):
+            make(arch, "resnet18", **{field: getattr(ModelConfig(), field)})
+    make(arch, "resnet18", **builders.used_settings(arch, {"min_size": 64, "rpn_neg_pos_ub": 3.0,
+                                                          "representation_size": 32}))
+
+
+@pytest.mark.parametrize("arch", builders.ARCHS)
+def test_detector_classes_take_only_what_they_use(arch):
+    # the detectors take built parts; torchvision's size and sampling arguments, which they
+    # would otherwise swallow, are not theirs: Python refuses them by name
+    model = build_model(libra_model_config(
+        arch, "resnet18", fpn_channels=8, **builders.used_settings(arch, {"representation_size": 8})))
+    cls = type(model)
+    names = {"faster_rcnn": ("backbone", "rpn", "roi_heads", "transform"),
+             "fast_rcnn": ("backbone", "roi_heads", "transform"),
+             "rpn": ("backbone", "rpn", "transform"),
+             "retinanet": ("backbone", "head", "anchor_generator", "transform")}[arch]
+    parts = [getattr(model, name) for name in names]
+    extra = {"num_classes": 5} if arch == "retinanet" else {}
+    cls(*parts, **extra)
+    with pytest.raises(TypeError, match="box_batch_size_per_image"):
+        cls(*parts, box_batch_size_per_image=128, **extra)
