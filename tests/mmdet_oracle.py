@@ -42,6 +42,12 @@ __all__ = [
     "build_libra_retinanet",
     "randomize_model",
     "save_checkpoint",
+    "detector_like",
+    "photo_like",
+    "mmdet_detections",
+    "count_matched",
+    "BOX_TOLERANCE",
+    "SCORE_TOLERANCE",
 ]
 
 #: Why an oracle test may be skipped (used as the module-level reason of the parity tests).
@@ -260,3 +266,73 @@ def save_checkpoint(model: nn.Module, path: str, *, classes: Sequence[str],
                   "meta": meta}
     torch.save(checkpoint, path)
     return checkpoint
+
+
+# --------------------------------------------------------------------------------------------
+# comparing whole detectors
+
+#: The issue's tolerances for "the same detection": box corners in px, score.
+BOX_TOLERANCE = 0.01
+SCORE_TOLERANCE = 1e-4
+
+
+@torch.no_grad()
+def detector_like(model: nn.Module, scale: float = 0.02) -> nn.Module:
+    """Scale the output layers of a :func:`randomize_model` detector down, in place.
+
+    Random output layers saturate: every score 1.0 (ties, ranked arbitrarily) and every box moved
+    by many times its size (a clipped sliver). Scaled down, scores spread below 1 and boxes move
+    as a trained detector's do, so a comparison sees detections that ties, NMS and clipping have
+    not made arbitrary.
+    """
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in ("rpn_reg", "fc_reg", "retina_reg", "rpn_cls", "fc_cls",
+                                   "retina_cls"):
+            module.weight.mul_(scale)
+            module.bias.mul_(scale)
+    return model
+
+
+def photo_like(height: int, width: int, seed: int):
+    """A uint8 RGB ``[H, W, 3]`` numpy image with structure at several scales (random detectors
+    fire unevenly on it)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    image = np.zeros((height, width, 3))
+    for period in (9.0, 37.0, 151.0):
+        phase = rng.uniform(0, 6.3, 3)
+        image += 40 * np.sin(xx[..., None] / period + phase) * np.cos(yy[..., None] / (1.3 * period))
+    image += 127.5 + rng.normal(0, 12, (height, width, 3))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def mmdet_detections(model: nn.Module, rgb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mmdetection's test pipeline (keep-ratio resize to 1333 x 800, pack) and ``predict`` on one
+    RGB uint8 image: ``(boxes [K, 4], scores [K], labels [K])`` with labels counted from 1."""
+    import numpy as np
+    from mmdet.datasets.transforms import PackDetInputs, Resize
+
+    results = Resize(scale=(1333, 800), keep_ratio=True)(
+        {"img": np.ascontiguousarray(rgb[:, :, ::-1]), "img_shape": rgb.shape[:2],
+         "ori_shape": rgb.shape[:2]})
+    packed = PackDetInputs(meta_keys=("img_shape", "ori_shape", "scale_factor"))(results)
+    data = {"inputs": [packed["inputs"]], "data_samples": [packed["data_samples"]]}
+    with torch.no_grad():
+        batch = model.data_preprocessor(data, False)
+        instances = model(**batch, mode="predict")[0].pred_instances
+    return instances.bboxes, instances.scores, instances.labels + 1
+
+
+def count_matched(ours_boxes, ours_scores, ours_labels, ref_boxes, ref_scores, ref_labels,
+                  box_tolerance: float = BOX_TOLERANCE,
+                  score_tolerance: float = SCORE_TOLERANCE) -> int:
+    """How many reference detections have one of ours with the same label, every box corner
+    within ``box_tolerance`` and the score within ``score_tolerance``."""
+    count = 0
+    for box, score, label in zip(ref_boxes, ref_scores, ref_labels):
+        close = ((ours_boxes - box).abs().amax(dim=1) <= box_tolerance) \
+            & ((ours_scores - score).abs() <= score_tolerance) & (ours_labels == label)
+        count += int(close.any())
+    return count

@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from libra_rcnn.cli import main
 from libra_rcnn.config import load_config
+from libra_rcnn.data.coco_classes import COCO_CATEGORIES
 from libra_rcnn.engine.checkpoint import CheckpointError, load_model_from_checkpoint
 from libra_rcnn.engine.convert_mmdet import convert_mmdet_checkpoint
 from libra_rcnn.models import build_model
 from mmdet_oracle import (
     LIBRA_CONFIGS,
     build_model as build_mmdet_model,
-    load_config as load_mmdet_config,
+    count_matched,
+    detector_like,
+    mmdet_detections,
+    photo_like,
     randomize_model,
     save_checkpoint,
 )
@@ -30,64 +33,10 @@ pytestmark = pytest.mark.usefixtures("mmdet")
 
 OURS = {"faster_rcnn": "libra_faster_rcnn_r50_fpn_1x_coco",
         "retinanet": "libra_retinanet_r50_fpn_1x_coco"}
-BOX_TOLERANCE = 0.01  # px
-SCORE_TOLERANCE = 1e-4
 
 
 def _coco_classes(mm):
     return list(mm.mmdet.datasets.CocoDataset.METAINFO["classes"])
-
-
-def _photo_like(height: int, width: int, seed: int) -> np.ndarray:
-    """A uint8 RGB image with structure at several scales, so random detectors fire unevenly."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    image = np.zeros((height, width, 3))
-    for period in (9.0, 37.0, 151.0):
-        phase = rng.uniform(0, 6.3, 3)
-        image += 40 * np.sin(xx[..., None] / period + phase) * np.cos(yy[..., None] / (1.3 * period))
-    image += 127.5 + rng.normal(0, 12, (height, width, 3))
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
-
-
-def _mmdet_detections(mm, model, rgb: np.ndarray):
-    """mmdetection's test pipeline (resize + pack) and ``predict`` on one RGB uint8 image."""
-    from mmdet.datasets.transforms import PackDetInputs, Resize
-
-    results = Resize(scale=(1333, 800), keep_ratio=True)(
-        {"img": np.ascontiguousarray(rgb[:, :, ::-1]), "img_shape": rgb.shape[:2],
-         "ori_shape": rgb.shape[:2]})
-    packed = PackDetInputs(meta_keys=("img_shape", "ori_shape", "scale_factor"))(results)
-    data = {"inputs": [packed["inputs"]], "data_samples": [packed["data_samples"]]}
-    with torch.no_grad():
-        batch = model.data_preprocessor(data, False)
-        instances = model(**batch, mode="predict")[0].pred_instances
-    return instances.bboxes, instances.scores, instances.labels + 1  # our labels count from 1
-
-
-def _matched(ours_boxes, ours_scores, ours_labels, ref_boxes, ref_scores, ref_labels) -> int:
-    """How many reference detections have one of ours with the same class, the box within
-    ``BOX_TOLERANCE`` px and the score within ``SCORE_TOLERANCE``."""
-    count = 0
-    for box, score, label in zip(ref_boxes, ref_scores, ref_labels):
-        close = ((ours_boxes - box).abs().amax(dim=1) <= BOX_TOLERANCE) \
-            & ((ours_scores - score).abs() <= SCORE_TOLERANCE) & (ours_labels == label)
-        count += int(close.any())
-    return count
-
-
-@torch.no_grad()
-def _detector_like(model, scale: float = 0.02):
-    """Random output layers saturate: every score 1.0 (ties, ranked arbitrarily) and every box
-    moved by many times its size (a clipped sliver). Scaled down, scores spread below 1 and boxes
-    move as a trained detector's do, so the test compares detections that ties, NMS and
-    clipping have not made arbitrary."""
-    for name, module in model.named_modules():
-        if name.split(".")[-1] in ("rpn_reg", "fc_reg", "retina_reg", "rpn_cls", "fc_cls",
-                                   "retina_cls"):
-            module.weight.mul_(scale)
-            module.bias.mul_(scale)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +45,7 @@ def converted(tmp_path_factory, mmdet):
     out = {}
     folder = tmp_path_factory.mktemp("parity")
     for arch, style in (("faster_rcnn", "2.x"), ("retinanet", "3.x")):
-        model = _detector_like(randomize_model(build_mmdet_model(LIBRA_CONFIGS[(arch, "r50")]),
+        model = detector_like(randomize_model(build_mmdet_model(LIBRA_CONFIGS[(arch, "r50")]),
                                                seed=1))
         src, dst = folder / f"{arch}_mmdet.pth", folder / f"{arch}_ours.pth"
         save_checkpoint(model, str(src), classes=_coco_classes(mmdet), style=style)
@@ -109,8 +58,8 @@ def converted(tmp_path_factory, mmdet):
 def test_predict_on_a_converted_checkpoint_gives_mmdetections_detections(
         arch, converted, mmdet, tmp_path):
     model, checkpoint = converted[arch]
-    rgb = _photo_like(800, 1216, seed=2)  # 800 x 1216: mmdetection does not resize it
-    ref_boxes, ref_scores, ref_labels = _mmdet_detections(mmdet, model, rgb)
+    rgb = photo_like(800, 1216, seed=2)  # 800 x 1216: mmdetection does not resize it
+    ref_boxes, ref_scores, ref_labels = mmdet_detections(model, rgb)
     assert len(ref_boxes) == 100  # a full test: the detections cap is reached
 
     from PIL import Image
@@ -124,24 +73,23 @@ def test_predict_on_a_converted_checkpoint_gives_mmdetections_detections(
     boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
     scores = torch.tensor([p["score"] for p in predictions], dtype=torch.float64)
     # predictions carry COCO category ids: map mmdetection's labels the same way
-    cat_ids = [cat_id for cat_id, _ in __import__("libra_rcnn.data.coco_classes",
-                                                   fromlist=["COCO_CATEGORIES"]).COCO_CATEGORIES]
+    cat_ids = [cat_id for cat_id, _ in COCO_CATEGORIES]
     labels = torch.tensor([p["category_id"] for p in predictions])
     ref_cat = torch.tensor([cat_ids[int(label) - 1] for label in ref_labels])
-    matched = _matched(boxes, scores, labels, ref_boxes.double(), ref_scores.double(), ref_cat)
+    matched = count_matched(boxes, scores, labels, ref_boxes.double(), ref_scores.double(), ref_cat)
     assert matched >= 99, f"{matched} of {len(ref_boxes)} detections within tolerance"
 
 
 @pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
 def test_a_resized_image_gives_mmdetections_detections(arch, converted, mmdet):
     model, checkpoint = converted[arch]
-    rgb = _photo_like(480, 640, seed=3)  # mmdetection resizes it to 800 x 1067
-    ref = _mmdet_detections(mmdet, model, rgb)
+    rgb = photo_like(480, 640, seed=3)  # mmdetection resizes it to 800 x 1067
+    ref = mmdet_detections(model, rgb)
     ours, _ = load_model_from_checkpoint(checkpoint)
     with torch.no_grad():
         out = ours([torch.from_numpy(rgb).permute(2, 0, 1).float() / 255])[0]
     assert len(out["boxes"]) == len(ref[0]) > 0
-    matched = _matched(out["boxes"], out["scores"], out["labels"], *ref)
+    matched = count_matched(out["boxes"], out["scores"], out["labels"], *ref)
     assert matched >= 0.99 * len(ref[0]), f"{matched} of {len(ref[0])} detections within tolerance"
 
 
@@ -153,7 +101,7 @@ def _relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def test_backbone_and_pyramid_features_match(arch, converted):
     model, checkpoint = converted[arch]
     ours, _ = load_model_from_checkpoint(checkpoint)
-    rgb = _photo_like(320, 480, seed=4)
+    rgb = photo_like(320, 480, seed=4)
     image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
     with torch.no_grad():
         batch, _ = ours.transform([image])
@@ -227,7 +175,7 @@ def test_wrong_files_get_a_clear_error(converted, tmp_path, capsys):
 def _loss_inputs(seed: int):
     """Two 320 x 480 images (no resize at min_size 320 / max_size 480) and their boxes."""
     g = torch.Generator().manual_seed(seed)
-    images = [torch.from_numpy(_photo_like(320, 480, seed + k)).permute(2, 0, 1) for k in range(2)]
+    images = [torch.from_numpy(photo_like(320, 480, seed + k)).permute(2, 0, 1) for k in range(2)]
     boxes = [torch.tensor([[30.0, 40.0, 200.0, 230.0], [250.0, 20.0, 460.0, 140.0],
                            [100.0, 150.0, 150.0, 190.0]]),
              torch.tensor([[10.0, 10.0, 300.0, 310.0]])]
@@ -280,3 +228,9 @@ def test_training_losses_match_with_exhaustive_sampling(arch, converted, mmdet):
         expected = ref[ref_key]
         expected = sum(expected) if isinstance(expected, (list, tuple)) else expected
         torch.testing.assert_close(got[key], expected.to(got[key].dtype), rtol=2e-4, atol=1e-6)
+
+
+def test_coco_class_names_are_mmdetections(mmdet):
+    from libra_rcnn.data.coco_classes import COCO_CLASS_NAMES
+
+    assert list(COCO_CLASS_NAMES) == _coco_classes(mmdet)

@@ -1,0 +1,158 @@
+"""How far our mmdetection-convention detectors are from mmdetection itself (project issue 13).
+
+The parity tests (``tests/test_parity_*.py``) check tolerances; this script measures the actual
+deviations that the docs' parity table quotes. For mmdetection's Libra Faster R-CNN and Libra
+RetinaNet (R-50) with reproducible random weights (``tests/mmdet_oracle.py``: every weight random,
+batch norm statistics from data, output layers scaled as a trained detector's), saved as an
+mmdetection checkpoint and converted with ``convert_mmdet_checkpoint``:
+
+* detections on an 800 x 1216 image (no resize) and a 480 x 640 one (resized to 800 x 1067):
+  how many of mmdetection's are matched (same class, box corners within 0.01 px, score within
+  1e-4), and the largest box / score difference over the matched pairs;
+* backbone (C2-C5) and pyramid (after the balanced feature pyramid) features: largest absolute
+  difference over the largest absolute value, per model;
+* training losses of a two-image batch with exhaustive sampling: largest relative difference.
+
+Needs the ``parity`` extra (mmdetection). Run: ``python -m benchmarks.parity [--out PATH]``
+(about a minute on 2 CPU cores); writes ``benchmarks/results/parity_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the oracle is test code: mmdet stays out of src/
+
+from benchmarks import _common as common  # noqa: E402
+from libra_rcnn.config import load_config  # noqa: E402
+from libra_rcnn.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
+from libra_rcnn.engine.convert_mmdet import convert_mmdet_checkpoint  # noqa: E402
+from libra_rcnn.models import build_model  # noqa: E402
+
+OURS = {"faster_rcnn": "libra_faster_rcnn_r50_fpn_1x_coco",
+        "retinanet": "libra_retinanet_r50_fpn_1x_coco"}
+SIZES = ((800, 1216), (480, 640))
+
+
+def _image(rgb) -> torch.Tensor:
+    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+
+
+def _detections(oracle, mm_model, ours, size, seed) -> dict:
+    rgb = oracle.photo_like(*size, seed=seed)
+    ref_boxes, ref_scores, ref_labels = oracle.mmdet_detections(mm_model, rgb)
+    with torch.no_grad():
+        out = ours([_image(rgb)])[0]
+    box_gap, score_gap = 0.0, 0.0
+    for box, score, label in zip(ref_boxes, ref_scores, ref_labels):
+        same = torch.where(out["labels"] == label)[0]
+        if len(same) == 0:
+            continue
+        distance = (out["boxes"][same] - box).abs().amax(dim=1)
+        best = same[distance.argmin()]
+        box_gap = max(box_gap, float(distance.min()))
+        score_gap = max(score_gap, float((out["scores"][best] - score).abs()))
+    matched = oracle.count_matched(out["boxes"], out["scores"], out["labels"], ref_boxes,
+                                   ref_scores, ref_labels)
+    return {"image": f"{size[0]}x{size[1]}", "mmdet_detections": len(ref_boxes),
+            "ours_detections": len(out["boxes"]), "matched": matched,
+            "max_box_difference_px": box_gap, "max_score_difference": score_gap}
+
+
+def _features(mm_model, ours) -> dict:
+    import numpy as np
+
+    rgb = np.random.default_rng(4).integers(0, 256, (320, 480, 3), dtype=np.uint8)
+    with torch.no_grad():
+        batch, _ = ours.transform([_image(rgb)])
+        ours_stages = list(ours.backbone.body(batch.tensors).values())
+        ours_pyramid = list(ours.backbone(batch.tensors).values())
+        ref_stages = list(mm_model.backbone(batch.tensors))[-len(ours_stages):]
+        ref_pyramid = list(mm_model.extract_feat(batch.tensors))
+
+    def relative(a, b):
+        return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b))
+
+    return {"backbone_max_relative_difference": relative(ours_stages, ref_stages),
+            "pyramid_max_relative_difference": relative(ours_pyramid, ref_pyramid)}
+
+
+def _losses(oracle, mm_model, checkpoint, arch) -> dict:
+    import test_parity_detectors as tests  # the exhaustive-sampling set-up of the parity test
+
+    images, boxes, labels = tests._loss_inputs(seed=5)
+    overrides = ["model.min_size=320", "model.max_size=480", "model.backbone_weights=null"]
+    if arch == "faster_rcnn":
+        mm_model.rpn_head.sampler.num = mm_model.roi_head.bbox_sampler.num = 10**6
+        mm_model.rpn_head.sampler.neg_pos_ub = -1
+        overrides += ["model.rpn_batch_size_per_image=1000000", "model.roi_sampler.num=1000000",
+                      "model.rpn_neg_pos_ub=-1"]
+    ours = build_model(load_config(OURS[arch], overrides).model)
+    ours.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    ours.train()
+    with torch.no_grad():
+        got = ours([image.float() / 255 for image in images],
+                   [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)])
+    ref = tests._mmdet_losses(None, mm_model.train(), images, boxes, labels)
+    mm_model.eval()
+    names = ({"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_bbox",
+              "loss_classifier": "loss_cls", "loss_box_reg": "loss_bbox"}
+             if arch == "faster_rcnn" else
+             {"classification": "loss_cls", "bbox_regression": "loss_bbox"})
+    out = {}
+    for key, ref_key in names.items():
+        expected = ref[ref_key]
+        expected = float(sum(expected) if isinstance(expected, (list, tuple)) else expected)
+        out[key] = {"ours": float(got[key]), "mmdet": expected,
+                    "relative_difference": abs(float(got[key]) - expected) / abs(expected)}
+    return out
+
+
+def measure(arch: str, oracle, folder: Path) -> dict:
+    mm = oracle.import_mmdet()
+    mm_model = oracle.detector_like(oracle.randomize_model(
+        oracle.build_model(oracle.LIBRA_CONFIGS[(arch, "r50")]), seed=1))
+    classes = list(mm.mmdet.datasets.CocoDataset.METAINFO["classes"])
+    src, dst = folder / f"{arch}_mmdet.pth", folder / f"{arch}_ours.pth"
+    oracle.save_checkpoint(mm_model, str(src), classes=classes)
+    convert_mmdet_checkpoint(src, dst, load_config(OURS[arch]))
+    ours, _ = load_model_from_checkpoint(dst)
+    return {"detections": [_detections(oracle, mm_model, ours, size, seed)
+                           for seed, size in enumerate(SIZES, start=2)],
+            "features": _features(mm_model, ours),
+            "training_losses": _losses(oracle, mm_model, dst, arch)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "parity_cpu.json"))
+    args = parser.parse_args(argv)
+    import mmdet_oracle as oracle
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as folder:
+        results = {arch: measure(arch, oracle, Path(folder)) for arch in OURS}
+    rows = []
+    for arch, result in results.items():
+        for d in result["detections"]:
+            rows.append([arch, d["image"], f"{d['matched']}/{d['mmdet_detections']}",
+                         f"{d['max_box_difference_px']:.2e}", f"{d['max_score_difference']:.2e}"])
+    print(common.format_table(["model", "image", "matched", "max box diff (px)",
+                               "max score diff"], rows))
+    for arch, result in results.items():
+        losses = ", ".join(f"{k} {v['relative_difference']:.1e}"
+                           for k, v in result["training_losses"].items())
+        print(f"{arch}: features {result['features']}; loss relative differences: {losses}")
+    common.write_json(args.out, {"environment": common.environment_info(torch.device("cpu")),
+                                 "results": results})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
