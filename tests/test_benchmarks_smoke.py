@@ -128,6 +128,25 @@ def test_end_to_end_script_smoke(tmp_path):
     assert "target:" not in stdout  # a smoke run judges no target
 
 
+def test_onnx_runtime_script_smoke(tmp_path):
+    pytest.importorskip("onnxruntime")
+    payload, stdout = _run_smoke("onnx_runtime", tmp_path)
+    rows = payload["rows"]
+    assert [(r["model"], r["case"]) for r in rows] == [
+        (m, c) for m in ("libra_faster_rcnn_r50", "libra_faster_rcnn_r18")
+        for c in ("pytorch", "onnxruntime")]
+    for row in rows:
+        assert _positive_finite(row["median_ms"]) and row["p25_ms"] <= row["p75_ms"]
+        assert row["detections"] > 0 and 0 <= row["vs_float64_box_median"] <= row["vs_float64_box_max"]
+        if row["case"] == "pytorch":
+            assert row["ratio_vs_pytorch"] == 1.0
+        else:
+            assert _positive_finite(row["ratio_vs_pytorch"]) and _positive_finite(row["onnx_mib"])
+            assert 0 <= row["matched"] <= row["detections"]
+    assert payload["settings"]["onnxruntime_threads"] == 1
+    assert "x pytorch" in stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # the helpers
 

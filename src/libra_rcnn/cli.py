@@ -8,6 +8,7 @@ Subcommands::
     libra-rcnn predict CHECKPOINT IMAGE_OR_DIR ... [--score-thresh T] [--out-dir D]
     libra-rcnn convert-voc FOLDER OUT_JSON [--skip-bad]
     libra-rcnn convert-mmdet SRC DST --config CONFIG [--class-names A,B,...]
+    libra-rcnn export CHECKPOINT OUT_ONNX [--opset N] [--check IMAGE ...]
     libra-rcnn check-data CONFIG
     libra-rcnn demo [--output-dir D] [--quick]
     libra-rcnn configs
@@ -21,15 +22,16 @@ checkpoint unless ``--config`` names another (``eval CONFIG CHECKPOINT`` is the 
 
 Multi-GPU / multi-process: ``torchrun --nproc_per_node N -m libra_rcnn train|eval ...`` splits
 the work between the processes. The commands that do not split their work (``predict``,
-``check-data``, ``convert-voc``, ``analyze``) run in the first process only under torchrun;
-the others exit at once with 0.
+``check-data``, ``convert-voc``, ``convert-mmdet``, ``export``, ``analyze``) run in the first
+process only under torchrun; the others exit at once with 0.
 
 Unreadable images never stop ``train`` or ``eval``: they are skipped, counted and named, and
 evaluation scores the other images (``--strict`` refuses them up front instead). ``predict``
 writes every image it can read and lists the others with the reason.
 
-Exit codes: 0 success; 1 training diverged (non-finite losses) or ``check-data`` found problems;
-2 user error (bad or missing config, dataset, checkpoint, argument; one line on stderr
+Exit codes: 0 success; 1 training diverged (non-finite losses), ``check-data`` found problems
+or ``export --check`` found onnxruntime's detections differing from PyTorch's; 2 user error (bad
+or missing config, dataset, checkpoint, argument; one line on stderr
 ``libra-rcnn: error: <file>: <problem>``, no traceback unless ``--debug``); 3 ``predict`` could
 not read some of its input images (everything else was written); 130 / 143 training interrupted
 by SIGINT / SIGTERM after writing ``latest.pth`` (resume with ``--resume``). Any other failure
@@ -141,7 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our config of the same model, e.g. libra_faster_rcnn_r50_fpn_1x_coco")
     _add_config_args(p)
     p.add_argument("--class-names", help="comma-separated class names, when the file has none")
-    p.set_defaults(func=_cmd_convert_mmdet)
+    p.set_defaults(func=_cmd_convert_mmdet, single_process=True)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (Libra Faster R-CNN, RetinaNet, "
+                       "RPN) for onnxruntime", description="Writes an ONNX file whose input 'image' "
+                       "is a float32 [3, H, W] RGB image in 0..1 (any H, W) and whose outputs are "
+                       "'boxes' [N, 4] (x1, y1, x2, y2 in the input's pixels), 'labels' [N] (not "
+                       "for an RPN) and 'scores' [N]. Needs pip install \"libra-rcnn[export]\".")
+    p.add_argument("checkpoint", help="checkpoint (.pth) written by train")
+    p.add_argument("output", help="ONNX file to write")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset, >= 16 (default 17)")
+    p.add_argument("--check", nargs="+", default=[], metavar="IMAGE",
+                   help="image files or folders: run PyTorch and onnxruntime on each and compare "
+                        "their detections (exit 1 if they differ)")
+    p.set_defaults(func=_cmd_export, single_process=True)
 
     p = sub.add_parser("check-data", help="decode every image of a config's datasets and report")
     p.add_argument("config", help="YAML config file or shipped config name")
@@ -397,6 +412,45 @@ def _cmd_convert_mmdet(args) -> int:
     print(f"wrote {summary['dst']}: {summary['model']}; {summary['converted']} tensors, "
           f"{summary['num_classes'] - 1} classes")
     return 0
+
+
+def _cmd_export(args) -> int:
+    import torch
+
+    from libra_rcnn.engine.checkpoint import load_model_from_checkpoint
+    from libra_rcnn.engine.export import (
+        DEFAULT_OPSET,
+        ExportDependencyError,
+        OnnxDetector,
+        compare_detections,
+        export_onnx,
+        output_names,
+    )
+    from libra_rcnn.engine.predict import load_image_tensor
+
+    images = _expand_images(args.check) if args.check else []
+    model, _ = load_model_from_checkpoint(args.checkpoint)
+    try:
+        opset = DEFAULT_OPSET if args.opset is None else args.opset
+        path = export_onnx(model, args.output, opset=opset)
+        detector = OnnxDetector(path) if images else None
+    except ExportDependencyError as exc:
+        raise UserError(str(exc)) from None
+    names = ", ".join(output_names(model))
+    print(f"wrote {path}: input image float32 [3, H, W] in 0..1, outputs {names}")
+    agree = True
+    if detector is not None:
+        for image_path in images:
+            image = load_image_tensor(image_path)
+            with torch.no_grad():
+                expected = model([image])[0]
+            result = compare_detections(expected, detector(image))
+            agree = agree and result["agree"]
+            print(f"{image_path}: PyTorch {result['expected']} detections, onnxruntime "
+                  f"{result['actual']}, {result['matched']} matched (boxes within 1e-2 px, scores "
+                  f"within 1e-4); largest differences {result['max_box_diff']:.2g} px, "
+                  f"{result['max_score_diff']:.2g}")
+    return 0 if agree else EXIT_FAILURE
 
 
 def _format_report(split: str, report: dict) -> str:

@@ -220,7 +220,8 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         anchors = self.anchor_generator(images, feature_maps)
 
         num_images = len(anchors)
-        num_anchors_per_level = [o[0].numel() for o in objectness]
+        # a product of sizes, not numel(): tracing (ONNX export) keeps it a run-time value
+        num_anchors_per_level = [a * h * w for _, a, h, w in (o.shape for o in objectness)]
         objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
         # proposals do not back-propagate into the RPN (as in torchvision / Faster R-CNN)
         proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(num_images, -1, 4)
@@ -281,7 +282,8 @@ class LibraRPN(nn.Module):
     ) -> Any:
         validate_inputs(images, targets, training=self.training, num_classes=self.num_classes,
                         require_labels=False)
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        # no int(): tracing (ONNX export) keeps the sizes as run-time values
+        original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
         image_list, targets = self.transform(images, targets)
         features = self.backbone(image_list.tensors)
         if isinstance(features, Tensor):

@@ -10,26 +10,111 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Optional, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .non_local import NonLocal2d
 
-__all__ = ["BalancedFeaturePyramid", "gather_balanced_semantic_feature", "scatter_to_levels"]
+__all__ = [
+    "BalancedFeaturePyramid",
+    "adaptive_max_pool2d_by_gather",
+    "gather_balanced_semantic_feature",
+    "nearest_resize_by_gather",
+    "scatter_to_levels",
+]
 
 FeatureContainer = Union[Sequence[Tensor], Mapping[str, Tensor]]
+IntLike = Union[int, Tensor]  # a size: an int (a SymInt in torch.export), or a traced size
 
 _REFINE_TYPES = (None, "none", "conv", "non_local")
 
 
-def _resize_to(feature: Tensor, size: tuple[int, int], *, downsample: bool) -> Tensor:
+def _exporting() -> bool:
+    """Whether the model is being traced (``torch.jit.trace``, ``torch.onnx.export(...,
+    dynamo=False)``) or exported (``torch.export``, ``torch.onnx.export(..., dynamo=True)``)."""
+    if torch.jit.is_tracing():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return bool(is_exporting is not None and is_exporting())
+
+
+def _resize_to(feature: Tensor, size: tuple[int, int], *, downsample: bool,
+               max_ratio: int) -> Tensor:
     """Resize ``[B, C, h, w]`` to ``[B, C, *size]``: adaptive max pooling when going to a
-    coarser level, nearest interpolation when going to a finer one (the paper's rescaling)."""
+    coarser level, nearest interpolation when going to a finer one (the paper's rescaling).
+
+    While tracing or exporting, the gathers of :func:`adaptive_max_pool2d_by_gather` /
+    :func:`nearest_resize_by_gather` are used instead: they give the same values for any size at
+    most ``max_ratio`` times the target size, and follow the sizes at run time
+    (``torch.onnx.export`` refuses ``F.adaptive_max_pool2d`` to a size known only at run time,
+    ``torch.export`` fixes it to the example's).
+    """
+    if _exporting():
+        if downsample:
+            return adaptive_max_pool2d_by_gather(feature, size, max_ratio=max_ratio)
+        return nearest_resize_by_gather(feature, size)
     if tuple(feature.shape[-2:]) == tuple(size):
         return feature
     if downsample:
         return F.adaptive_max_pool2d(feature, output_size=size)
     return F.interpolate(feature, size=size, mode="nearest")
+
+
+def _pooling_windows(in_size: IntLike, out_size: IntLike, max_ratio: int,
+                     device: torch.device) -> Tensor:
+    """``[out_size, max_ratio + 1]`` int64 indices covering each adaptive pooling window.
+
+    Window ``i`` is ``[floor(i * in / out), ceil((i + 1) * in / out))`` (PyTorch's bins). When
+    ``in <= max_ratio * out`` no window is longer than ``max_ratio + 1``; shorter windows repeat
+    their last index, which leaves a maximum unchanged.
+    """
+    index = torch.arange(out_size, device=device)
+    start = index * in_size // out_size
+    end = ((index + 1) * in_size + out_size - 1) // out_size
+    offsets = torch.arange(max_ratio + 1, device=device)
+    return torch.minimum(start[:, None] + offsets, end[:, None] - 1)
+
+
+def adaptive_max_pool2d_by_gather(x: Tensor, size: tuple[IntLike, IntLike], *,
+                                  max_ratio: int) -> Tensor:
+    """``F.adaptive_max_pool2d(x, size)`` as gathers and element-wise maxima (exportable with
+    sizes that change at run time).
+
+    Args:
+        x: ``[B, C, H, W]``.
+        size: output ``(h, w)``, Python ints or traced sizes.
+        max_ratio: an integer ``>= H / h`` and ``>= W / w``; larger inputs give wrong values.
+
+    Returns:
+        ``[B, C, h, w]``, equal to ``F.adaptive_max_pool2d(x, size)`` (the same maximum of the
+        same elements).
+    """
+    for dim, out_size in ((2, size[0]), (3, size[1])):
+        windows = _pooling_windows(x.shape[dim], out_size, max_ratio, x.device)
+        pooled = x.index_select(dim, windows[:, 0])
+        for k in range(1, max_ratio + 1):
+            pooled = torch.maximum(pooled, x.index_select(dim, windows[:, k]))
+        x = pooled
+    return x
+
+
+def _nearest_source_indices(in_size: IntLike, out_size: IntLike, device: torch.device) -> Tensor:
+    """PyTorch's "nearest" source index ``min(floor(dst * s), in - 1)`` with the float32
+    scale ``s = in / out``, computed in float32 as ATen does."""
+    # sizes enter as tensor-times-size products: a tensor made from a size would freeze it
+    one = torch.ones((), dtype=torch.float32, device=device)
+    scale = (one * in_size) / (one * out_size)
+    source = (torch.arange(out_size, device=device).to(torch.float32) * scale).floor()
+    return torch.minimum(source, one * in_size - 1).to(torch.int64)
+
+
+def nearest_resize_by_gather(x: Tensor, size: tuple[IntLike, IntLike]) -> Tensor:
+    """``F.interpolate(x, size, mode="nearest")`` as two gathers (exportable with sizes that
+    change at run time). ``x``: ``[B, C, H, W]``; returns ``[B, C, *size]``, the same values."""
+    for dim, out_size in ((2, size[0]), (3, size[1])):
+        x = x.index_select(dim, _nearest_source_indices(x.shape[dim], out_size, x.device))
+    return x
 
 
 def gather_balanced_semantic_feature(features: Sequence[Tensor], refine_level: int) -> Tensor:
@@ -49,7 +134,8 @@ def gather_balanced_semantic_feature(features: Sequence[Tensor], refine_level: i
     size = tuple(features[refine_level].shape[-2:])
     total = None
     for level, feature in enumerate(features):
-        rescaled = _resize_to(feature, size, downsample=level < refine_level)
+        rescaled = _resize_to(feature, size, downsample=level < refine_level,
+                              max_ratio=2 ** abs(level - refine_level))
         total = rescaled if total is None else total + rescaled
     return total / len(features)
 
@@ -71,7 +157,8 @@ def scatter_to_levels(
         ``L`` tensors ``[B, C, H_l, W_l]``.
     """
     return [
-        _resize_to(balanced, tuple(size), downsample=level > refine_level)
+        _resize_to(balanced, tuple(size), downsample=level > refine_level,
+                   max_ratio=2 ** abs(level - refine_level))
         for level, size in enumerate(sizes)
     ]
 
@@ -93,6 +180,11 @@ class BalancedFeaturePyramid(nn.Module):
 
     Works for sizes that do not halve exactly (e.g. 25x38, 13x19, 7x10, 4x5): resizing always
     targets each level's exact spatial size.
+
+    Export: while traced (``torch.onnx.export``, ``torch.jit.trace``) or exported
+    (``torch.export``) the rescaling runs as gathers that follow the input sizes at run time and
+    give the same values, provided each level is at most twice as large as the next coarser one
+    in each dimension (true of FPN levels, which halve exactly or round up).
 
     Args:
         in_channels: channels ``C`` shared by all levels (>= 1).
