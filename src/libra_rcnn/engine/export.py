@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from ..errors import UserInputError
 from ..io_utils import atomic_write_bytes
 from ..models.faster_rcnn import LibraFasterRCNN
 from ..models.mode import eval_mode
@@ -59,6 +60,7 @@ from ..models.rpn import LibraRPN
 __all__ = [
     "DEFAULT_OPSET",
     "ExportDependencyError",
+    "ExportError",
     "OnnxDetector",
     "SingleImageDetector",
     "compare_detections",
@@ -77,6 +79,10 @@ EXAMPLE_SIZE = (480, 640)
 
 class ExportDependencyError(ImportError):
     """onnx or onnxruntime is not installed."""
+
+
+class ExportError(UserInputError):
+    """The model, its transform or an export setting cannot be exported; the message says why."""
 
 
 def _import_extra(module: str) -> Any:
@@ -149,7 +155,7 @@ def _traceable_transform(detector: nn.Module) -> Iterator[None]:
     """Route ``detector.transform.resize`` through :func:`traceable_resize` for the block."""
     transform = detector.transform
     if type(transform) is not GeneralizedRCNNTransform or transform.fixed_size is not None:
-        raise ValueError(f"cannot export a detector whose transform is "
+        raise ExportError(f"cannot export a detector whose transform is "
                          f"{type(transform).__name__} (fixed_size={transform.fixed_size}); "
                          f"torchvision's GeneralizedRCNNTransform without fixed_size is supported")
     transform.resize = lambda image, target=None: traceable_resize(transform, image, target)
@@ -181,7 +187,7 @@ def _ignore_tracing_warnings() -> None:
 def _check_exportable(model: nn.Module) -> None:
     if not isinstance(model, EXPORTABLE):
         names = ", ".join(cls.__name__ for cls in EXPORTABLE)
-        raise ValueError(f"cannot export a {type(model).__name__}: ONNX export supports {names} "
+        raise ExportError(f"cannot export a {type(model).__name__}: ONNX export supports {names} "
                          f"(Fast R-CNN needs proposals from another model)")
 
 
@@ -201,11 +207,12 @@ def export_onnx(model: nn.Module, path: PathLike, *, opset: int = DEFAULT_OPSET,
         height and width are dynamic.
 
     Raises:
-        ValueError: a model or transform that cannot be exported, or an opset below 16.
+        ExportError: a model or transform that cannot be exported, or an opset below 16 (a
+            ``ValueError``, shown as one line by the command line).
     """
     _check_exportable(model)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 16:
-        raise ValueError(f"opset must be an int >= 16, got {opset!r}")
+        raise ExportError(f"opset must be an int >= 16, got {opset!r}")
     onnx = _import_extra("onnx")
     names = output_names(model)
     wrapper = SingleImageDetector(model).eval()
@@ -260,7 +267,7 @@ class OnnxDetector:
             self.session = onnxruntime.InferenceSession(str(path), options,
                                                         providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own error types for bad files
-            raise ValueError(f"{path}: onnxruntime cannot load it: {exc}") from None
+            raise ExportError(f"{path}: onnxruntime cannot load it: {exc}") from None
         self.output_names = tuple(output.name for output in self.session.get_outputs())
 
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
