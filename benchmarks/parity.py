@@ -9,8 +9,8 @@ mmdetection checkpoint and converted with ``convert_mmdet_checkpoint``:
 * detections on an 800 x 1216 image (no resize) and a 480 x 640 one (resized to 800 x 1067):
   how many of mmdetection's are matched (same class, box corners within 0.01 px, score within
   1e-4), and the largest box / score difference over the matched pairs;
-* backbone (C2-C5) and pyramid (after the balanced feature pyramid) features: largest absolute
-  difference over the largest absolute value, per model;
+* backbone (C2-C5) and pyramid (after the balanced feature pyramid) features of a 480 x 640 image
+  (800 x 1067 after the resize): largest absolute difference over the largest absolute value;
 * training losses of a two-image batch with exhaustive sampling: largest relative difference.
 
 Needs the ``parity`` extra (mmdetection). Run: ``python -m benchmarks.parity [--out PATH]``
@@ -68,13 +68,13 @@ def _detections(oracle, mm_model, ours, size, seed) -> dict:
 def _features(mm_model, ours) -> dict:
     import numpy as np
 
-    rgb = np.random.default_rng(4).integers(0, 256, (320, 480, 3), dtype=np.uint8)
+    rgb = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     with torch.no_grad():
-        batch, _ = ours.transform([_image(rgb)])
-        ours_stages = list(ours.backbone.body(batch.tensors).values())
-        ours_pyramid = list(ours.backbone(batch.tensors).values())
-        ref_stages = list(mm_model.backbone(batch.tensors))[-len(ours_stages):]
-        ref_pyramid = list(mm_model.extract_feat(batch.tensors))
+        batch = ours.transform([_image(rgb)])[0].tensors  # resized to 800 x 1067, padded
+        ours_stages = list(ours.backbone.body(batch).values())
+        ours_pyramid = list(ours.backbone(batch).values())
+        ref_stages = list(mm_model.backbone(batch))[-len(ours_stages):]
+        ref_pyramid = list(mm_model.extract_feat(batch))
 
     def relative(a, b):
         return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b))

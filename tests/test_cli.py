@@ -3,6 +3,7 @@ train, exact resume, eval, predict, check-data, convert-voc, demo, and one-line 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -147,8 +148,15 @@ def test_eval_without_a_config_uses_the_checkpoints_own(tiny, capsys):
     code, own, _ = _run(capsys, "eval", ckpt)
     assert code == 0 and own == with_config  # training stored this very config
     # --set still changes data and test-time settings of the stored config
-    code, fewer, _ = _run(capsys, "eval", ckpt, "--set", "model.box_detections_per_img=1")
-    assert code == 0 and fewer != own
+    results = {}
+    every = ["--set", "model.box_score_thresh=0.0"]  # an untrained model's scores are low
+    for name, extra in (("own", []), ("fewer", ["--set", "model.box_detections_per_img=1"])):
+        results[name] = tiny["root"] / f"{name}.json"
+        code, _, _ = _run(capsys, "eval", ckpt, "--results", results[name], *every, *extra)
+        assert code == 0
+    per_image = {name: collections.Counter(r["image_id"] for r in json.loads(path.read_text()))
+                 for name, path in results.items()}
+    assert max(per_image["own"].values()) > 1 and max(per_image["fewer"].values()) == 1
 
 
 def test_predict_draws_and_lists_detections(tiny, capsys):

@@ -28,7 +28,7 @@ from libra_rcnn.engine.export import (
     export_onnx,
     traceable_resize,
 )
-from libra_rcnn.models import build_model, libra_model_config
+from libra_rcnn.models import build_model, libra_model_config, used_settings
 from libra_rcnn.ops.balanced_feature_pyramid import (
     BalancedFeaturePyramid,
     adaptive_max_pool2d_by_gather,
@@ -136,10 +136,11 @@ def test_compare_detections_pairs_ties_in_any_order():
 
 
 def test_export_refuses_what_it_cannot_export(tmp_path):
-    fast_rcnn = build_model(libra_model_config("fast_rcnn", "resnet18", **SMALL))
+    fast_rcnn = build_model(libra_model_config("fast_rcnn", "resnet18",
+                                               **used_settings("fast_rcnn", SMALL)))
     with pytest.raises(ValueError, match="cannot export a LibraFastRCNN.*proposals"):
         export_onnx(fast_rcnn, tmp_path / "m.onnx")
-    rpn = build_model(libra_model_config("rpn", "resnet18", **SMALL))
+    rpn = build_model(libra_model_config("rpn", "resnet18", **used_settings("rpn", SMALL)))
     with pytest.raises(ValueError, match="opset must be an int >= 16, got 11"):
         export_onnx(rpn, tmp_path / "m.onnx", opset=11)
     assert not (tmp_path / "m.onnx").exists()
@@ -158,7 +159,8 @@ def _image_dims(smallest=32):
 def test_torch_export_fails_on_torchvisions_data_dependent_nms():
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-    model = build_model(libra_model_config("faster_rcnn", "resnet18", **SMALL)).eval()
+    model = build_model(libra_model_config("faster_rcnn", "resnet18",
+                                           **used_settings("faster_rcnn", SMALL))).eval()
     height, width = _image_dims()
     with pytest.raises(GuardOnDataDependentSymNode) as info:
         torch.export.export(SingleImageDetector(model), (torch.rand(3, 96, 128),),
@@ -223,7 +225,7 @@ def _separate_scores(model: nn.Module) -> None:
             parameter.normal_(0.0, 0.05, generator=generator)
         if hasattr(model, "rpn"):
             nn.init.kaiming_normal_(model.rpn.head.conv[0][0].weight, generator=generator)
-            model.rpn.head.cls_logits.weight.normal_(0.0, 0.1, generator=generator)
+            model.rpn.head.cls_logits.weight.normal_(0.0, 0.03, generator=generator)
         if hasattr(model, "head"):  # RetinaNet
             for branch in (model.head.classification_head, model.head.regression_head):
                 for layer in branch.conv.modules():
@@ -233,37 +235,45 @@ def _separate_scores(model: nn.Module) -> None:
             model.head.classification_head.cls_logits.bias.fill_(-3.0)
 
 
+# every exportable detector in torchvision's conventions; in mmdetection's (its OpenCV-exact
+# resize, fixed-stride anchors, aligned RoIAlign...) the two that mmdetection checkpoints convert to
+EXPORTED = [("faster_rcnn", "torchvision"), ("retinanet", "torchvision"), ("rpn", "torchvision"),
+            ("faster_rcnn", "mmdet"), ("retinanet", "mmdet")]
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A small checkpoint of each exportable Libra detector."""
+    """A small checkpoint of each exportable Libra detector, by (arch, convention)."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("export")
     paths = {}
-    for arch in ("faster_rcnn", "retinanet", "rpn"):
-        cfg = libra_model_config(arch, "resnet18", **SMALL)
+    for arch, convention in EXPORTED:
+        cfg = libra_model_config(arch, "resnet18", settings=convention,
+                                 **used_settings(arch, SMALL))
         model = build_model(cfg)
         _separate_scores(model)
-        paths[arch] = save_checkpoint(folder / f"{arch}.pth", {
+        paths[arch, convention] = save_checkpoint(folder / f"{arch}_{convention}.pth", {
             "format": CHECKPOINT_FORMAT, "format_version": 1, "model": model.state_dict(),
             "model_config": config_to_dict(cfg), "class_names": ["a", "b", "c"]})
     return paths
 
 
-@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet", "rpn"])
-def test_onnxruntime_gives_pytorchs_detections_at_other_sizes(arch, checkpoints, tmp_path):
+@pytest.mark.parametrize("arch, convention", EXPORTED)
+def test_onnxruntime_gives_pytorchs_detections_at_other_sizes(arch, convention, checkpoints,
+                                                              tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from libra_rcnn.engine.export import OnnxDetector
     from libra_rcnn.engine.checkpoint import load_model_from_checkpoint
 
-    path, _ = export_checkpoint(checkpoints[arch], tmp_path / f"{arch}.onnx")
+    path, _ = export_checkpoint(checkpoints[arch, convention], tmp_path / f"{arch}.onnx")
     graph = onnx.load(str(path)).graph
     names = ["boxes", "scores"] if arch == "rpn" else ["boxes", "labels", "scores"]
     assert [o.name for o in graph.output] == names
     image_dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert [i.name for i in graph.input] == ["image"] and image_dims == [3, "height", "width"]
 
-    model, _ = load_model_from_checkpoint(checkpoints[arch])
+    model, _ = load_model_from_checkpoint(checkpoints[arch, convention])
     detector = OnnxDetector(path, threads=1)
     generator = torch.Generator().manual_seed(5)
     for height, width in CHECK_SIZES:
@@ -319,7 +329,7 @@ def test_cli_exports_and_checks_against_pytorch(checkpoints, tmp_path, capsys):
     pixels = (torch.rand(CHECK_SIZES[0] + (3,), generator=generator) * 255).to(torch.uint8)
     Image.fromarray(pixels.numpy()).save(tmp_path / "image.png")
     out = tmp_path / "sub" / "rpn.onnx"
-    code = main(["--quiet", "export", str(checkpoints["rpn"]), str(out), "--check",
+    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision"]), str(out), "--check",
                  str(tmp_path / "image.png")])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
@@ -339,7 +349,7 @@ def test_cli_export_errors_are_one_line(checkpoints, tmp_path, capsys):
     code = main(["--quiet", "export", str(tmp_path / "missing.pth"), str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "missing.pth: no such checkpoint file" in err
-    code = main(["--quiet", "export", str(checkpoints["rpn"]), str(tmp_path / "m.onnx"),
+    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision"]), str(tmp_path / "m.onnx"),
                  "--opset", "9"])
     err = capsys.readouterr().err
     assert code == 2 and "opset must be an int >= 16, got 9" in err
@@ -353,7 +363,7 @@ def test_missing_export_extra_is_a_one_line_cli_error(checkpoints, tmp_path, cap
         raise ImportError(f"No module named {name!r}")
 
     monkeypatch.setattr(export.importlib, "import_module", no_onnx)
-    code = main(["--quiet", "export", str(checkpoints["rpn"]), str(tmp_path / "m.onnx")])
+    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision"]), str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert ("onnx is not installed; ONNX export and inference need the 'export' extra: "

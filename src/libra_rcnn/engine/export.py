@@ -55,6 +55,7 @@ from ..io_utils import atomic_write_bytes
 from ..models.faster_rcnn import LibraFasterRCNN
 from ..models.mode import eval_mode
 from ..models.retinanet import LibraRetinaNet
+from ..models.transform import MMDetTransform
 from ..models.rpn import LibraRPN
 
 __all__ = [
@@ -152,8 +153,12 @@ def traceable_resize(transform: GeneralizedRCNNTransform, image: Tensor,
 
 @contextlib.contextmanager
 def _traceable_transform(detector: nn.Module) -> Iterator[None]:
-    """Route ``detector.transform.resize`` through :func:`traceable_resize` for the block."""
+    """Route ``detector.transform.resize`` through :func:`traceable_resize` for the block
+    (mmdetection's transform traces as it is: it computes its sizes with tensor operations)."""
     transform = detector.transform
+    if type(transform) is MMDetTransform:
+        yield
+        return
     if type(transform) is not GeneralizedRCNNTransform or transform.fixed_size is not None:
         raise ExportError(f"cannot export a detector whose transform is "
                          f"{type(transform).__name__} (fixed_size={transform.fixed_size}); "

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import (
@@ -218,8 +219,9 @@ class LibraRetinaNet(RetinaNet):
                 num_classes = logits.shape[-1]
                 level_scores = torch.sigmoid(logits[index]).flatten()
                 candidates = torch.where(level_scores > self.score_thresh)[0]
+                # torchvision's helper: a run-time minimum when the model is exported
                 level_scores, order = level_scores[candidates].topk(
-                    min(int(candidates.numel()), self.topk_candidates))
+                    det_utils._topk_min(candidates, self.topk_candidates, 0))
                 candidates = candidates[order]
                 anchor_idxs = torch.div(candidates, num_classes, rounding_mode="floor")
                 decoded = self.box_coder.decode_single(deltas[index][anchor_idxs],

@@ -28,6 +28,7 @@ __all__ = [
     "MMDET_IMAGE_STD",
     "MMDetTransform",
     "mmdet_rescale_size",
+    "mmdet_rescaled_size",
     "resize_uint8_bilinear",
 ]
 
@@ -45,7 +46,17 @@ def mmdet_rescale_size(height: int, width: int, short: int, long: int) -> tuple[
     return int(height * s + 0.5), int(width * s + 0.5)
 
 
-def _linear_taps(src: int, dst: int, *, clamp_weights: bool, device: torch.device):
+def _float64(*values) -> Tensor:
+    """Ints or 0-d size tensors as one float64 ``[len(values)]`` tensor."""
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+
+
+def _as_size(value) -> Tensor:
+    """An int, a 0-d tensor (a size while tracing) or a 1-element tensor as int64 ``[1]``."""
+    return torch.as_tensor(value, dtype=torch.int64).reshape(1)
+
+
+def _linear_taps(src, dst, *, clamp_weights: bool, device: torch.device):
     """OpenCV's ``INTER_LINEAR`` taps along one axis.
 
     Returns int64 ``[dst]`` source indices ``i0``, ``i1`` and int32 ``[dst]`` fixed-point weights
@@ -53,22 +64,29 @@ def _linear_taps(src: int, dst: int, *, clamp_weights: bool, device: torch.devic
     ``w1 = round(frac(x) * 2048)``, ``w0 = round((1 - frac(x)) * 2048)`` (half to even, each
     rounded on its own). Out-of-range taps read the border pixel; along x (``clamp_weights``)
     OpenCV also sets the fraction to 0 there, along y it keeps the fraction and clamps rows.
+    ``src`` and ``dst`` may be ints or size tensors (sizes stay run-time values when traced);
+    the arithmetic is float64 on 1-element tensors, as OpenCV's on doubles.
     """
-    scale = 1.0 / (dst / src)  # OpenCV: inverse of the double dst / src ratio
-    x = ((torch.arange(dst, dtype=torch.float64, device=device) + 0.5) * scale - 0.5).float()
+    src, dst = _as_size(src).to(device), _as_size(dst).to(device)
+    one = torch.ones(1, dtype=torch.float64, device=device)
+    scale = one / (dst.to(torch.float64) / src.to(torch.float64))  # OpenCV: inverse of dst / src
+    steps = torch.arange(dst[0], dtype=torch.float64, device=device)
+    x = ((steps + 0.5) * scale - 0.5).float()
     start = torch.floor(x)
     frac = x - start
     start = start.long()
+    last = src - 1
     if clamp_weights:
-        outside = (start < 0) | (start >= src - 1)
+        outside = (start < 0) | (start >= last)
         frac = torch.where(outside, torch.zeros_like(frac), frac)
-        start = start.clamp(0, src - 1)
     w1 = torch.round(frac * _COEF_SCALE).int()
     w0 = torch.round((1.0 - frac) * _COEF_SCALE).int()
-    return start.clamp(0, src - 1), (start + 1).clamp(0, src - 1), w0, w1
+    zero = torch.zeros_like(last)
+    return (torch.minimum(torch.maximum(start, zero), last),
+            torch.minimum(torch.maximum(start + 1, zero), last), w0, w1)
 
 
-def resize_uint8_bilinear(image: Tensor, size: Sequence[int]) -> Tensor:
+def resize_uint8_bilinear(image: Tensor, size) -> Tensor:
     """``cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)`` on uint8, bit for bit.
 
     OpenCV resizes 8-bit images in fixed point: a horizontal pass sums two pixels times 11-bit
@@ -80,21 +98,30 @@ def resize_uint8_bilinear(image: Tensor, size: Sequence[int]) -> Tensor:
 
     Args:
         image: uint8 ``[C, H, W]``.
-        size: ``(h, w)`` of the output, both ``>= 1``.
+        size: ``(h, w)`` of the output, both ``>= 1`` (ints, or an int64 ``[2]`` tensor).
     Returns:
         uint8 ``[C, h, w]``.
     """
-    out_h, out_w = int(size[0]), int(size[1])
-    _, in_h, in_w = image.shape
+    in_h, in_w = image.shape[-2:]
     device = image.device
-    x0, x1, a0, a1 = _linear_taps(in_w, out_w, clamp_weights=True, device=device)
-    y0, y1, b0, b1 = _linear_taps(in_h, out_h, clamp_weights=False, device=device)
+    x0, x1, a0, a1 = _linear_taps(in_w, size[1], clamp_weights=True, device=device)
+    y0, y1, b0, b1 = _linear_taps(in_h, size[0], clamp_weights=False, device=device)
     pixels = image.int()
     rows = pixels.index_select(2, x0) * a0 + pixels.index_select(2, x1) * a1  # [C, H, w]
     rows = rows >> 4  # the vertical kernel works on 16-bit (value * 2048) >> 4
     top = (rows.index_select(1, y0) * b0[:, None]) >> 16
     bottom = (rows.index_select(1, y1) * b1[:, None]) >> 16
     return ((top + bottom + 2) >> 2).clamp(0, 255).to(torch.uint8)
+
+
+def mmdet_rescaled_size(image: Tensor, short: int, long: int) -> Tensor:
+    """:func:`mmdet_rescale_size` of ``image``'s ``(H, W)`` as an int64 ``[2]`` tensor, computed
+    with tensor operations so that a traced graph keeps the image size a run-time value."""
+    sides = torch._shape_as_tensor(image)[-2:].to(torch.float64)  # [2]
+    limits = torch.tensor([short, long], dtype=torch.float64, device=sides.device)
+    scale = torch.minimum(limits[1:] / sides.amax(0, keepdim=True),
+                          limits[:1] / sides.amin(0, keepdim=True))  # [1]
+    return torch.floor(sides * scale + 0.5).to(torch.int64)
 
 
 class MMDetTransform(GeneralizedRCNNTransform):
@@ -137,9 +164,10 @@ class MMDetTransform(GeneralizedRCNNTransform):
         """
         height, width = image.shape[-2:]
         short = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
-        new_h, new_w = mmdet_rescale_size(height, width, short, self.max_size)
+        size = mmdet_rescaled_size(image, short, self.max_size)
         levels = (image * 255).round().clamp(0, 255).to(torch.uint8)
-        resized = resize_uint8_bilinear(levels, (new_h, new_w)).to(image.dtype)
+        resized = resize_uint8_bilinear(levels, size).to(image.dtype)
+        new_h, new_w = resized.shape[-2:]
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
         resized = (resized - mean[:, None, None]) / std[:, None, None]
@@ -161,8 +189,10 @@ class MMDetTransform(GeneralizedRCNNTransform):
         for pred, (new_h, new_w), (height, width) in zip(result, image_shapes,
                                                          original_image_sizes):
             boxes = pred["boxes"]
-            inverse = boxes.new_tensor([1 / (new_w / width), 1 / (new_h / height)]).repeat(2)
-            pred["boxes"] = boxes * inverse
+            # float64 as mmdetection's Python floats; tensor operations, so that sizes stay
+            # run-time values in a traced graph
+            scale = _float64(new_w, new_h) / _float64(width, height)
+            pred["boxes"] = boxes * (1 / scale).to(boxes.dtype).repeat(2)
         return result
 
     def __repr__(self) -> str:
