@@ -138,19 +138,20 @@ def main(argv=None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as folder:
         results = {arch: measure(arch, oracle, Path(folder)) for arch in OURS}
-    rows = []
-    for arch, result in results.items():
-        for d in result["detections"]:
-            rows.append([arch, d["image"], f"{d['matched']}/{d['mmdet_detections']}",
-                         f"{d['max_box_difference_px']:.2e}", f"{d['max_score_difference']:.2e}"])
-    print(common.format_table(["model", "image", "matched", "max box diff (px)",
-                               "max score diff"], rows))
+    # the shared record of where and how; no AMP and no smoke mode here
+    environment = common.environment_info(torch.device("cpu"),
+                                          argparse.Namespace(amp=False, smoke=False))
+    environment["mmdet"] = oracle.import_mmdet().mmdet.__version__
+    common.write_json(args.out, {"environment": environment, "results": results})
+    rows = [{"model": arch, **d} for arch, result in results.items() for d in result["detections"]]
+    print(common.format_table(rows, [
+        ("model", "model", ""), ("image", "image", ""), ("matched", "matched", ""),
+        ("mmdet_detections", "of", ""), ("max_box_difference_px", "max box diff (px)", ".2e"),
+        ("max_score_difference", "max score diff", ".2e")]))
     for arch, result in results.items():
         losses = ", ".join(f"{k} {v['relative_difference']:.1e}"
                            for k, v in result["training_losses"].items())
         print(f"{arch}: features {result['features']}; loss relative differences: {losses}")
-    common.write_json(args.out, {"environment": common.environment_info(torch.device("cpu")),
-                                 "results": results})
     print(f"wrote {args.out}")
 
 
