@@ -33,7 +33,6 @@ from benchmarks import _common as common  # noqa: E402
 from libra_rcnn.config import load_config  # noqa: E402
 from libra_rcnn.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
 from libra_rcnn.engine.convert_mmdet import convert_mmdet_checkpoint  # noqa: E402
-from libra_rcnn.models import build_model  # noqa: E402
 
 OURS = {"faster_rcnn": "libra_faster_rcnn_r50_fpn_1x_coco",
         "retinanet": "libra_retinanet_r50_fpn_1x_coco"}
@@ -84,34 +83,11 @@ def _features(mm_model, ours) -> dict:
 
 
 def _losses(oracle, mm_model, checkpoint, arch) -> dict:
-    import test_parity_detectors as tests  # the exhaustive-sampling set-up of the parity test
-
-    images, boxes, labels = tests._loss_inputs(seed=5)
-    overrides = ["model.min_size=320", "model.max_size=480", "model.backbone_weights=null"]
-    if arch == "faster_rcnn":
-        mm_model.rpn_head.sampler.num = mm_model.roi_head.bbox_sampler.num = 10**6
-        mm_model.rpn_head.sampler.neg_pos_ub = -1
-        overrides += ["model.rpn_batch_size_per_image=1000000", "model.roi_sampler.num=1000000",
-                      "model.rpn_neg_pos_ub=-1"]
-    ours = build_model(load_config(OURS[arch], overrides).model)
-    ours.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
-    ours.train()
-    with torch.no_grad():
-        got = ours([image.float() / 255 for image in images],
-                   [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)])
-    ref = tests._mmdet_losses(None, mm_model.train(), images, boxes, labels)
-    mm_model.eval()
-    names = ({"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_bbox",
-              "loss_classifier": "loss_cls", "loss_box_reg": "loss_bbox"}
-             if arch == "faster_rcnn" else
-             {"classification": "loss_cls", "bbox_regression": "loss_bbox"})
-    out = {}
-    for key, ref_key in names.items():
-        expected = ref[ref_key]
-        expected = float(sum(expected) if isinstance(expected, (list, tuple)) else expected)
-        out[key] = {"ours": float(got[key]), "mmdet": expected,
-                    "relative_difference": abs(float(got[key]) - expected) / abs(expected)}
-    return out
+    weights = torch.load(checkpoint, weights_only=True)["model"]
+    ours, expected = oracle.training_losses(mm_model, OURS[arch], weights, arch)
+    return {key: {"ours": float(ours[key]), "mmdet": float(value),
+                  "relative_difference": abs(float(ours[key]) - float(value)) / abs(float(value))}
+            for key, value in expected.items()}
 
 
 def measure(arch: str, oracle, folder: Path) -> dict:

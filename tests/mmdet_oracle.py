@@ -48,6 +48,8 @@ __all__ = [
     "count_matched",
     "BOX_TOLERANCE",
     "SCORE_TOLERANCE",
+    "LOSS_NAMES",
+    "training_losses",
 ]
 
 #: Why an oracle test may be skipped (used as the module-level reason of the parity tests).
@@ -336,3 +338,75 @@ def count_matched(ours_boxes, ours_scores, ours_labels, ref_boxes, ref_scores, r
             & ((ours_scores - score).abs() <= score_tolerance) & (ours_labels == label)
         count += int(close.any())
     return count
+
+
+# --------------------------------------------------------------------------------------------
+# training losses
+
+#: our loss name -> mmdetection's, per architecture
+LOSS_NAMES = {
+    "faster_rcnn": {"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_bbox",
+                    "loss_classifier": "loss_cls", "loss_box_reg": "loss_bbox"},
+    "retinanet": {"classification": "loss_cls", "bbox_regression": "loss_bbox"},
+}
+
+
+def _loss_batch(seed: int):
+    """Two 320 x 480 uint8 RGB images and their boxes and labels (counted from 1)."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.from_numpy(photo_like(320, 480, seed + k)).permute(2, 0, 1) for k in range(2)]
+    boxes = [torch.tensor([[30.0, 40.0, 200.0, 230.0], [250.0, 20.0, 460.0, 140.0],
+                           [100.0, 150.0, 150.0, 190.0]]),
+             torch.tensor([[10.0, 10.0, 300.0, 310.0]])]
+    labels = [torch.randint(1, 81, (len(b),), generator=g) for b in boxes]
+    return images, boxes, labels
+
+
+def _mmdet_loss(model: nn.Module, images, boxes, labels) -> dict:
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+
+    samples = []
+    for image, b, l in zip(images, boxes, labels):
+        sample = DetDataSample(metainfo={"img_shape": tuple(image.shape[-2:]),
+                                         "ori_shape": tuple(image.shape[-2:]),
+                                         "scale_factor": (1.0, 1.0)})
+        sample.gt_instances = InstanceData(bboxes=b, labels=l - 1)
+        samples.append(sample)
+    data = {"inputs": [image.flip(0) for image in images], "data_samples": samples}  # BGR
+    with torch.no_grad():
+        batch = model.data_preprocessor(data, True)
+        losses = model.train().loss(batch["inputs"], batch["data_samples"])
+    model.eval()
+    return {k: sum(v) if isinstance(v, (list, tuple)) else v for k, v in losses.items()}
+
+
+def training_losses(mm_model: nn.Module, our_config: str, our_weights: dict, arch: str,
+                    seed: int = 5) -> tuple[dict, dict]:
+    """Both detectors' training losses on the same two 320 x 480 images (no resize) with every
+    anchor and RoI sampled, so that no random choice is left on either side.
+
+    Args:
+        mm_model: mmdetection's model (its samplers are set to sample everything).
+        our_config: our config name of the same model; ``our_weights`` its state dict.
+
+    Returns:
+        ``(ours, mmdet's)``: our loss dict and mmdetection's renamed to our names.
+    """
+    from libra_rcnn.config import load_config as load_our_config
+    from libra_rcnn.models import build_model as build_our_model
+
+    overrides = ["model.min_size=320", "model.max_size=480", "model.backbone_weights=null"]
+    if arch == "faster_rcnn":
+        mm_model.rpn_head.sampler.num = mm_model.roi_head.bbox_sampler.num = 10**6
+        mm_model.rpn_head.sampler.neg_pos_ub = -1
+        overrides += ["model.rpn_batch_size_per_image=1000000", "model.roi_sampler.num=1000000",
+                      "model.rpn_neg_pos_ub=-1"]
+    ours = build_our_model(load_our_config(our_config, overrides).model)
+    ours.load_state_dict(our_weights)
+    images, boxes, labels = _loss_batch(seed)
+    with torch.no_grad():
+        got = ours.train()([image.float() / 255 for image in images],
+                           [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)])
+    ref = _mmdet_loss(mm_model, images, boxes, labels)
+    return got, {ours_name: ref[name] for ours_name, name in LOSS_NAMES[arch].items()}

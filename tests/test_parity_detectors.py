@@ -15,7 +15,6 @@ from libra_rcnn.config import load_config
 from libra_rcnn.data.coco_classes import COCO_CATEGORIES
 from libra_rcnn.engine.checkpoint import CheckpointError, load_model_from_checkpoint
 from libra_rcnn.engine.convert_mmdet import convert_mmdet_checkpoint
-from libra_rcnn.models import build_model
 from mmdet_oracle import (
     LIBRA_CONFIGS,
     build_model as build_mmdet_model,
@@ -25,6 +24,7 @@ from mmdet_oracle import (
     photo_like,
     randomize_model,
     save_checkpoint,
+    training_losses,
 )
 
 # Every test here needs mmdetection as the oracle: without it the ``mmdet`` fixture skips them
@@ -170,62 +170,13 @@ def test_wrong_files_get_a_clear_error(converted, tmp_path, capsys):
 # training losses
 
 
-def _loss_inputs(seed: int):
-    """Two 320 x 480 images (no resize at min_size 320 / max_size 480) and their boxes."""
-    g = torch.Generator().manual_seed(seed)
-    images = [torch.from_numpy(photo_like(320, 480, seed + k)).permute(2, 0, 1) for k in range(2)]
-    boxes = [torch.tensor([[30.0, 40.0, 200.0, 230.0], [250.0, 20.0, 460.0, 140.0],
-                           [100.0, 150.0, 150.0, 190.0]]),
-             torch.tensor([[10.0, 10.0, 300.0, 310.0]])]
-    labels = [torch.randint(1, 81, (len(b),), generator=g) for b in boxes]
-    return images, boxes, labels
-
-
-def _mmdet_losses(mm, model, images, boxes, labels):
-    from mmdet.structures import DetDataSample
-    from mmengine.structures import InstanceData
-
-    samples = []
-    for image, b, l in zip(images, boxes, labels):
-        sample = DetDataSample(metainfo={"img_shape": tuple(image.shape[-2:]),
-                                         "ori_shape": tuple(image.shape[-2:]),
-                                         "scale_factor": (1.0, 1.0)})
-        sample.gt_instances = InstanceData(bboxes=b, labels=l - 1)
-        samples.append(sample)
-    data = {"inputs": [image.flip(0) for image in images], "data_samples": samples}  # BGR
-    with torch.no_grad():
-        batch = model.data_preprocessor(data, True)
-        return model.loss(batch["inputs"], batch["data_samples"])
-
-
 @pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
-def test_training_losses_match_with_exhaustive_sampling(arch, converted, mmdet):
+def test_training_losses_match_with_exhaustive_sampling(arch, converted):
     model, checkpoint = converted[arch]
-    images, boxes, labels = _loss_inputs(seed=5)
-    sizes = ["model.min_size=320", "model.max_size=480", "model.backbone_weights=null"]
-    exhaustive = []  # every anchor / RoI sampled: no random choice left on either side
-    if arch == "faster_rcnn":
-        model.rpn_head.sampler.num = model.roi_head.bbox_sampler.num = 10**6
-        model.rpn_head.sampler.neg_pos_ub = -1
-        exhaustive = ["model.rpn_batch_size_per_image=1000000", "model.roi_sampler.num=1000000",
-                      "model.rpn_neg_pos_ub=-1"]
-    cfg = load_config(OURS[arch], sizes + exhaustive)
-    ours = build_model(cfg.model)
-    ours.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
-    ours.train()
-    with torch.no_grad():
-        got = ours([image.float() / 255 for image in images],
-                   [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)])
-    ref = _mmdet_losses(mmdet, model.train(), images, boxes, labels)
-    model.eval()
-    names = ({"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_bbox",
-              "loss_classifier": "loss_cls", "loss_box_reg": "loss_bbox"}
-             if arch == "faster_rcnn" else
-             {"classification": "loss_cls", "bbox_regression": "loss_bbox"})
-    for key, ref_key in names.items():
-        expected = ref[ref_key]
-        expected = sum(expected) if isinstance(expected, (list, tuple)) else expected
-        torch.testing.assert_close(got[key], expected.to(got[key].dtype), rtol=2e-4, atol=1e-6)
+    weights = torch.load(checkpoint, weights_only=True)["model"]
+    ours, expected = training_losses(model, OURS[arch], weights, arch)
+    for key, value in expected.items():
+        torch.testing.assert_close(ours[key], value.to(ours[key].dtype), rtol=2e-4, atol=1e-6)
 
 
 def test_coco_class_names_are_mmdetections(mmdet):
