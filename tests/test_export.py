@@ -368,3 +368,21 @@ def test_missing_export_extra_is_a_one_line_cli_error(checkpoints, tmp_path, cap
     assert code == 2 and err.count("\n") == 1
     assert ("onnx is not installed; ONNX export and inference need the 'export' extra: "
             'pip install "libra-rcnn[export]"') in err
+
+
+def test_cli_check_reads_what_it_can_and_lists_unreadable_images(checkpoints, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    pixels = (torch.rand(CHECK_SIZES[1] + (3,), generator=torch.Generator().manual_seed(8)) * 255)
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / "good.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision"]),
+                 str(tmp_path / "m.onnx"), "--check", str(folder)])
+    stdout = capsys.readouterr().out
+    assert code == 3, stdout  # as predict: every readable image checked, the others listed
+    assert "good.png: PyTorch 100 detections, onnxruntime 100, 100 matched" in stdout
+    assert "1 of 2 image(s) could not be read" in stdout and "broken.jpg:" in stdout

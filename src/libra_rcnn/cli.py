@@ -32,8 +32,8 @@ writes every image it can read and lists the others with the reason.
 Exit codes: 0 success; 1 training diverged (non-finite losses), ``check-data`` found problems
 or ``export --check`` found onnxruntime's detections differing from PyTorch's; 2 user error (bad
 or missing config, dataset, checkpoint, argument; one line on stderr
-``libra-rcnn: error: <file>: <problem>``, no traceback unless ``--debug``); 3 ``predict`` could
-not read some of its input images (everything else was written); 130 / 143 training interrupted
+``libra-rcnn: error: <file>: <problem>``, no traceback unless ``--debug``); 3 ``predict`` or
+``export --check`` could not read some of its input images (it did the others); 130 / 143 training interrupted
 by SIGINT / SIGTERM after writing ``latest.pth`` (resume with ``--resume``). Any other failure
 is a bug: Python prints its traceback and the exit code is 1.
 """
@@ -426,6 +426,7 @@ def _cmd_export(args) -> int:
         export_onnx,
         output_names,
     )
+    from libra_rcnn.data.errors import BadImageError
     from libra_rcnn.engine.predict import load_image_tensor
 
     images = _expand_images(args.check) if args.check else []
@@ -438,19 +439,30 @@ def _cmd_export(args) -> int:
         raise UserError(str(exc)) from None
     names = ", ".join(output_names(model))
     print(f"wrote {path}: input image float32 [3, H, W] in 0..1, outputs {names}")
-    agree = True
-    if detector is not None:
-        for image_path in images:
+    agree, unreadable = True, []
+    for image_path in images if detector is not None else []:
+        try:
             image = load_image_tensor(image_path)
-            with torch.no_grad():
-                expected = model([image])[0]
-            result = compare_detections(expected, detector(image))
-            agree = agree and result["agree"]
-            print(f"{image_path}: PyTorch {result['expected']} detections, onnxruntime "
-                  f"{result['actual']}, {result['matched']} matched (boxes within 1e-2 px, scores "
-                  f"within 1e-4); largest differences {result['max_box_diff']:.2g} px, "
-                  f"{result['max_score_diff']:.2g}")
-    return 0 if agree else EXIT_FAILURE
+        except BadImageError as exc:  # checked as predict reads: the others still are
+            unreadable.append((image_path, exc.reason))
+            continue
+        with torch.no_grad():
+            expected = model([image])[0]
+        result = compare_detections(expected, detector(image))
+        agree = agree and result["agree"]
+        print(f"{image_path}: PyTorch {result['expected']} detections, onnxruntime "
+              f"{result['actual']}, {result['matched']} matched (boxes within 1e-2 px, scores "
+              f"within 1e-4); largest differences {result['max_box_diff']:.2g} px, "
+              f"{result['max_score_diff']:.2g}")
+    if not agree:
+        return EXIT_FAILURE
+    if unreadable:
+        print(f"{len(unreadable)} of {len(images)} image(s) could not be read (exit status "
+              f"{EXIT_UNREADABLE_INPUTS}):")
+        for file, reason in unreadable:
+            print(f"  {file}: {reason}")
+        return EXIT_UNREADABLE_INPUTS
+    return 0
 
 
 def _format_report(split: str, report: dict) -> str:
