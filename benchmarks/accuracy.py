@@ -158,16 +158,18 @@ SMOKE_TEST_IMAGES = 2
 SMOKE_ITERS = 2
 
 #: ``bccd``'s ``--recipe gpu``: the paper's input scale (short side 800: platelets ~66 px, twice
-#: the smallest anchor), 12 epochs with the 1x schedule's steps, 8 images per batch (the
-#: learning rate scales with the batch: base_batch_size stays 2), data loaded in 4 workers.
-#: Sized by arithmetic, not run (docs/benchmarks.md, GPU recipe).
+#: the smallest anchor), 8 epochs (4x the CPU recipe's photos) with the 1x schedule's steps
+#: scaled (after 5 and 7 of 8 epochs, as 8 and 11 of 12), 8 images per batch (the learning rate
+#: scales with the batch: base_batch_size stays 2), data loaded in 4 workers. Sized by
+#: arithmetic to finish in about 6 minutes on one H200 with ``--jobs 4``, not run
+#: (docs/benchmarks.md, GPU recipe).
 GPU_RECIPE: tuple[str, ...] = (
     "model.min_size=800",
     "model.max_size=1333",
-    "train.epochs=12",
-    "train.lr_steps=[8,11]",
+    "train.epochs=8",
+    "train.lr_steps=[5,7]",
     "train.batch_size=8",
-    "train.warmup_iters=100",
+    "train.warmup_iters=50",
     "train.log_period=20",
     "data.num_workers=4",
 )

@@ -234,7 +234,7 @@ def test_bccd_smoke_run_with_more_seeds_and_the_gpu_recipe(tiny_bccd, tmp_path):
     assert report["data"]["train_boxes"] == 4 * 4  # the degenerate one is not among them
     # the recipe's settings reached the runs (the smoke run's shrink them again, after them)
     shared = report["settings"]["shared_overrides"]
-    assert "train.epochs=12" in shared and "data.num_workers=4" in shared
+    assert "train.epochs=8" in shared and "data.num_workers=4" in shared
     assert shared.index("model.min_size=800") < shared.index("model.min_size=64")
     # --more-seeds trains the headline pair only
     seeds = {r["key"]: sorted(r["per_seed"]) for r in report["rows"]}
@@ -376,7 +376,7 @@ def test_gpu_recipe_resolves_to_the_longer_schedule(acc):
     for key in ("faster_rcnn", "libra_retinanet"):
         config = acc.row_config(acc.ROWS[key], shared, "bccd")
         assert (config.model.min_size, config.model.max_size) == (800, 1333)
-        assert (config.train.epochs, config.train.lr_steps) == (12, [8, 11])
+        assert (config.train.epochs, config.train.lr_steps) == (8, [5, 7])
         assert config.train.batch_size == 8 and config.data.num_workers == 4
 
 
