@@ -1,47 +1,64 @@
-"""Accuracy of the Libra parts on real photos, trained from scratch (project issue 8).
+"""Accuracy of the Libra parts on real photos, trained from scratch (project issues 8 and 15).
 
-Question: on a small real-photo detection set (``fruit``: 240 train / 60 test photos of apples,
-bananas and oranges), trained from scratch on a CPU budget, what does each Libra part add?
+Question: on a small real-photo detection set, trained from scratch on a CPU budget, what does
+each Libra part add? Two data sets (``--dataset``):
 
-Rows (paper layout, COCO bbox metrics on ``fruit/test``, x100):
+* ``fruit`` (issue 8): 240 train / 60 test photos of apples, bananas and oranges, one or two
+  large fruit per photo, with the torchvision conventions (``fruit_*.yaml``);
+* ``bccd`` (issue 15): blood-cell photos, 205 train / 72 test (the set's own ``ImageSets``
+  split), 13 overlapping cells per photo, a 12:1 class imbalance and small platelets, with the
+  reference's (mmdetection's) conventions (``bccd_*.yaml``).
 
-=========================  =====================================================================
-``faster_rcnn``            Faster R-CNN, every Libra part off (``fruit_faster_rcnn.yaml``)
-``iou_sampling``           + IoU-balanced sampling
-``bfp``                    + balanced feature pyramid
-``libra_faster_rcnn``      + balanced L1 loss = Libra Faster R-CNN
-``retinanet``              RetinaNet, every Libra part off (``fruit_retinanet.yaml``)
-``libra_retinanet``        + balanced feature pyramid + balanced L1 loss = Libra RetinaNet
-=========================  =====================================================================
+Rows (paper layout, COCO bbox metrics on the test split, x100):
+
+==========================  ====================================================================
+``faster_rcnn``             Faster R-CNN, every Libra part off
+``iou_sampling``            + IoU-balanced sampling
+``bfp``                     + balanced feature pyramid
+``libra_faster_rcnn``       + balanced L1 loss = Libra Faster R-CNN
+``iou_sampling_own_bins``   ``iou_sampling`` with the IoU bins over the negatives' own IoU range
+                            (``binning: paper``) instead of the reference's (``bccd`` only)
+``retinanet``               RetinaNet, every Libra part off
+``libra_retinanet``         + balanced feature pyramid + balanced L1 loss = Libra RetinaNet
+==========================  ====================================================================
 
 The Faster R-CNN rows are :data:`libra_rcnn.analysis.ABLATION_TABLES` ``["table2"]`` (each row
 starts from :data:`~libra_rcnn.analysis.BASELINE_OVERRIDES`, so a row means the same whatever
 the base config switches on); the RetinaNet rows switch the pyramid and the loss in the same
 way. Within a family the rows share everything else: seeds, schedule, image size, batch, data
-pipeline.
+pipeline. Each row is compared, seed by seed, with its family's baseline, and
+``iou_sampling_own_bins`` also with ``iou_sampling`` (its one-switch partner).
+
+Seeds: ``--seeds`` for every row; ``--more-seeds`` for the headline pair only (baseline and
+Libra Faster R-CNN; ``bccd`` default 2 3, so those two rows get four seeds).
 
 Every (row, seed) pair is trained and evaluated by :func:`libra_rcnn.analysis.run_ablation` in
 its own folder, seed by seed (all rows of the first seed, then the next seed), so a partial run
 already gives a complete table for one seed. Reruns skip finished pairs and resume interrupted
 trainings from their ``latest.pth``.
 
-Output (``--output-dir``, default ``work_dirs/accuracy``)::
+Output (``--output-dir``, default ``work_dirs/accuracy`` / ``work_dirs/accuracy_bccd``)::
 
-    data/fruit_{train,test}.json       the VOC XML converted to COCO (written once)
+    data/<set>_{train,test}.json       the VOC XML converted to COCO (written once)
     runs/<row>/seed_<s>/...            run_ablation's folder of one (row, seed)
-    accuracy.md / accuracy.json        the table: mean +- half range over seeds, per-seed values
-    iou_histogram.{png,csv,json}       Figure 3 on the train split, from the seed-0 (first seed)
+    accuracy.md / accuracy.json        the table: mean +- spread over seeds, per-seed values,
+                                       paired gains, per-class AP
+    iou_histogram.{png,csv,json}       Figure 3 on the train split, from the first seed's
                                        Libra Faster R-CNN's final checkpoint
 
-Spread: **half the range** over seeds, ``(max - min) / 2`` (for two seeds, the distance of
-each seed from the mean); ``accuracy.json`` also holds the sample standard deviation.
+Spread: ``fruit`` prints **half the range** over seeds, ``(max - min) / 2``; ``bccd`` the sample
+**standard deviation**; ``accuracy.json`` holds both.
 
-Run: ``python -m benchmarks.accuracy [--data-root D] [--seeds 0 1] [--rows ...] [--epochs N]
-[--device cpu|cuda] [--set KEY=VALUE ...] [--jobs N] [--smoke]``. ``--jobs N`` trains N seeds
-at once in separate processes (each with CPU count / N threads), then merges. ``--set``
-overrides a shared setting of every row (how the shared settings were tuned on the baseline
-row). ``--smoke`` runs 4 train / 2 test images, 2 iterations per row, one seed, 64 px: it
-checks the pipeline in well under a minute and measures nothing.
+Recipes (``--recipe``): ``cpu`` is the config files' schedule; ``bccd``'s ``gpu`` (the default
+with ``--device cuda``) trains longer at the paper's input scale (:data:`GPU_RECIPE`).
+
+Run: ``python -m benchmarks.accuracy [--dataset fruit|bccd] [--data-root D] [--seeds 0 1]
+[--more-seeds 2 3] [--rows ...] [--epochs N] [--device cpu|cuda] [--recipe cpu|gpu]
+[--set KEY=VALUE ...] [--jobs N] [--smoke]``. ``--jobs N`` trains N seeds at once in separate
+processes (each with CPU count / N threads), then merges. ``--set`` overrides a shared setting
+of every row (how the shared settings were tuned on the baseline row). ``--smoke`` runs 4 train
+/ 2 test images, 2 iterations per row, one seed, 64 px: it checks the pipeline in well under a
+minute and measures nothing.
 """
 
 from __future__ import annotations
@@ -66,16 +83,22 @@ if __package__ in (None, ""):  # run as a file: python benchmarks/accuracy.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 __all__ = [
+    "DATASETS",
+    "GPU_RECIPE",
+    "HEADLINE_ROWS",
     "ROWS",
     "ROW_KEYS",
     "SMOKE_OVERRIDES",
+    "Dataset",
     "Row",
     "SeedProcessFailed",
     "aggregate_seeds",
     "convert_split",
+    "drop_degenerate_boxes",
     "format_cell",
     "git_commit",
     "main",
+    "paired_gains",
     "parse_args",
     "row_config",
     "run_benchmark",
@@ -86,13 +109,12 @@ __all__ = [
 logger = logging.getLogger("benchmarks.accuracy")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_ROOT = REPO_ROOT / ".." / "shared" / "data" / "fruit"
-FASTER_RCNN_CONFIG = "fruit_faster_rcnn"
-RETINANET_CONFIG = "fruit_retinanet"
+SHARED_DATA = REPO_ROOT / ".." / "shared" / "data"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 # RetinaNet's Libra switches, mirroring libra_retinanet_r50_fpn_1x_coco.yaml; the baseline sets
-# them off explicitly for the same reason BASELINE_OVERRIDES does.
+# them off explicitly for the same reason BASELINE_OVERRIDES does. The balanced L1 formula
+# (paper / mmdet) is the base config's: the convention it follows.
 _RETINA_BASELINE = (
     "model.neck=fpn",
     "model.bfp.enabled=false",
@@ -135,16 +157,36 @@ SMOKE_TRAIN_IMAGES = 4
 SMOKE_TEST_IMAGES = 2
 SMOKE_ITERS = 2
 
+#: ``bccd``'s ``--recipe gpu``: the paper's input scale (short side 800: platelets ~66 px, twice
+#: the smallest anchor), 8 epochs (4x the CPU recipe's photos) with the 1x schedule's steps
+#: scaled (after 5 and 7 of 8 epochs, as 8 and 11 of 12), 8 images per batch (the learning rate
+#: scales with the batch: base_batch_size stays 2), data loaded in 4 workers. Sized by
+#: arithmetic to finish in about 6 minutes on one H200 with ``--jobs 4``, not run
+#: (docs/benchmarks.md, GPU recipe).
+GPU_RECIPE: tuple[str, ...] = (
+    "model.min_size=800",
+    "model.max_size=1333",
+    "train.epochs=8",
+    "train.lr_steps=[5,7]",
+    "train.batch_size=8",
+    "train.warmup_iters=50",
+    "train.log_period=20",
+    "data.num_workers=4",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One row of the table: its base config (shipped name) and the variant's overrides."""
+    """One row of the table: its family (which base config), the variant's overrides, the row
+    it is compared with (its family's baseline; itself for a baseline) and, for a one-switch
+    pair, its partner."""
 
     key: str
     name: str
-    config: str
+    family: str  # "faster_rcnn" or "retinanet"
     overrides: tuple[str, ...]
-    baseline: str  # key of the row it is compared with (itself for a baseline)
+    baseline: str
+    partner: Optional[str] = None
 
 
 def _rows() -> Dict[str, Row]:
@@ -155,18 +197,64 @@ def _rows() -> Dict[str, Row]:
               ("iou_sampling", "+ IoU-balanced sampling"),
               ("bfp", "+ balanced feature pyramid"),
               ("libra_faster_rcnn", "+ balanced L1 loss = Libra Faster R-CNN")]
-    rows = [Row(key, name, FASTER_RCNN_CONFIG, tuple(overrides), "faster_rcnn")
+    rows = [Row(key, name, "faster_rcnn", tuple(overrides), "faster_rcnn")
             for (key, name), overrides in zip(faster, table2, strict=True)]
-    rows.append(Row("retinanet", "RetinaNet (baseline)", RETINANET_CONFIG, _RETINA_BASELINE,
+    rows.append(Row("iou_sampling_own_bins",
+                    "+ IoU-balanced sampling, bins over the negatives' own IoU range",
+                    "faster_rcnn", (*table2[1], "model.roi_sampler.binning=paper"),
+                    "faster_rcnn", partner="iou_sampling"))
+    rows.append(Row("retinanet", "RetinaNet (baseline)", "retinanet", _RETINA_BASELINE,
                     "retinanet"))
-    rows.append(Row("libra_retinanet", "Libra RetinaNet", RETINANET_CONFIG, _RETINA_LIBRA,
+    rows.append(Row("libra_retinanet", "Libra RetinaNet", "retinanet", _RETINA_LIBRA,
                     "retinanet"))
     return {row.key: row for row in rows}
 
 
-#: The six rows, in table order: key -> :class:`Row`.
+#: Every row, in table order: key -> :class:`Row`.
 ROWS: Dict[str, Row] = _rows()
 ROW_KEYS: tuple[str, ...] = tuple(ROWS)
+#: The headline pair that ``--more-seeds`` trains.
+HEADLINE_ROWS: tuple[str, ...] = ("faster_rcnn", "libra_faster_rcnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A data set of the benchmark: where it is, how its splits are found, its configs."""
+
+    key: str
+    title: str
+    configs: Mapping[str, str]  # family -> shipped config name
+    rows: tuple[str, ...]  # row keys, table order
+    # VOC release layout with ImageSets/Main/<split>.txt (True), or <root>/<split>/ folders
+    image_sets: bool
+    class_names: Optional[tuple[str, ...]]  # None: the sorted names found in train
+    spread: str  # "half_range" or "std": the cells' ± (accuracy.json has both)
+    more_seeds: tuple[int, ...] = ()
+    recipes: Mapping[str, tuple[str, ...]] = dataclasses.field(
+        default_factory=lambda: {"cpu": ()})
+    splits: tuple[str, str] = ("train", "test")
+
+    @property
+    def default_root(self) -> Path:
+        return SHARED_DATA / self.key
+
+    def config(self, row: Row) -> str:
+        return self.configs[row.family]
+
+
+_FRUIT_ROWS = ("faster_rcnn", "iou_sampling", "bfp", "libra_faster_rcnn", "retinanet",
+               "libra_retinanet")
+#: The data sets, by ``--dataset`` key.
+DATASETS: Dict[str, Dataset] = {
+    "fruit": Dataset("fruit", "fruit",
+                     {"faster_rcnn": "fruit_faster_rcnn", "retinanet": "fruit_retinanet"},
+                     _FRUIT_ROWS, image_sets=False, class_names=None, spread="half_range"),
+    "bccd": Dataset("bccd", "BCCD (blood cells)",
+                    {"faster_rcnn": "bccd_faster_rcnn", "retinanet": "bccd_retinanet"},
+                    ROW_KEYS, image_sets=True, class_names=("RBC", "WBC", "Platelets"),
+                    spread="std", more_seeds=(2, 3),
+                    recipes={"cpu": (), "gpu": GPU_RECIPE}),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,23 +278,54 @@ def subset_coco(data: Mapping[str, Any], num_images: int) -> dict:
     return out
 
 
+def drop_degenerate_boxes(data: Mapping[str, Any]) -> dict:
+    """A COCO dict without the boxes at most 1 px wide or high: VOC boxes with ``xmin == xmax``
+    or ``ymin == ymax`` (inclusive pixel indices), a point or a line rather than an object's
+    outline (BCCD has two). Each dropped box is listed under
+    ``info["conversion"]["dropped_degenerate_boxes"]`` as ``{"image", "category", "bbox"}``."""
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    keep, dropped = [], []
+    for ann in data["annotations"]:
+        if min(ann["bbox"][2], ann["bbox"][3]) <= 1.0:
+            dropped.append({"image": files[ann["image_id"]], "category": names[ann["category_id"]],
+                            "bbox": ann["bbox"]})
+            logger.warning("%s: dropping a degenerate %s box %s (at most 1 px wide or high)",
+                           dropped[-1]["image"], dropped[-1]["category"], ann["bbox"])
+        else:
+            keep.append(ann)
+    out = dict(data)
+    out["annotations"] = keep
+    out["info"] = dict(data.get("info", {}))
+    out["info"]["conversion"] = {**out["info"].get("conversion", {}),
+                                 "dropped_degenerate_boxes": dropped}
+    return out
+
+
 def convert_split(folder: Path, out_file: Path, *, class_names: Optional[Sequence[str]] = None,
-                  num_images: Optional[int] = None) -> dict:
+                  num_images: Optional[int] = None, image_set: Optional[str] = None) -> dict:
     """COCO json of a VOC folder (``voc_to_coco``), written to ``out_file`` once.
 
-    An existing ``out_file`` made from the same folder, image count and class list is reused;
-    otherwise the folder is converted again. ``num_images`` keeps only the first annotated
-    images (the smoke run). Returns the COCO dict.
+    ``image_set`` picks the files listed in ``folder/ImageSets/Main/<image_set>.txt`` (the VOC
+    release layout); ``None`` takes every XML file of ``folder``. An existing ``out_file`` made
+    from the same folder, image set, image count and class list is reused; otherwise the folder
+    is converted again. Degenerate boxes are dropped (:func:`drop_degenerate_boxes`).
+    ``num_images`` keeps only the first annotated images (the smoke run). Returns the COCO
+    dict; what the conversion dropped or clipped is in ``info["conversion"]``.
     """
     from libra_rcnn.data import voc_to_coco, write_coco_json
 
     source = {"folder": str(folder.resolve()), "num_images": num_images,
-              "class_names": list(class_names) if class_names is not None else None}
+              "class_names": list(class_names) if class_names is not None else None,
+              "drop_degenerate_boxes": True}
+    if image_set is not None:
+        source["image_set"] = image_set
     if out_file.is_file():
         data = json.loads(out_file.read_text(encoding="utf-8"))
         if data.get("info", {}).get("benchmark_source") == source:
             return data
-    data = voc_to_coco(folder, class_names=class_names)
+    data = drop_degenerate_boxes(voc_to_coco(folder, class_names=class_names,
+                                             image_set=image_set))
     if num_images is not None:
         data = subset_coco(data, num_images)
     data["info"]["benchmark_source"] = source
@@ -242,29 +361,34 @@ def aggregate_seeds(per_seed: Mapping[int, Mapping[str, float]],
     return out
 
 
-def format_cell(stats: Mapping[str, Optional[float]], *, num_seeds: int) -> str:
-    """``mean ± half range`` x100 with one decimal; ``-`` if undefined; the mean alone for one
-    seed."""
+def format_cell(stats: Mapping[str, Optional[float]], *, num_seeds: int,
+                spread: str = "half_range") -> str:
+    """``mean ± spread`` x100 with one decimal (``spread``: ``"half_range"`` or ``"std"``);
+    ``-`` if undefined; the mean alone for one seed."""
     if stats["mean"] is None:
         return "-"
     if num_seeds < 2:
         return f"{100.0 * stats['mean']:.1f}"
-    return f"{100.0 * stats['mean']:.1f} ± {100.0 * stats['half_range']:.1f}"
+    return f"{100.0 * stats['mean']:.1f} ± {100.0 * stats[spread]:.1f}"
 
 
-def _paired_delta(rows: Mapping[str, dict], row: Row, metric: str = "AP") -> Optional[dict]:
-    """``metric`` of ``row`` minus its baseline's, seed by seed (same seed = same
-    initialisation and data order); mean and half range over the shared seeds."""
-    if row.key == row.baseline or row.baseline not in rows:
+def paired_gains(mine: Mapping[Any, Mapping[str, float]], other: Mapping[Any, Mapping[str, float]],
+                 metric: str = "AP") -> Optional[dict]:
+    """``metric`` of one row minus another's, seed by seed (same seed = same initialisation and
+    data order), over the seeds both have where both values are defined (>= 0).
+
+    Returns ``None`` without such a seed, else ``{"seeds", "gains"}`` (lists, seed order),
+    ``"mean"``, ``"half_range"``, ``"std"`` (``None`` for one seed) and ``"all_positive"``.
+    """
+    seeds = sorted(s for s in set(mine) & set(other)
+                   if mine[s][metric] >= 0 and other[s][metric] >= 0)
+    if not seeds:
         return None
-    mine, base = rows[row.key]["per_seed"], rows[row.baseline]["per_seed"]
-    seeds = sorted(set(mine) & set(base))
-    diffs = [mine[s][metric] - base[s][metric] for s in seeds
-             if mine[s][metric] >= 0 and base[s][metric] >= 0]
-    if not diffs:
-        return None
-    return {"mean": statistics.fmean(diffs), "half_range": (max(diffs) - min(diffs)) / 2.0,
-            "seeds": seeds}
+    gains = [float(mine[s][metric]) - float(other[s][metric]) for s in seeds]
+    return {"seeds": seeds, "gains": gains, "mean": statistics.fmean(gains),
+            "half_range": (max(gains) - min(gains)) / 2.0,
+            "std": statistics.stdev(gains) if len(gains) > 1 else None,
+            "all_positive": all(g > 0 for g in gains)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,49 +428,67 @@ def _torch_threads(num: Optional[int]) -> Iterator[None]:
 # The benchmark
 
 
-def row_config(row: Row, shared: Sequence[str] = ()) -> Any:
-    """The resolved :class:`~libra_rcnn.config.Config` of ``row`` (shared overrides first, then
-    the row's, as run_ablation applies them)."""
+def row_config(row: Row, shared: Sequence[str] = (), dataset: str = "fruit") -> Any:
+    """The resolved :class:`~libra_rcnn.config.Config` of ``row`` on ``dataset`` (shared
+    overrides first, then the row's, as run_ablation applies them)."""
     from libra_rcnn.config import load_config
 
-    return load_config(row.config, [*shared, *row.overrides])
+    return load_config(DATASETS[dataset].config(row), [*shared, *row.overrides])
 
 
 def _shared_overrides(train_json: Path, train_images: Path, test_json: Path, test_images: Path,
-                      *, num_classes: int, smoke: bool) -> List[str]:
+                      *, num_classes: int, recipe: Sequence[str], smoke: bool,
+                      user: Sequence[str]) -> List[str]:
+    """Every row's shared overrides: data, class count, the recipe's, the smoke run's, then
+    the user's ``--set`` (later ones win)."""
     # train.num_threads=null: training keeps the process's thread count, which run_benchmark
     # sets (--threads or the config's); a thread count is then no part of a run's overrides,
     # so resuming with another --threads is allowed
     shared = [f"data.train_ann={train_json}", f"data.train_images={train_images}",
               f"data.val_ann={test_json}", f"data.val_images={test_images}",
-              f"model.num_classes={num_classes}", "train.num_threads=null"]
+              f"model.num_classes={num_classes}", "train.num_threads=null", *recipe]
     if smoke:
         shared.extend(SMOKE_OVERRIDES)
+    shared.extend(user)
     return shared
 
 
-def _run_one(row: Row, seed: int, *, runs_dir: Path, shared: Sequence[str],
+def _run_one(row: Row, seed: int, *, config: str, runs_dir: Path, shared: Sequence[str],
              epochs: Optional[int], max_iters: Optional[int], device: str) -> dict:
     """Train + evaluate one (row, seed) with run_ablation; returns its metrics.json entry plus
-    ``seconds`` (wall clock of this call, or of the call that produced it)."""
+    ``seconds`` (wall clock of this call, or of the call that produced it) and ``dir`` (the
+    variant's folder)."""
     from libra_rcnn.analysis import run_ablation
     from libra_rcnn.analysis.ablation import variant_dir_name
 
     out = runs_dir / row.key / f"seed_{seed}"
-    metrics_file = out / variant_dir_name(row.name) / "metrics.json"
+    folder = out / variant_dir_name(row.name)
     timing_file = out / "seconds.json"
-    fresh = not metrics_file.is_file()
+    fresh = not (folder / "metrics.json").is_file()
     start = time.perf_counter()
-    run_ablation(row.config, {row.name: list(row.overrides)}, output_dir=out,
+    run_ablation(config, {row.name: list(row.overrides)}, output_dir=out,
                  overrides=list(shared), epochs=epochs, max_iters=max_iters, seed=seed,
                  device=device, title=f"{row.name}, seed {seed}")
     if fresh:
         # resumed trainings record only the last part; the log's time_per_iter has the rest
         timing_file.write_text(json.dumps({"seconds": time.perf_counter() - start}) + "\n")
-    entry = json.loads(metrics_file.read_text())
+    entry = json.loads((folder / "metrics.json").read_text())
     entry["seconds"] = (json.loads(timing_file.read_text())["seconds"]
                         if timing_file.is_file() else None)
+    entry["dir"] = str(folder)
     return entry
+
+
+def _per_class(results_file: Path, coco_gt: Any) -> Dict[str, Dict[str, float]]:
+    """AP / AP50 / AP75 of each class of one run, from its detections on the test split."""
+    import warnings
+
+    from libra_rcnn.engine.evaluate import coco_bbox_eval_per_class
+
+    results = json.loads(results_file.read_text())
+    with warnings.catch_warnings():  # a smoke run may detect nothing: zeros, as its metrics
+        warnings.simplefilter("ignore")
+        return coco_bbox_eval_per_class(coco_gt, results)
 
 
 def _iou_histogram(checkpoint: Path, train_json: Path, train_images: Path, out_dir: Path, *,
@@ -376,20 +518,34 @@ def _iou_histogram(checkpoint: Path, train_json: Path, train_images: Path, out_d
     return summary
 
 
+def _gain_cell(gain: Optional[dict], spread: str) -> str:
+    if gain is None:
+        return ""
+    cell = f"{100 * gain['mean']:+.1f}"
+    if len(gain["seeds"]) > 1:
+        cell += f" ± {100 * gain[spread]:.1f}"
+    return cell
+
+
 def _markdown(report: dict) -> str:
-    seeds = report["settings"]["seeds"]
+    settings, data = report["settings"], report["data"]
+    seeds = settings["seeds"] + settings["more_seeds"]
+    spread = settings["spread"]
+    spread_words = {"half_range": "half the range", "std": "the sample standard deviation"}[spread]
+    title = report["dataset"]["title"]
+    test_name = f"`{report['dataset']['key']}/test`"
     lines = [
-        "# Accuracy on real photos: fruit, trained from scratch",
+        f"# Accuracy on real photos: {title}, trained from scratch",
         "",
         f"Command: `{report['command']}`  ",
         f"Commit: `{report['git']['commit']}`"
         + (" (with uncommitted changes)" if report["git"]["dirty"] else "") + "  ",
-        f"Finished: {report['time_utc']}; device {report['settings']['device']}, "
-        f"torch threads: {report['settings']['threads'] or 'default'}"
-        + ("; **smoke run: the numbers mean nothing**" if report["settings"]["smoke"] else ""),
+        f"Finished: {report['time_utc']}; device {settings['device']}, recipe "
+        f"{settings['recipe']}, torch threads: {settings['threads'] or 'default'}"
+        + ("; **smoke run: the numbers mean nothing**" if settings["smoke"] else ""),
         "",
-        f"COCO bbox metrics on `fruit/test` ({report['data']['test_images']} images, "
-        f"{report['data']['test_boxes']} boxes), x100. Cells: mean ± half the range over the "
+        f"COCO bbox metrics on {test_name} ({data['test_images']} images, "
+        f"{data['test_boxes']} boxes), x100. Cells: mean ± {spread_words} over the "
         f"seeds done (column `seeds`; of {seeds} requested), a single value where only one "
         f"is done; `-`: undefined (pycocotools' -1, no ground truth in that size range). "
         f"ΔAP: the row's AP minus its family baseline's, paired by seed.",
@@ -397,18 +553,64 @@ def _markdown(report: dict) -> str:
         "| Method | seeds | AP | AP50 | AP75 | APs | APm | APl | ΔAP |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    done = [row for row in report["rows"] if row["per_seed"]]
     for row in report["rows"]:
         n = len(row["per_seed"])
         if n == 0:
             lines.append(f"| {row['name']} | 0 | " + " | ".join(["not yet run"] * 6) + " | |")
             continue
-        cells = [format_cell(row["stats"][m], num_seeds=n) for m in METRICS]
-        delta = row.get("delta_AP")
-        delta_cell = "" if delta is None else (
-            f"{100 * delta['mean']:+.1f}" + (f" ± {100 * delta['half_range']:.1f}"
-                                             if len(delta["seeds"]) > 1 else ""))
-        lines.append(f"| {row['name']} | {n} | " + " | ".join(cells) + f" | {delta_cell} |")
+        cells = [format_cell(row["stats"][m], num_seeds=n, spread=spread) for m in METRICS]
+        lines.append(f"| {row['name']} | {n} | " + " | ".join(cells)
+                     + f" | {_gain_cell(row['delta_AP'], spread)} |")
+    classes = data["classes"]
+    if done:
+        lines += [
+            "",
+            f"Per-class AP (x100, mean ± {spread_words}; test boxes: "
+            + ", ".join(f"{c} {data['test_boxes_per_class'][c]}" for c in classes)
+            + "); ΔAP per class against the family baseline, paired by seed:",
+            "",
+            "| Method | seeds | " + " | ".join(f"AP {c}" for c in classes) + " | "
+            + " | ".join(f"ΔAP {c}" for c in classes) + " |",
+            "|---|---|" + "---|" * (2 * len(classes)),
+        ]
+        for row in done:
+            n = len(row["per_seed"])
+            cells = [format_cell(row["stats_per_class"][c]["AP"], num_seeds=n, spread=spread)
+                     for c in classes]
+            gains = [_gain_cell((row["delta_AP_per_class"] or {}).get(c), spread)
+                     for c in classes]
+            lines.append(f"| {row['name']} | {n} | " + " | ".join(cells + gains) + " |")
+        lines += ["", "Paired AP gains (x100), seed by seed:", "",
+                  "| Method | against | gain per seed | mean ± std | every gain > 0 |",
+                  "|---|---|---|---|---|"]
+        by_key = {row["key"]: row for row in report["rows"]}
+        for row in done:
+            for other_key, gain in ((row["baseline"], row["delta_AP"]),
+                                    (row.get("partner"), row.get("delta_AP_partner"))):
+                if gain is None:
+                    continue
+                per_seed = ", ".join(f"{100 * g:+.1f} (seed {s})"
+                                     for s, g in zip(gain["seeds"], gain["gains"]))
+                std = "" if gain["std"] is None else f" ± {100 * gain['std']:.1f}"
+                lines.append(f"| {row['name']} | {by_key[other_key]['name']} | {per_seed} | "
+                             f"{100 * gain['mean']:+.1f}{std} | "
+                             f"{'yes' if gain['all_positive'] else 'no'} |")
     lines.append("")
+    changed = {split: conv for split, conv in data["conversion"].items()
+               if conv["dropped_empty_boxes"] or conv["clipped_boxes"] or conv["skipped_files"]
+               or conv["dropped_degenerate_boxes"]}
+    for split, conv in changed.items():
+        degenerate = "; ".join(f"{d['image']} {d['category']} {d['bbox']}"
+                               for d in conv["dropped_degenerate_boxes"])
+        lines.append(f"Conversion of {split}: {conv['dropped_empty_boxes']} empty box(es) "
+                     f"dropped, {len(conv['dropped_degenerate_boxes'])} degenerate box(es) "
+                     f"(at most 1 px wide or high) dropped"
+                     + (f" ({degenerate})" if degenerate else "")
+                     + f", {conv['clipped_boxes']} clipped to the image, "
+                     f"{len(conv['skipped_files'])} file(s) skipped.")
+    if changed:
+        lines.append("")
     hist = report.get("iou_histogram")
     if hist:
         from libra_rcnn.analysis.iou_distribution import SERIES_LABELS
@@ -417,9 +619,10 @@ def _markdown(report: dict) -> str:
                            for name, v in hist["share_above"].items())
         lines += [
             f"IoU of sampled negatives (Figure 3), seed-{hist['seed']} Libra Faster R-CNN on "
-            f"`fruit/train` ({len(hist['image_ids'])} images, {hist['num_sampled']['random']} "
-            f"negatives per selection): share above IoU {hist['share_threshold']:g}: {shares}. "
-            f"![IoU histogram](iou_histogram.png) (`iou_histogram.csv`)",
+            f"`{report['dataset']['key']}/train` ({len(hist['image_ids'])} images, "
+            f"{hist['num_sampled']['random']} negatives per selection, IoU-balanced bins "
+            f"'{hist.get('binning', 'paper')}'): share above IoU {hist['share_threshold']:g}: "
+            f"{shares}. ![IoU histogram](iou_histogram.png) (`iou_histogram.csv`)",
             "",
         ]
     return "\n".join(lines)
@@ -429,15 +632,18 @@ class SeedProcessFailed(RuntimeError):
     """A per-seed training process of ``--jobs`` exited with an error (its log names why)."""
 
 
-def seed_process_command(args: argparse.Namespace, seed: int, threads: int) -> List[str]:
-    """The command line of the process that trains every requested row for ``seed`` alone
-    (``--jobs``): the same data, rows, budget and overrides, ``threads`` torch threads, and
-    ``--train-only`` (no histogram, no table: the parent writes those once all seeds are done)."""
+def seed_process_command(args: argparse.Namespace, seed: int, threads: int,
+                         rows: Optional[Sequence[str]] = None) -> List[str]:
+    """The command line of the process that trains ``rows`` (default: every requested row)
+    for ``seed`` alone (``--jobs``): the same data, budget, recipe and overrides, ``threads``
+    torch threads, and ``--train-only`` (no histogram, no table: the parent writes those once
+    all seeds are done)."""
     command = [sys.executable, "-m", "benchmarks.accuracy", "--train-only",
-               "--seeds", str(seed), "--threads", str(threads),
+               "--dataset", args.dataset, "--recipe", args.recipe,
+               "--seeds", str(seed), "--more-seeds", "--threads", str(threads),
                "--data-root", str(Path(args.data_root).resolve()),
                "--output-dir", str(Path(args.output_dir).resolve()),
-               "--device", args.device, "--rows", *args.rows]
+               "--device", args.device, "--rows", *(args.rows if rows is None else rows)]
     if args.smoke:
         command.append("--smoke")
     if args.epochs is not None:
@@ -451,13 +657,14 @@ def seed_process_command(args: argparse.Namespace, seed: int, threads: int) -> L
     return command
 
 
-def _train_seeds_in_processes(args: argparse.Namespace, seeds: Sequence[int],
+def _train_seeds_in_processes(args: argparse.Namespace, plan: Mapping[int, Sequence[str]],
                               out_dir: Path) -> None:
-    """Train the seeds in separate processes, at most ``args.jobs`` at once, each with
-    ``--threads`` torch threads (default: the CPU count divided by the jobs). Each process's
-    output goes to ``<output-dir>/seed_<s>.log``. On 2 cores, two 1-thread processes finish
-    the table about twice as fast as one 2-thread process (docs/benchmarks.md, Timing): the
-    small detector's kernels do not keep two threads busy.
+    """Train each seed's rows of ``plan`` (seed -> row keys) in a process of its own, at most
+    ``args.jobs`` at once, in ``plan`` order, each with ``--threads`` torch threads (default:
+    the CPU count divided by the jobs). Each process's output goes to
+    ``<output-dir>/seed_<s>.log``. On 2 cores, two 1-thread processes finish the table about
+    twice as fast as one 2-thread process (docs/benchmarks.md, Timing): the small detector's
+    kernels do not keep two threads busy.
 
     Raises:
         AblationInterrupted: Ctrl-C (SIGINT); every running process is interrupted too and
@@ -467,7 +674,7 @@ def _train_seeds_in_processes(args: argparse.Namespace, seeds: Sequence[int],
     from libra_rcnn.analysis import AblationInterrupted
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    waiting = list(seeds)
+    waiting = list(plan)
     running: Dict[int, tuple] = {}
     failed = []
     try:
@@ -476,7 +683,7 @@ def _train_seeds_in_processes(args: argparse.Namespace, seeds: Sequence[int],
                 seed = waiting.pop(0)
                 log_path = out_dir / f"seed_{seed}.log"
                 log = open(log_path, "w", encoding="utf-8")
-                proc = subprocess.Popen(seed_process_command(args, seed, threads),
+                proc = subprocess.Popen(seed_process_command(args, seed, threads, plan[seed]),
                                         cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
                 logger.info("seed %d: process %d, %d thread(s), log %s", seed, proc.pid,
                             threads, log_path)
@@ -506,67 +713,118 @@ def _train_seeds_in_processes(args: argparse.Namespace, seeds: Sequence[int],
         raise SeedProcessFailed(f"per-seed training failed: {details}")
 
 
+def _split_paths(dataset: Dataset, data_root: Path, split: str) -> tuple[Path, Optional[str]]:
+    """(folder to convert and to read the images from, VOC image set or None) of a split."""
+    if dataset.image_sets:
+        return data_root, split
+    return data_root / split, None
+
+
+def _check_data_root(dataset: Dataset, data_root: Path) -> None:
+    for split in dataset.splits:
+        if dataset.image_sets:
+            needed = [data_root / "Annotations", data_root / "ImageSets" / "Main" / f"{split}.txt"]
+            what = "the VOC release layout (Annotations/, JPEGImages/, ImageSets/Main/)"
+        else:
+            needed = [data_root / split]
+            what = f"the {dataset.key} set's train/ and test/ with VOC XML next to the images"
+        for path in needed:
+            if not path.exists():
+                raise ValueError(f"--data-root {data_root}: no {path.relative_to(data_root)} "
+                                 f"(expected {what})")
+
+
+def _class_stats(per_class: Mapping[int, Mapping[str, Mapping[str, float]]],
+                 classes: Sequence[str]) -> Dict[str, dict]:
+    from libra_rcnn.engine.evaluate import CLASS_METRIC_NAMES
+
+    return {c: aggregate_seeds({s: v[c] for s, v in per_class.items()}, CLASS_METRIC_NAMES)
+            for c in classes}
+
+
+def _boxes_per_class(data: Mapping[str, Any]) -> Dict[str, int]:
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    counts = {name: 0 for name in names.values()}
+    for ann in data["annotations"]:
+        counts[names[ann["category_id"]]] += 1
+    return counts
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Run (or resume) every requested (row, seed), then write the table and the histogram.
     Returns the report written to ``accuracy.json``.
 
     Raises:
-        ValueError: ``args.data_root`` lacks ``train/`` or ``test/``; ConfigError for a bad
+        ValueError: ``args.data_root`` lacks the data set's splits; ConfigError for a bad
             row config (before any training); AblationInterrupted after writing the table of
             the finished pairs when a training is interrupted (rerun to resume).
     """
     from libra_rcnn.analysis import AblationInterrupted
+    from libra_rcnn.data import ground_truth_coco
 
+    dataset = DATASETS[args.dataset]
     data_root = Path(args.data_root)
-    for split in ("train", "test"):
-        if not (data_root / split).is_dir():
-            raise ValueError(f"--data-root {data_root}: no {split}/ folder (expected the fruit "
-                             f"set's train/ and test/ with VOC XML next to the images)")
+    _check_data_root(dataset, data_root)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     smoke = args.smoke
-    prefix = "smoke" if smoke else "fruit"
+    prefix = "smoke" if smoke else dataset.key
     train_json = (out_dir / "data" / f"{prefix}_train.json").resolve()
     test_json = (out_dir / "data" / f"{prefix}_test.json").resolve()
-    train_images, test_images = (data_root / "train").resolve(), (data_root / "test").resolve()
-    train_data = convert_split(train_images, train_json,
-                               num_images=SMOKE_TRAIN_IMAGES if smoke else None)
+    (train_folder, train_set), (test_folder, test_set) = (
+        _split_paths(dataset, data_root.resolve(), split) for split in dataset.splits)
+    train_data = convert_split(train_folder, train_json, class_names=dataset.class_names,
+                               num_images=SMOKE_TRAIN_IMAGES if smoke else None,
+                               image_set=train_set)
     class_names = [c["name"] for c in sorted(train_data["categories"], key=lambda c: c["id"])]
-    test_data = convert_split(test_images, test_json, class_names=class_names,
-                              num_images=SMOKE_TEST_IMAGES if smoke else None)
+    test_data = convert_split(test_folder, test_json, class_names=class_names,
+                              num_images=SMOKE_TEST_IMAGES if smoke else None,
+                              image_set=test_set)
 
-    seeds = list(args.seeds)
     rows = [ROWS[key] for key in args.rows]
-    shared = _shared_overrides(train_json, train_images, test_json, test_images,
-                               num_classes=len(class_names) + 1, smoke=smoke)
-    shared.extend(getattr(args, "overrides", ()))
+    # seed -> the rows it trains: every row for --seeds, the headline pair for --more-seeds
+    plan = {seed: [row.key for row in rows] for seed in args.seeds}
+    for seed in args.more_seeds:
+        headline = [row.key for row in rows if row.key in HEADLINE_ROWS]
+        if headline:
+            plan[seed] = headline
+    shared = _shared_overrides(train_json, train_folder, test_json, test_folder,
+                               num_classes=len(class_names) + 1,
+                               recipe=dataset.recipes[args.recipe], smoke=smoke,
+                               user=args.overrides)
     epochs = 1 if smoke else args.epochs
     max_iters = SMOKE_ITERS if smoke else args.max_iters
     # fail on a bad config before any training
-    resolved = {row.key: row_config(row, shared) for row in rows}
+    resolved = {row.key: row_config(row, shared, args.dataset) for row in rows}
     faster = resolved.get("faster_rcnn") or next(iter(resolved.values()))
     # one thread count for training, evaluation and the histogram: --threads, else the
     # config file's train.num_threads (2)
-    configured = row_config(rows[0]).train.num_threads
+    configured = row_config(rows[0], (), args.dataset).train.num_threads
     cpu_threads = (args.threads or configured) if args.device == "cpu" else None
 
-    if args.jobs > 1 and len(seeds) > 1:
+    if args.jobs > 1 and len(plan) > 1:
         # the processes train; the loop below then finds every pair finished and only reads it
-        _train_seeds_in_processes(args, seeds, out_dir)
+        _train_seeds_in_processes(args, plan, out_dir)
 
     per_seed: Dict[str, Dict[int, dict]] = {row.key: {} for row in rows}
+    per_class: Dict[str, Dict[int, dict]] = {row.key: {} for row in rows}
     seconds: Dict[str, Dict[int, Optional[float]]] = {row.key: {} for row in rows}
+    test_gt = ground_truth_coco(json.loads(test_json.read_text()))
     interrupted = None
     # seed by seed: after the first seed the table is complete, with one value per cell
-    pairs = [(seed, row) for seed in seeds for row in rows]
     try:
         with _torch_threads(cpu_threads):
-            for seed, row in pairs:
-                logger.info("row %r, seed %d", row.key, seed)
-                entry = _run_one(row, seed, runs_dir=out_dir / "runs", shared=shared,
-                                 epochs=epochs, max_iters=max_iters, device=args.device)
-                per_seed[row.key][seed] = entry["metrics"]
-                seconds[row.key][seed] = entry["seconds"]
+            for seed, keys in plan.items():
+                for row in (ROWS[key] for key in keys):
+                    logger.info("row %r, seed %d", row.key, seed)
+                    entry = _run_one(row, seed, config=dataset.config(row),
+                                     runs_dir=out_dir / "runs", shared=shared, epochs=epochs,
+                                     max_iters=max_iters, device=args.device)
+                    per_seed[row.key][seed] = entry["metrics"]
+                    seconds[row.key][seed] = entry["seconds"]
+                    if not args.train_only:
+                        per_class[row.key][seed] = _per_class(
+                            Path(entry["dir"]) / "val_results.json", test_gt)
     except AblationInterrupted as exc:  # write the finished pairs' table, then re-raise
         interrupted = exc
     if args.train_only:  # a --jobs process: the parent writes the histogram and the table
@@ -576,27 +834,38 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     hist = None
     libra = ROWS["libra_faster_rcnn"]
-    if interrupted is None and libra.key in per_seed and seeds[0] in per_seed[libra.key]:
+    first = next(iter(plan))
+    if interrupted is None and libra.key in per_seed and first in per_seed[libra.key]:
         from libra_rcnn.analysis.ablation import variant_dir_name
 
-        checkpoint = (out_dir / "runs" / libra.key / f"seed_{seeds[0]}"
+        checkpoint = (out_dir / "runs" / libra.key / f"seed_{first}"
                       / variant_dir_name(libra.name) / "latest.pth")
         with _torch_threads(cpu_threads):
-            hist = _iou_histogram(checkpoint, train_json, train_images, out_dir,
+            hist = _iou_histogram(checkpoint, train_json, train_folder, out_dir,
                                   num_images=len(train_data["images"]), device=args.device)
-        hist["seed"] = seeds[0]
+        hist["seed"] = first
 
-    table_rows = []
     by_key = {}
     for row in rows:
-        entry = {"key": row.key, "name": row.name, "config": row.config,
+        entry = {"key": row.key, "name": row.name, "config": dataset.config(row),
                  "overrides": list(row.overrides), "baseline": row.baseline,
-                 "per_seed": per_seed[row.key], "seconds": seconds[row.key]}
+                 "partner": row.partner, "per_seed": per_seed[row.key],
+                 "per_class": per_class[row.key], "seconds": seconds[row.key]}
         entry["stats"] = aggregate_seeds(per_seed[row.key]) if per_seed[row.key] else None
+        entry["stats_per_class"] = (_class_stats(per_class[row.key], class_names)
+                                    if per_class[row.key] else None)
         by_key[row.key] = entry
-        table_rows.append(entry)
     for row in rows:
-        by_key[row.key]["delta_AP"] = _paired_delta(by_key, row)
+        entry = by_key[row.key]
+        base = by_key.get(row.baseline) if row.baseline != row.key else None
+        partner = by_key.get(row.partner) if row.partner else None
+        entry["delta_AP"] = base and paired_gains(entry["per_seed"], base["per_seed"])
+        entry["delta_AP_partner"] = partner and paired_gains(entry["per_seed"],
+                                                             partner["per_seed"])
+        entry["delta_AP_per_class"] = base and {
+            c: paired_gains({s: v[c] for s, v in entry["per_class"].items()},
+                            {s: v[c] for s, v in base["per_class"].items()})
+            for c in class_names}
     report = {
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.accuracy",
                              *sys.argv[1:]]) if args.command is None else args.command,
@@ -604,10 +873,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "git": git_commit(),
         "environment": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                         "torch": _version("torch"), "torchvision": _version("torchvision")},
-        "settings": {"seeds": seeds, "rows": [r.key for r in rows], "smoke": smoke,
-                     "device": args.device, "threads": cpu_threads,
+        "dataset": {"key": dataset.key, "title": dataset.title},
+        "settings": {"seeds": list(args.seeds), "more_seeds": list(args.more_seeds),
+                     "rows": [r.key for r in rows], "smoke": smoke, "device": args.device,
+                     "recipe": args.recipe, "threads": cpu_threads,
                      "epochs": epochs or faster.train.epochs, "max_iters": max_iters,
-                     "shared_overrides": shared, "spread": "half range (max - min) / 2",
+                     "shared_overrides": shared, "spread": dataset.spread,
+                     "convention": faster.model.convention,
                      "min_size": faster.model.min_size, "max_size": faster.model.max_size,
                      "backbone": faster.model.backbone, "norm": faster.model.norm,
                      "batch_size": faster.train.batch_size},
@@ -615,8 +887,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                  "train_images": len(train_data["images"]),
                  "train_boxes": len(train_data["annotations"]),
                  "test_images": len(test_data["images"]),
-                 "test_boxes": len(test_data["annotations"])},
-        "rows": table_rows,
+                 "test_boxes": len(test_data["annotations"]),
+                 "train_boxes_per_class": _boxes_per_class(train_data),
+                 "test_boxes_per_class": _boxes_per_class(test_data),
+                 "conversion": {"train": train_data["info"]["conversion"],
+                                "test": test_data["info"]["conversion"]}},
+        "rows": [by_key[row.key] for row in rows],
         "iou_histogram": hist,
         "interrupted": None if interrupted is None else str(interrupted),
     }
@@ -645,25 +921,40 @@ def _positive(text: str) -> int:
     return value
 
 
+def _default_output_dir(dataset: str, recipe: str, smoke: bool) -> Path:
+    name = "accuracy" + ("" if dataset == "fruit" else f"_{dataset}")
+    name += "" if recipe == "cpu" else f"_{recipe}"
+    return REPO_ROOT / "work_dirs" / (name + ("_smoke" if smoke else ""))
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.accuracy",
-        description="Train from scratch on fruit/train, evaluate on fruit/test: Faster R-CNN "
-                    "+ each Libra part, RetinaNet vs Libra RetinaNet; mean ± half range over "
-                    "seeds.")
-    parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT),
-                        help="folder with the fruit set's train/ and test/ "
-                             "(default: ../shared/data/fruit from the repository root)")
+        description="Train from scratch on a data set's train split, evaluate on its test "
+                    "split: Faster R-CNN + each Libra part, RetinaNet vs Libra RetinaNet; mean "
+                    "± spread over seeds, paired gains, per-class AP.")
+    parser.add_argument("--dataset", choices=tuple(DATASETS), default="fruit",
+                        help="fruit (issue 8, the default) or bccd (blood cells, issue 15)")
+    parser.add_argument("--data-root", default=None,
+                        help="the data set's folder (default: ../shared/data/<dataset> from the "
+                             "repository root)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="training seeds (default: 0 1; --smoke: 0)")
-    parser.add_argument("--rows", nargs="+", choices=ROW_KEYS, default=list(ROW_KEYS),
-                        help="rows to run (default: all six)")
+                        help="training seeds of every row (default: 0 1; --smoke: 0)")
+    parser.add_argument("--more-seeds", type=int, nargs="*", default=None,
+                        help="more seeds for the baseline and Libra Faster R-CNN only "
+                             "(default: fruit none, bccd 2 3; --smoke: none)")
+    parser.add_argument("--rows", nargs="+", choices=ROW_KEYS, default=None,
+                        help="rows to run (default: all of the data set's)")
     parser.add_argument("--output-dir", default=None,
-                        help="default: work_dirs/accuracy (--smoke: work_dirs/accuracy_smoke)")
+                        help="default: work_dirs/accuracy (fruit) or work_dirs/accuracy_bccd, "
+                             "with _gpu for --recipe gpu and _smoke for --smoke")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="training and evaluation device (default: cpu)")
+    parser.add_argument("--recipe", choices=("cpu", "gpu"), default=None,
+                        help="cpu: the config files' schedule; gpu (bccd only; the default "
+                             "with --device cuda): longer, at the paper's input scale")
     parser.add_argument("--epochs", type=_positive, default=None,
-                        help="training epochs of every row (default: the configs', 6)")
+                        help="training epochs of every row (default: the recipe's)")
     parser.add_argument("--max-iters", type=_positive, default=None,
                         help="stop every training after this many iterations (debugging)")
     parser.add_argument("--threads", type=_positive, default=None,
@@ -685,6 +976,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
+    dataset = DATASETS[args.dataset]
     for override in args.overrides:
         key = override.split("=", 1)[0]
         if "=" not in override or not key:
@@ -692,16 +984,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if key.startswith(("data.", "model.num_classes")):
             parser.error(f"--set {override!r}: the data and the class count are the "
                          f"benchmark's own (see --data-root)")
+    if args.data_root is None:
+        args.data_root = str(dataset.default_root)
     if args.seeds is None:
         args.seeds = [0] if args.smoke else [0, 1]
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds: duplicates in {args.seeds}")
+    if args.more_seeds is None:
+        args.more_seeds = [] if args.smoke else list(dataset.more_seeds)
+    every = args.seeds + args.more_seeds
+    if len(set(every)) != len(every):
+        parser.error(f"--seeds / --more-seeds: duplicates in {every}")
+    if args.rows is None:
+        args.rows = list(dataset.rows)
     if len(set(args.rows)) != len(args.rows):
         parser.error(f"--rows: duplicates in {args.rows}")
-    args.rows = [key for key in ROW_KEYS if key in args.rows]  # table order
+    foreign = [key for key in args.rows if key not in dataset.rows]
+    if foreign:
+        parser.error(f"--rows: {foreign} not in the {args.dataset} table ({list(dataset.rows)})")
+    args.rows = [key for key in dataset.rows if key in args.rows]  # table order
+    if args.recipe is None:
+        args.recipe = "gpu" if args.device == "cuda" and "gpu" in dataset.recipes else "cpu"
+    if args.recipe not in dataset.recipes:
+        parser.error(f"--recipe {args.recipe}: the {args.dataset} set has "
+                     f"{sorted(dataset.recipes)}")
     if args.output_dir is None:
-        args.output_dir = str(REPO_ROOT / "work_dirs" / ("accuracy_smoke" if args.smoke
-                                                         else "accuracy"))
+        args.output_dir = str(_default_output_dir(args.dataset, args.recipe, args.smoke))
     if args.smoke and args.epochs is not None:
         parser.error("--smoke fixes the budget (2 iterations per row); drop --epochs")
     if args.device == "cuda":

@@ -1,9 +1,11 @@
-"""The accuracy benchmark script (benchmarks/accuracy.py, project issue 8).
+"""The accuracy benchmark script (benchmarks/accuracy.py, project issues 8 and 15).
 
-The script itself runs once in ``--smoke`` mode, in its own process as a user would run it, on a
-tiny VOC folder generated here (so the test never depends on ../shared and never skips), then
-again to check that finished (row, seed) pairs are skipped. Its pure parts (row definitions,
-aggregation, subsetting, argument checks) get unit tests with hand-computed answers.
+The script itself runs in ``--smoke`` mode, in its own process as a user would run it, on tiny
+VOC folders generated here (so the tests never depend on ../shared and never skip): the fruit
+layout (train/ and test/ folders), then again to check that finished (row, seed) pairs are
+skipped, and the BCCD layout (VOC release with ImageSets) with the GPU recipe's settings. Its
+pure parts (row definitions, aggregation, paired gains, subsetting, argument checks) get unit
+tests with hand-computed answers.
 """
 
 from __future__ import annotations
@@ -129,8 +131,13 @@ def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
     deltas = {r["key"]: r["delta_AP"] for r in report["rows"]}
     assert deltas["faster_rcnn"] is None and deltas["retinanet"] is None
     by_key = {r["key"]: r for r in report["rows"]}
-    assert deltas["libra_retinanet"]["mean"] == pytest.approx(
-        by_key["libra_retinanet"]["per_seed"]["0"]["AP"] - by_key["retinanet"]["per_seed"]["0"]["AP"])
+    assert deltas["libra_retinanet"]["gains"] == [pytest.approx(
+        by_key["libra_retinanet"]["per_seed"]["0"]["AP"] - by_key["retinanet"]["per_seed"]["0"]["AP"])]
+    # per-class AP of every run, recomputed from its detections
+    for row in report["rows"]:
+        assert list(row["per_class"]["0"]) == list(CLASSES)
+        assert set(row["stats_per_class"]["apple"]) == {"AP", "AP50", "AP75"}
+    assert report["data"]["test_boxes_per_class"] == {"apple": 1, "banana": 1, "orange": 1}
 
     hist = report["iou_histogram"]
     assert hist["seed"] == 0 and hist["checkpoint"].endswith("latest.pth")
@@ -142,8 +149,11 @@ def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
 
     table = (out / "accuracy.md").read_text()
     assert "smoke run" in table and report["git"]["commit"] in table
-    assert table.count("\n| ") == 7  # header + six rows
+    # three tables: metrics (header + 6 rows), per-class AP (header + 6), paired gains
+    # (header + 4 rows compared with a baseline)
+    assert table.count("\n| ") == 7 + 7 + 5
     assert "| + balanced L1 loss = Libra Faster R-CNN | 1 |" in table
+    assert "| AP apple | AP banana | AP orange |" in table
     assert "wrote" in first.stdout
 
     # rerun (with the config's thread count: not part of a run's identity): every pair is
@@ -178,24 +188,105 @@ def test_jobs_train_seeds_in_separate_processes_then_merge(tiny_fruit, tmp_path)
     assert report["iou_histogram"] is None  # no Libra Faster R-CNN row was asked for
 
 
+@pytest.fixture
+def tiny_bccd(tmp_path):
+    """A BCCD-like VOC release folder (Annotations/, JPEGImages/, ImageSets/Main/): 5 train
+    photos (one with a zero-area box, as the real set has), 3 test photos, classes RBC / WBC /
+    Platelets."""
+    root = tmp_path / "bccd"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True)
+    colours = {"RBC": (220, 120, 120), "WBC": (120, 60, 160), "Platelets": (90, 40, 120)}
+    cells = [("RBC", (5, 5, 40, 40)), ("RBC", (30, 10, 66, 46)), ("WBC", (40, 40, 90, 88)),
+             ("Platelets", (70, 8, 84, 22))]
+    splits = {"train": [f"BloodImage_{i:05d}" for i in range(5)],
+              "test": [f"BloodImage_{i:05d}" for i in range(5, 8)]}
+    for split, stems in splits.items():
+        (root / "ImageSets/Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
+        for i, stem in enumerate(stems):
+            objects = [(name, (x1 + i, y1, x2 + i, y2)) for name, (x1, y1, x2, y2) in cells]
+            image = Image.new("RGB", (96, 96), (235, 225, 200))
+            draw = ImageDraw.Draw(image)
+            for name, (x1, y1, x2, y2) in objects:
+                draw.ellipse([x1 - 1, y1 - 1, x2 - 1, y2 - 1], fill=colours[name])
+            if split == "train" and i == 0:
+                objects.append(("RBC", (50, 50, 50, 60)))  # xmin == xmax: dropped, and counted
+            image.save(root / "JPEGImages" / f"{stem}.jpg", format="JPEG")
+            (root / "Annotations" / f"{stem}.xml").write_text(_xml(f"{stem}.jpg", (96, 96), objects))
+    return root
+
+
+def test_bccd_smoke_run_with_more_seeds_and_the_gpu_recipe(tiny_bccd, tmp_path):
+    out = tmp_path / "out"
+    proc = _run(["--dataset", "bccd", "--smoke", "--data-root", str(tiny_bccd), "--output-dir",
+                 str(out), "--threads", "1", "--recipe", "gpu", "--seeds", "0", "--more-seeds",
+                 "1", "--rows", "faster_rcnn", "iou_sampling", "iou_sampling_own_bins",
+                 "libra_faster_rcnn", "--quiet"])
+    report = json.loads((out / "accuracy.json").read_text())
+    assert report["dataset"]["key"] == "bccd" and report["settings"]["recipe"] == "gpu"
+    assert report["settings"]["convention"] == "mmdet" and report["settings"]["spread"] == "std"
+    # the VOC image sets pick the split; the class list is fixed
+    assert (report["data"]["train_images"], report["data"]["test_images"]) == (4, 2)
+    assert report["data"]["classes"] == ["RBC", "WBC", "Platelets"]
+    assert report["data"]["conversion"]["train"]["dropped_degenerate_boxes"] == [
+        {"image": "JPEGImages/BloodImage_00000.jpg", "category": "RBC",
+         "bbox": [49.0, 49.0, 1.0, 11.0]}]
+    assert report["data"]["train_boxes"] == 4 * 4  # the degenerate one is not among them
+    # the recipe's settings reached the runs (the smoke run's shrink them again, after them)
+    shared = report["settings"]["shared_overrides"]
+    assert "train.epochs=8" in shared and "data.num_workers=4" in shared
+    assert shared.index("model.min_size=800") < shared.index("model.min_size=64")
+    # --more-seeds trains the headline pair only
+    seeds = {r["key"]: sorted(r["per_seed"]) for r in report["rows"]}
+    assert seeds == {"faster_rcnn": ["0", "1"], "iou_sampling": ["0"],
+                     "iou_sampling_own_bins": ["0"], "libra_faster_rcnn": ["0", "1"]}
+    by_key = {r["key"]: r for r in report["rows"]}
+    assert by_key["libra_faster_rcnn"]["delta_AP"]["seeds"] == [0, 1]
+    own = by_key["iou_sampling_own_bins"]
+    assert own["delta_AP_partner"]["gains"] == [pytest.approx(
+        own["per_seed"]["0"]["AP"] - by_key["iou_sampling"]["per_seed"]["0"]["AP"])]
+    assert set(own["delta_AP_per_class"]) == {"RBC", "WBC", "Platelets"}
+    run_config = yaml.safe_load(next((out / "runs" / "iou_sampling_own_bins" / "seed_0").glob(
+        "*/config.yaml")).read_text())
+    assert run_config["model"]["roi_sampler"]["binning"] == "paper"
+    assert run_config["data"]["num_workers"] == 4
+    # Figure 3 with the model's own bins (mmdetection's)
+    assert report["iou_histogram"]["binning"] == "mmdet"
+    table = (out / "accuracy.md").read_text()
+    assert "BCCD" in table and "sample standard deviation" in table
+    assert "1 degenerate box(es) (at most 1 px wide or high) dropped" in table
+    assert "| + IoU-balanced sampling, bins over the negatives' own IoU range | " \
+           "+ IoU-balanced sampling | " in table
+    assert "wrote" in proc.stdout
+
+
 def test_seed_process_command_passes_the_settings_on(acc, tmp_path):
     args = acc.parse_args(["--data-root", "d", "--output-dir", str(tmp_path), "--rows", "bfp",
                            "--epochs", "2", "--set", "train.momentum=0.8", "--jobs", "2"])
     command = acc.seed_process_command(args, 1, threads=3)
     assert command[:4] == [sys.executable, "-m", "benchmarks.accuracy", "--train-only"]
     text = " ".join(command)
-    for part in ("--seeds 1", "--threads 3", "--rows bfp", "--epochs 2", "--set train.momentum=0.8",
+    for part in ("--seeds 1 --more-seeds --threads 3", "--rows bfp", "--epochs 2",
+                 "--set train.momentum=0.8", "--dataset fruit", "--recipe cpu",
                  f"--output-dir {tmp_path.resolve()}", f"--data-root {Path('d').resolve()}"):
         assert part in text
     assert "--jobs" not in text and "--smoke" not in text
+    # a more-seed's process trains the rows it is given; the command parses back to them
+    bccd = acc.parse_args(["--dataset", "bccd", "--recipe", "gpu", "--output-dir", str(tmp_path)])
+    command = acc.seed_process_command(bccd, 3, threads=1, rows=["faster_rcnn",
+                                                                  "libra_faster_rcnn"])
+    child = acc.parse_args(command[3:])
+    assert (child.dataset, child.recipe, child.seeds, child.more_seeds, child.rows) == (
+        "bccd", "gpu", [3], [], ["faster_rcnn", "libra_faster_rcnn"])
+    assert child.train_only
 
 
 def test_a_failing_seed_process_is_reported_with_its_log(acc, tmp_path, monkeypatch):
     args = acc.parse_args(["--output-dir", str(tmp_path), "--jobs", "2"])
-    monkeypatch.setattr(acc, "seed_process_command", lambda args, seed, threads: [
+    monkeypatch.setattr(acc, "seed_process_command", lambda args, seed, threads, rows: [
         sys.executable, "-c", f"import sys; print('seed {seed} broke'); sys.exit({seed + 3})"])
     with pytest.raises(acc.SeedProcessFailed) as info:
-        acc._train_seeds_in_processes(args, [0, 1], tmp_path)
+        acc._train_seeds_in_processes(args, {0: ["faster_rcnn"], 1: ["faster_rcnn"]}, tmp_path)
     message = str(info.value)
     assert "seed 0 exited with 3" in message and "seed 1 exited with 4" in message
     assert str(tmp_path / "seed_1.log") in message
@@ -222,16 +313,22 @@ LIBRA_KEYS = {
     "model.roi_sampler.pos_balance", "model.roi_sampler.neg_balance", "model.bfp.enabled",
     "model.bfp.refine_level", "model.bfp.refine_type", "model.box_loss.kind",
     "model.box_loss.alpha", "model.box_loss.gamma", "model.retina_box_loss.kind",
-    "model.retina_box_loss.alpha", "model.retina_box_loss.gamma",
+    "model.retina_box_loss.alpha", "model.retina_box_loss.gamma", "model.roi_sampler.binning",
 }
 
 
-def test_rows_differ_from_their_baseline_only_in_libra_switches(acc):
-    configs = {key: _flat(acc.row_config(row)) for key, row in acc.ROWS.items()}
-    for key, row in acc.ROWS.items():
-        base = configs[row.baseline]
-        changed = {k for k in base if configs[key][k] != base[k]}
-        assert changed <= LIBRA_KEYS, (key, changed - LIBRA_KEYS)
+@pytest.mark.parametrize("dataset", ["fruit", "bccd"])
+def test_rows_differ_from_their_baseline_only_in_libra_switches(acc, dataset):
+    keys = acc.DATASETS[dataset].rows
+    configs = {key: _flat(acc.row_config(acc.ROWS[key], (), dataset)) for key in keys}
+    for key in keys:
+        row = acc.ROWS[key]
+        for other in (row.baseline, row.partner):
+            if other is None:
+                continue
+            base = configs[other]
+            changed = {k for k in base if configs[key][k] != base[k]}
+            assert changed <= LIBRA_KEYS, (key, changed - LIBRA_KEYS)
     fr, libra = configs["faster_rcnn"], configs["libra_faster_rcnn"]
     assert (fr["model.roi_sampler.pos_balance"], fr["model.roi_sampler.neg_balance"],
             fr["model.bfp.enabled"], fr["model.box_loss.kind"]) == (False, False, False, "smooth_l1")
@@ -249,10 +346,38 @@ def test_rows_differ_from_their_baseline_only_in_libra_switches(acc):
     # the two families share backbone, input size, data pipeline, batch and schedule
     shared = [k for k in fr if k.startswith(("data.", "train.")) or k in (
         "model.backbone", "model.norm", "model.backbone_weights", "model.min_size",
-        "model.max_size", "model.fpn_channels", "model.trainable_backbone_layers")]
+        "model.max_size", "model.fpn_channels", "model.trainable_backbone_layers",
+        "model.convention")]
     differing = {k for k in shared if fr[k] != rt[k]}
     assert differing == {"train.base_lr"}  # each family's rate, tuned on its own baseline
     assert fr["model.backbone_weights"] is None  # from scratch
+
+
+def test_bccd_rows_follow_the_reference_conventions(acc):
+    configs = {key: _flat(acc.row_config(acc.ROWS[key], (), "bccd"))
+               for key in acc.DATASETS["bccd"].rows}
+    for config in configs.values():
+        assert config["model.convention"] == "mmdet"
+        assert config["model.roi_sampler.floor_thr"] == 0.0
+        assert (config["model.min_size"], config["model.max_size"]) == (480, 640)  # scale 1
+    assert configs["iou_sampling"]["model.roi_sampler.binning"] == "mmdet"
+    own = configs["iou_sampling_own_bins"]
+    assert own["model.roi_sampler.binning"] == "paper"
+    # the pair differs in the bins' range only
+    assert {k for k in own if own[k] != configs["iou_sampling"][k]} == {
+        "model.roi_sampler.binning"}
+    assert configs["libra_retinanet"]["model.retina_box_loss.formula"] == "mmdet"
+    assert acc.ROWS["iou_sampling_own_bins"].partner == "iou_sampling"
+    assert "iou_sampling_own_bins" not in acc.DATASETS["fruit"].rows
+
+
+def test_gpu_recipe_resolves_to_the_longer_schedule(acc):
+    shared = list(acc.GPU_RECIPE)
+    for key in ("faster_rcnn", "libra_retinanet"):
+        config = acc.row_config(acc.ROWS[key], shared, "bccd")
+        assert (config.model.min_size, config.model.max_size) == (800, 1333)
+        assert (config.train.epochs, config.train.lr_steps) == (8, [5, 7])
+        assert config.train.batch_size == 8 and config.data.num_workers == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +403,24 @@ def test_format_cell(acc):
     assert acc.format_cell({"mean": 0.32, "half_range": 0.02}, num_seeds=2) == "32.0 ± 2.0"
     assert acc.format_cell({"mean": 0.3216, "half_range": 0.0}, num_seeds=1) == "32.2"
     assert acc.format_cell({"mean": None, "half_range": None}, num_seeds=2) == "-"
+    assert acc.format_cell({"mean": 0.32, "half_range": 0.02, "std": 0.031}, num_seeds=3,
+                           spread="std") == "32.0 ± 3.1"
+
+
+def test_paired_gains_seed_by_seed(acc):
+    mine = {0: {"AP": 0.30}, 1: {"AP": 0.25}, 2: {"AP": 0.40}, 3: {"AP": -1.0}}
+    base = {0: {"AP": 0.28}, 1: {"AP": 0.26}, 2: {"AP": 0.35}, 3: {"AP": 0.2}, 4: {"AP": 0.3}}
+    gain = acc.paired_gains(mine, base)
+    # seed 3 is undefined for `mine`, seed 4 has no partner: both left out
+    assert gain["seeds"] == [0, 1, 2]
+    assert gain["gains"] == pytest.approx([0.02, -0.01, 0.05])
+    assert gain["mean"] == pytest.approx(0.02)
+    assert gain["half_range"] == pytest.approx(0.03)
+    assert gain["std"] == pytest.approx(0.03)  # sqrt((0 + 0.0009 + 0.0009) / 2)
+    assert gain["all_positive"] is False
+    one = acc.paired_gains({0: {"AP": 0.3}}, {0: {"AP": 0.1}})
+    assert one["std"] is None and one["all_positive"] is True
+    assert acc.paired_gains({0: {"AP": 0.3}}, {1: {"AP": 0.1}}) is None
 
 
 def test_subset_coco_keeps_the_first_annotated_images(acc):
@@ -308,7 +451,8 @@ def test_convert_split_is_done_once(acc, tiny_fruit, tmp_path):
 
 def test_arguments(acc, tmp_path):
     args = acc.parse_args([])
-    assert args.seeds == [0, 1] and args.rows == list(acc.ROW_KEYS) and args.device == "cpu"
+    assert args.seeds == [0, 1] and args.rows == list(acc.DATASETS["fruit"].rows)
+    assert args.device == "cpu"
     assert Path(args.data_root).resolve() == (REPO_ROOT.parent / "shared" / "data" / "fruit").resolve()
     assert Path(args.output_dir) == REPO_ROOT / "work_dirs" / "accuracy"
     smoke = acc.parse_args(["--smoke"])
@@ -327,6 +471,29 @@ def test_arguments(acc, tmp_path):
     missing = acc.parse_args(["--data-root", str(tmp_path / "nowhere"),
                               "--output-dir", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="--data-root"):
+        acc.run_benchmark(missing)
+    assert args.dataset == "fruit" and args.more_seeds == [] and args.recipe == "cpu"
+
+
+def test_arguments_bccd(acc, tmp_path):
+    args = acc.parse_args(["--dataset", "bccd"])
+    assert args.seeds == [0, 1] and args.more_seeds == [2, 3] and args.recipe == "cpu"
+    assert args.rows == list(acc.DATASETS["bccd"].rows) and len(args.rows) == 7
+    assert Path(args.data_root).resolve() == (REPO_ROOT.parent / "shared" / "data" / "bccd").resolve()
+    assert Path(args.output_dir) == REPO_ROOT / "work_dirs" / "accuracy_bccd"
+    assert Path(acc.parse_args(["--dataset", "bccd", "--recipe", "gpu"]).output_dir) == (
+        REPO_ROOT / "work_dirs" / "accuracy_bccd_gpu")
+    assert acc.parse_args(["--dataset", "bccd", "--smoke"]).more_seeds == []
+    assert acc.parse_args(["--dataset", "bccd", "--more-seeds"]).more_seeds == []
+    for bad in (["--rows", "iou_sampling_own_bins"],  # not a fruit row
+                ["--recipe", "gpu"],  # fruit has no GPU recipe
+                ["--dataset", "bccd", "--seeds", "0", "2"],  # 2 is also a more-seed
+                ["--dataset", "bccd", "--more-seeds", "1"]):
+        with pytest.raises(SystemExit):
+            acc.parse_args(bad)
+    missing = acc.parse_args(["--dataset", "bccd", "--data-root", str(tmp_path),
+                              "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="Annotations"):
         acc.run_benchmark(missing)
 
 

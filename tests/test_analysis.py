@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import re
 import shutil
@@ -131,6 +132,33 @@ def test_iou_histograms_take_all_negatives_when_fewer_than_asked(model, dataset)
     assert result["negatives_per_image"] == [len(all_negative_ious)]
     for name in ("random", "iou_balanced", "hard_negative"):
         assert result["counts"][name] == expected.tolist()
+
+
+def test_iou_histograms_bin_as_the_models_sampler(model_cfg, dataset, sample_with_gt):
+    # the IoU-balanced selection uses the model's own bin layout (mmdetection's here), as its
+    # training step does; recomputed directly with the same generator sequence
+    from libra_rcnn.ops.iou_balanced_sampler import iou_balanced_negative_sample, random_choice
+
+    image, target = sample_with_gt
+    one_image = torch.utils.data.Subset(dataset, [next(
+        i for i in range(len(dataset)) if dataset[i][1]["boxes"].numel())])
+    counts = {}
+    for binning in ("paper", "mmdet"):
+        cfg = dataclasses.replace(model_cfg, roi_sampler=dataclasses.replace(
+            model_cfg.roi_sampler, binning=binning, floor_thr=0.0))
+        model = _build(cfg)
+        result = iou_histograms(model, one_image, num_images=1, num_neg=12, bins=50)
+        assert result["binning"] == binning
+        cand = roi_candidates(model, image, target)
+        generator = torch.Generator().manual_seed(0)
+        random_choice(cand.neg_inds, 12, generator)
+        picked = iou_balanced_negative_sample(
+            cand.neg_inds, cand.max_overlaps, 12, num_bins=3, floor_thr=0.0, binning=binning,
+            generator=generator)
+        expected, _ = np.histogram(cand.max_overlaps[picked].numpy(), bins=50, range=(0.0, 0.5))
+        assert result["counts"]["iou_balanced"] == expected.tolist()
+        counts[binning] = result["counts"]["iou_balanced"]
+    assert counts["paper"] != counts["mmdet"]  # the two layouts choose differently here
 
 
 def test_hard_negatives_are_the_highest_background_loss(model, dataset, sample_with_gt):

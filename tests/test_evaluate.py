@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,7 +23,9 @@ from torch.utils.data import DataLoader
 from libra_rcnn.data import CocoDetection, WithSkipped, collate_with_skipped
 from libra_rcnn.engine.evaluate import (
     BBOX_METRIC_NAMES,
+    class_ap_from_precision,
     coco_bbox_eval,
+    coco_bbox_eval_per_class,
     detections_to_coco_results,
     evaluate,
     evaluate_results_file,
@@ -156,6 +159,62 @@ def test_unknown_image_id_is_a_value_error():
     coco = make_coco(make_gt_dict([(1, 64, 64)], [(1, 1, [0, 0, 10, 10], 0)]))
     with pytest.raises(ValueError, match="not in the ground truth"):
         coco_bbox_eval(coco, [det(99, 1, [0, 0, 10, 10], 0.5)])
+
+
+# ------------------------------------------------------------------------------ per-class AP
+def test_per_class_ap_hand_computed():
+    # class 1 (c1): both boxes found exactly -> AP 1 at every threshold.
+    # class 2 (c2): one of two boxes found at IoU 0.62 (as in test_one_match_at_iou_062...):
+    #   AP50 = 51/101, AP75 = 0, AP = 3 * 51/101 / 10.
+    # class 3 (c3): no ground truth (a detection of it is a false positive nowhere) -> -1.
+    gt = make_gt_dict(
+        [(1, 300, 300), (2, 300, 300)],
+        [(1, 1, [10, 10, 40, 40], 0), (2, 1, [50, 60, 80, 90], 0),
+         (1, 2, [150, 150, 40, 40], 0), (2, 2, [100, 100, 40, 40], 0)],
+        cat_ids=(1, 2, 3),
+    )
+    coco = make_coco(gt)
+    results = [det(1, 1, [10, 10, 40, 40], 0.9), det(2, 1, [50, 60, 80, 90], 0.8),
+               det(1, 2, [150, 150, 40, 24.8], 0.9), det(2, 3, [0, 0, 30, 30], 0.7)]
+    per_class = coco_bbox_eval_per_class(coco, results)
+    assert list(per_class) == ["c1", "c2", "c3"]  # category-id order, named
+    assert per_class["c1"] == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0})
+    matched = 51 / 101
+    assert per_class["c2"] == pytest.approx({"AP": 3 * matched / 10, "AP50": matched, "AP75": 0.0})
+    assert per_class["c3"] == {"AP": -1.0, "AP50": -1.0, "AP75": -1.0}
+    # the overall AP is the mean over the classes that have ground truth
+    overall = coco_bbox_eval(coco, results)
+    for name in ("AP", "AP50", "AP75"):
+        assert overall[name] == pytest.approx((per_class["c1"][name] + per_class["c2"][name]) / 2)
+    # restricted to image 2: class 2's only found box is gone
+    only_2 = coco_bbox_eval_per_class(coco, results, image_ids=[2])
+    assert only_2["c2"] == pytest.approx({"AP": 0.0, "AP50": 0.0, "AP75": 0.0})
+
+
+def test_per_class_ap_without_detections_warns_and_gives_zeros():
+    coco = make_coco(make_gt_dict([(1, 64, 64)], [(1, 1, [0, 0, 10, 10], 0)], cat_ids=(1, 2)))
+    with pytest.warns(UserWarning, match="no detections"):
+        per_class = coco_bbox_eval_per_class(coco, [])
+    assert per_class == {"c1": {"AP": 0.0, "AP50": 0.0, "AP75": 0.0},
+                         "c2": {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}}
+
+
+def test_class_ap_from_precision_averages_and_checks_shapes():
+    thrs = [0.5 + 0.05 * i for i in range(10)]
+    precision = np.full((10, 3, 2, 4, 3), 0.5)
+    precision[:, :, 0, 0, -1] = np.arange(10)[:, None] / 10  # class 0: 0.0 ... 0.9 by threshold
+    precision[:, :, 1, 0, -1] = -1.0  # class 1: no ground truth
+    precision[:, :, 0, 1:, :] = 7.0  # other areas / maxDets: never read
+    out = class_ap_from_precision(precision, thrs)
+    assert out.shape == (2, 3)
+    assert out[0] == pytest.approx([0.45, 0.0, 0.5])  # mean, threshold 0.5, threshold 0.75
+    assert out[1].tolist() == [-1.0, -1.0, -1.0]
+    with pytest.raises(ValueError, match="5 dimensions"):
+        class_ap_from_precision(precision[0], thrs)
+    with pytest.raises(ValueError, match="IoU thresholds"):
+        class_ap_from_precision(precision, thrs[:9])
+    with pytest.raises(ValueError, match="0.75"):
+        class_ap_from_precision(precision[:2], [0.5, 0.6])
 
 
 # ------------------------------------------------------------------------------ proposal AR

@@ -184,8 +184,9 @@ def background_loss(model: nn.Module, candidates: RoiCandidates, inds: Tensor) -
 
 
 def sampler_settings(model: nn.Module) -> dict:
-    """``num_bins``/``floor_thr``/``floor_fraction`` and the negatives per image (``num *
-    (1 - pos_fraction)``) of the model's RoI sampler; the paper's defaults if it has none."""
+    """``num_bins``/``floor_thr``/``floor_fraction``/``binning`` and the negatives per image
+    (``num * (1 - pos_fraction)``) of the model's RoI sampler; the paper's defaults if it has
+    none."""
     sampler = getattr(getattr(model, "roi_heads", None), "sampler", None)
     num = int(getattr(sampler, "num", 512))
     pos_fraction = float(getattr(sampler, "pos_fraction", 0.25))
@@ -194,6 +195,7 @@ def sampler_settings(model: nn.Module) -> dict:
         "num_bins": int(getattr(sampler, "num_bins", 3)),
         "floor_thr": float(getattr(sampler, "floor_thr", -1.0)),
         "floor_fraction": float(getattr(sampler, "floor_fraction", 0.0)),
+        "binning": str(getattr(sampler, "binning", "paper")),
     }
 
 

@@ -124,7 +124,8 @@ def iou_histograms(
         ``num_sampled`` (series -> total chosen; all equal), ``share_above`` (series -> share
         of chosen negatives with IoU ``> share_threshold``), ``share_threshold``,
         ``negatives_per_image`` (candidates ``M`` of each used image), ``image_ids``,
-        ``num_neg``, ``num_bins``, ``neg_iou_thresh``, ``skipped`` (``{"unreadable",
+        ``num_neg``, ``num_bins``, ``binning`` (the model's sampler's bin layout, which the
+        IoU-balanced selection uses), ``neg_iou_thresh``, ``skipped`` (``{"unreadable",
         "no_ground_truth"}`` counts), ``unreadable`` (``(file, reason)`` of the skipped
         unreadable images that were named) and ``files`` (paths written).
     """
@@ -169,7 +170,8 @@ def iou_histograms(
             "random": random_choice(neg, num_neg, generator),
             "iou_balanced": iou_balanced_negative_sample(
                 neg, ious, num_neg, num_bins=num_bins, floor_thr=settings["floor_thr"],
-                floor_fraction=settings["floor_fraction"], generator=generator),
+                floor_fraction=settings["floor_fraction"], binning=settings["binning"],
+                generator=generator),
             "hard_negative": _hardest(neg, background_loss(model, cand, neg), num_neg),
         }
         for name, inds in picks.items():
@@ -199,6 +201,7 @@ def iou_histograms(
         "image_ids": image_ids,
         "num_neg": num_neg,
         "num_bins": num_bins,
+        "binning": settings["binning"],
         "neg_iou_thresh": upper,
         "skipped": skipped,
         "unreadable": unreadable,

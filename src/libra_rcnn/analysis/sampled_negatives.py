@@ -71,7 +71,8 @@ def sample_visualization(
         "random": random_choice(neg, num_neg, generator),
         "iou_balanced": iou_balanced_negative_sample(
             neg, cand.max_overlaps, num_neg, num_bins=num_bins, floor_thr=settings["floor_thr"],
-            floor_fraction=settings["floor_fraction"], generator=generator),
+            floor_fraction=settings["floor_fraction"], binning=settings["binning"],
+            generator=generator),
     }
 
     def to_original(boxes: Tensor) -> Tensor:

@@ -44,6 +44,7 @@ from libra_rcnn.models.mode import eval_mode
 
 __all__ = [
     "BBOX_METRIC_NAMES",
+    "CLASS_METRIC_NAMES",
     "PAPER_METRIC_NAMES",
     "Evaluation",
     "InferenceOutput",
@@ -51,6 +52,8 @@ __all__ = [
     "merge_rank_results",
     "run_inference",
     "coco_bbox_eval",
+    "coco_bbox_eval_per_class",
+    "class_ap_from_precision",
     "describe_skipped",
     "proposal_recall_eval",
     "evaluate",
@@ -312,11 +315,20 @@ def coco_bbox_eval(
         ``-1`` (no ground truth in that area range) is kept as ``-1.0``. Empty ``results`` give
         all zeros and a warning.
     """
-    from pycocotools.cocoeval import COCOeval
-
     if len(results) == 0:
         warnings.warn("coco_bbox_eval: no detections to evaluate; all metrics are 0", stacklevel=2)
         return {name: 0.0 for name in BBOX_METRIC_NAMES}
+    coco_eval = _accumulated_bbox_eval(coco_gt, results, image_ids=image_ids, verbose=verbose)
+    with _quiet(verbose):
+        coco_eval.summarize()
+    return {name: float(value) for name, value in zip(BBOX_METRIC_NAMES, coco_eval.stats)}
+
+
+def _accumulated_bbox_eval(coco_gt: Any, results: Sequence[Mapping], *,
+                           image_ids: Iterable[int] | None, verbose: bool) -> Any:
+    """pycocotools' ``COCOeval`` of ``results`` after ``evaluate()`` and ``accumulate()``."""
+    from pycocotools.cocoeval import COCOeval
+
     coco_dt = _load_results(coco_gt, results, verbose=verbose)
     coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
     if image_ids is not None:
@@ -324,8 +336,75 @@ def coco_bbox_eval(
     with _quiet(verbose):
         coco_eval.evaluate()
         coco_eval.accumulate()
-        coco_eval.summarize()
-    return {name: float(value) for name, value in zip(BBOX_METRIC_NAMES, coco_eval.stats)}
+    return coco_eval
+
+
+#: Per-class metrics of :func:`coco_bbox_eval_per_class`.
+CLASS_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75")
+
+
+def class_ap_from_precision(precision: np.ndarray, iou_thrs: Sequence[float]) -> np.ndarray:
+    """AP, AP50 and AP75 of each category from ``COCOeval.eval["precision"]``.
+
+    The same averages as ``COCOeval.summarize()``'s first three numbers, taken per category
+    instead of over all of them: all object sizes (area index 0), the largest ``maxDets`` (last
+    index), precision averaged over the recall thresholds and, for AP, over ``iou_thrs``.
+
+    Args:
+        precision: ``float[T, R, K, A, M]`` (IoU thresholds, recall thresholds, categories,
+            area ranges, max detections); ``-1`` where a category has no ground truth.
+        iou_thrs: the ``T`` IoU thresholds (``COCOeval.params.iouThrs``); must hold 0.5 and 0.75.
+
+    Returns:
+        ``float[K, 3]``: AP, AP50, AP75 per category, ``-1`` for a category without ground truth
+        (pycocotools' convention).
+    """
+    precision = np.asarray(precision, dtype=np.float64)
+    if precision.ndim != 5:
+        raise ValueError(f"precision must have 5 dimensions [T, R, K, A, M], got shape "
+                         f"{precision.shape}")
+    thrs = np.asarray(iou_thrs, dtype=np.float64)
+    if thrs.shape != (precision.shape[0],):
+        raise ValueError(f"iou_thrs has {thrs.size} values for {precision.shape[0]} IoU "
+                         f"thresholds in precision")
+    rows = {"AP": slice(None)}
+    for name, thr in (("AP50", 0.5), ("AP75", 0.75)):
+        match = np.flatnonzero(np.isclose(thrs, thr))
+        if match.size != 1:
+            raise ValueError(f"iou_thrs must hold {thr} exactly once for {name}, got {thrs}")
+        rows[name] = slice(int(match[0]), int(match[0]) + 1)
+    out = np.full((precision.shape[2], len(CLASS_METRIC_NAMES)), -1.0)
+    for k in range(precision.shape[2]):
+        for j, name in enumerate(CLASS_METRIC_NAMES):
+            out[k, j] = _mean_valid(precision[rows[name], :, k, 0, -1])
+    return out
+
+
+def coco_bbox_eval_per_class(
+    coco_gt: Any,
+    results: Sequence[Mapping],
+    *,
+    image_ids: Iterable[int] | None = None,
+    verbose: bool = False,
+) -> dict[str, dict[str, float]]:
+    """AP, AP50 and AP75 of each category (:func:`class_ap_from_precision`), keyed by the
+    category's name in ``coco_gt``, in category-id order.
+
+    Arguments as for :func:`coco_bbox_eval`. A category without ground truth among the
+    evaluated images gets ``-1.0``; empty ``results`` give zeros (with a warning) for the
+    others.
+    """
+    categories = sorted(coco_gt.loadCats(coco_gt.getCatIds()), key=lambda c: c["id"])
+    if len(results) == 0:
+        warnings.warn("coco_bbox_eval_per_class: no detections to evaluate; all metrics are 0",
+                      stacklevel=2)
+        return {c["name"]: dict.fromkeys(CLASS_METRIC_NAMES, 0.0) for c in categories}
+    coco_eval = _accumulated_bbox_eval(coco_gt, results, image_ids=image_ids, verbose=verbose)
+    # eval["precision"]'s category axis follows params.catIds (sorted ids)
+    names = {c["id"]: c["name"] for c in categories}
+    values = class_ap_from_precision(coco_eval.eval["precision"], coco_eval.params.iouThrs)
+    return {names[cat_id]: {name: float(v) for name, v in zip(CLASS_METRIC_NAMES, row)}
+            for cat_id, row in zip(coco_eval.params.catIds, values)}
 
 
 def _mean_valid(values: np.ndarray) -> float:
