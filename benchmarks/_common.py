@@ -366,6 +366,10 @@ def _git_commit() -> Optional[str]:
     return out.stdout.strip() or None
 
 
+# the scripts describe their environment after the runs; the load when they started is this
+_LOADAVG_AT_IMPORT = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def environment_info(device: torch.device, args: argparse.Namespace) -> Dict[str, Any]:
     """Where and how the numbers were taken (recorded in every JSON file)."""
     import torchvision
@@ -387,8 +391,8 @@ def environment_info(device: torch.device, args: argparse.Namespace) -> Dict[str
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    if hasattr(os, "getloadavg"):
-        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    if _LOADAVG_AT_IMPORT is not None:
+        info["loadavg_at_start"] = _LOADAVG_AT_IMPORT
     return info
 
 

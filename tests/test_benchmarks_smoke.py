@@ -160,6 +160,21 @@ def test_summarize_and_paired_ratio(bench):
         bench.paired_ratio([1.0], [1.0, 2.0])
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "getloadavg"), reason="no load average here")
+def test_environment_records_the_load_at_the_start_not_after_the_runs(bench, monkeypatch, tmp_path):
+    import argparse
+
+    args = argparse.Namespace(amp=False, smoke=True)
+    start = bench.environment_info(torch.device("cpu"), args)
+    # the scripts describe their environment after the runs: a load that changed since must show
+    # only as the load at the end
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    later = bench.environment_info(torch.device("cpu"), args)
+    assert later["loadavg_at_start"] == start["loadavg_at_start"] != [99.0, 99.0, 99.0]
+    payload = json.loads(bench.write_json(tmp_path / "x.json", {"environment": later}).read_text())
+    assert payload["environment"]["loadavg_at_end"] == [99.0, 99.0, 99.0]
+
+
 def test_alternating_timings_rotates_the_order(bench):
     calls = []
     cases = {name: (lambda n=name: calls.append(n)) for name in "abc"}
