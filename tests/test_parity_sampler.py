@@ -274,6 +274,38 @@ def test_few_overlapping_negatives_take_all_then_floor(mmdet):
         assert len(picked) == num and overlapping <= picked
 
 
+@pytest.mark.parametrize("num", [384, 7])
+def test_floor_variant_split_matches_mmdetection(mmdet, num):
+    """floor_thr 0.1, floor_fraction 0.5: int(num / 2) from the bins over IoU >= 0.1, the rest
+    from IoU < 0.1, when both sets are large."""
+    gt_inds, max_overlaps = _realistic_image(seed=4)
+    neg = np.flatnonzero(gt_inds.numpy() == 0)
+    sampler = _neg_sampler(mmdet, floor_thr=0.1, floor_fraction=0.5)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        theirs = sampler._sample_neg(_assign_result(mmdet, gt_inds, max_overlaps), num)
+    ours = iou_balanced_negative_sample(torch.from_numpy(neg), max_overlaps, num, floor_thr=0.1,
+                                        floor_fraction=0.5, binning="mmdet",
+                                        generator=torch.Generator())
+    for picked in (theirs, ours):
+        assert picked.numel() == num == picked.unique().numel()
+        assert int((max_overlaps[picked] >= 0.1).sum()) == int(num * 0.5)
+
+
+def test_one_bin_is_random_sampling_as_mmdetection(mmdet):
+    """With one bin mmdetection samples at random, negatives at the maximum IoU included."""
+    max_overlaps = torch.tensor([0.1] * 10 + [0.3] * 10)
+    gt_inds = torch.zeros(20, dtype=torch.long)
+    sampler = _neg_sampler(mmdet, num_bins=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        theirs = sampler._sample_neg(_assign_result(mmdet, gt_inds, max_overlaps), 10)
+    ours = iou_balanced_negative_sample(torch.arange(20), max_overlaps, 10, num_bins=1,
+                                        binning="mmdet", generator=torch.Generator())
+    for picked in (theirs, ours):
+        assert picked.numel() == 10 and (max_overlaps[picked] == 0.3).any()
+
+
 def test_paper_and_mmdet_binnings_differ():
     gt_inds, max_overlaps = _realistic_image(seed=0)
     neg = torch.from_numpy(np.flatnonzero(gt_inds.numpy() == 0))

@@ -260,6 +260,8 @@ def _np_sample_by_iou_bins(
         every bin included) up to ``num``.
     """
     if range_max is not None:
+        if num_bins == 1:  # mmdetection samples at random, the maximum included
+            return _np_random_choice(inds, num, generator, device)
         bin_ids = _mmdet_bin_ids(ious, floor, range_max, num_bins)
         quota = np.full(num_bins + 1, num_balanced // num_bins, dtype=np.int64)
         quota[num_bins] = 0  # outside every bin: reached by the uniform fill only
