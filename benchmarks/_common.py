@@ -58,6 +58,7 @@ __all__ = [
     "synchronize",
     "top_operators_table",
     "write_json",
+    "write_results",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -424,6 +425,15 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str,
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def write_results(name: str, device: torch.device, args: argparse.Namespace,
+                  payload: Dict[str, Any]) -> Dict[str, Any]:
+    """Write a script's ``payload`` to ``--out`` (default :func:`default_out_path`), say where,
+    and return it."""
+    out = write_json(args.out or default_out_path(name, device, args.amp), payload)
+    print(f"wrote {out}")
+    return payload
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:

@@ -506,9 +506,7 @@ def main(argv=None) -> Dict[str, Any]:
         "architectures": results,
         "rows": rows,
     }
-    out = common.write_json(args.out or common.default_out_path(NAME, device, args.amp), payload)
-    print(f"wrote {out}")
-    return payload
+    return common.write_results(NAME, device, args, payload)
 
 
 if __name__ == "__main__":

@@ -202,9 +202,7 @@ def main(argv=None) -> Dict[str, Any]:
                      "levels": "P2-P6" if args.layout == "two_stage" else "P3-P7"},
         "rows": rows,
     }
-    out = common.write_json(args.out or common.default_out_path(NAME, device, args.amp), payload)
-    print(f"wrote {out}")
-    return payload
+    return common.write_results(NAME, device, args, payload)
 
 
 if __name__ == "__main__":
