@@ -362,11 +362,16 @@ def _cmd_predict(args) -> int:
         device=device, out_dir=args.out_dir)
     print(f"wrote {written.json_file} ({len(written.detections)} detections) and "
           f"{len(written.drawn)} drawn image(s) in {args.out_dir}")
-    if not written.failed:
+    return _report_unreadable(written.failed, len(images))
+
+
+def _report_unreadable(failed: Sequence[tuple[object, str]], total: int) -> int:
+    """List the input images that could not be read; the exit status that says so (0 if none)."""
+    if not failed:
         return 0
-    print(f"{len(written.failed)} of {len(images)} image(s) could not be read (exit status "
+    print(f"{len(failed)} of {total} image(s) could not be read (exit status "
           f"{EXIT_UNREADABLE_INPUTS}):")
-    for file, reason in written.failed:
+    for file, reason in failed:
         print(f"  {file}: {reason}")
     return EXIT_UNREADABLE_INPUTS
 
@@ -440,7 +445,7 @@ def _cmd_export(args) -> int:
     names = ", ".join(output_names(model))
     print(f"wrote {path}: input image float32 [3, H, W] in 0..1, outputs {names}")
     agree, unreadable = True, []
-    for image_path in images if detector is not None else []:
+    for image_path in images:  # none unless --check, and then there is a detector
         try:
             image = load_image_tensor(image_path)
         except BadImageError as exc:  # checked as predict reads: the others still are
@@ -456,13 +461,7 @@ def _cmd_export(args) -> int:
               f"{result['max_score_diff']:.2g}")
     if not agree:
         return EXIT_FAILURE
-    if unreadable:
-        print(f"{len(unreadable)} of {len(images)} image(s) could not be read (exit status "
-              f"{EXIT_UNREADABLE_INPUTS}):")
-        for file, reason in unreadable:
-            print(f"  {file}: {reason}")
-        return EXIT_UNREADABLE_INPUTS
-    return 0
+    return _report_unreadable(unreadable, len(images))
 
 
 def _format_report(split: str, report: dict) -> str:
