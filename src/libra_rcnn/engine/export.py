@@ -55,7 +55,7 @@ from ..io_utils import atomic_write_bytes
 from ..models.faster_rcnn import LibraFasterRCNN
 from ..models.mode import eval_mode
 from ..models.retinanet import LibraRetinaNet
-from ..models.transform import MMDetTransform
+from ..models.transform import MMDetTransform, keep_ratio_scale
 from ..models.rpn import LibraRPN
 
 __all__ = [
@@ -139,12 +139,7 @@ def traceable_resize(transform: GeneralizedRCNNTransform, image: Tensor,
     """
     if target is not None or transform.training or transform.fixed_size is not None:
         raise ValueError("traceable_resize handles inference without fixed_size only")
-    sides = torch._shape_as_tensor(image)[-2:].to(torch.float64)  # [2]
-    # 1-d float64 tensors throughout: the exporter computes a division by a Python number or
-    # a 0-d tensor in float32
-    limits = torch.tensor([transform.min_size[-1], transform.max_size], dtype=torch.float64)
-    scale = torch.minimum(limits[:1] / sides.amin(0, keepdim=True),
-                          limits[1:] / sides.amax(0, keepdim=True))  # [1]
+    sides, scale = keep_ratio_scale(image, transform.min_size[-1], transform.max_size)
     size = (sides * scale).floor().to(torch.int64)
     resized = F.interpolate(image[None], size=(size[0], size[1]), mode="bilinear",
                             align_corners=False)

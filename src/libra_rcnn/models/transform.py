@@ -27,6 +27,7 @@ __all__ = [
     "MMDET_IMAGE_MEAN",
     "MMDET_IMAGE_STD",
     "MMDetTransform",
+    "keep_ratio_scale",
     "mmdet_rescale_size",
     "mmdet_rescaled_size",
     "resize_uint8_bilinear",
@@ -114,13 +115,22 @@ def resize_uint8_bilinear(image: Tensor, size) -> Tensor:
     return ((top + bottom + 2) >> 2).clamp(0, 255).to(torch.uint8)
 
 
-def mmdet_rescaled_size(image: Tensor, short: int, long: int) -> Tensor:
-    """:func:`mmdet_rescale_size` of ``image``'s ``(H, W)`` as an int64 ``[2]`` tensor, computed
-    with tensor operations so that a traced graph keeps the image size a run-time value."""
+def keep_ratio_scale(image: Tensor, short: int, long: int) -> tuple[Tensor, Tensor]:
+    """``image``'s ``(H, W)`` and the keep-ratio scale ``min(short / min(H, W), long / max(H,
+    W))``, both float64 (``[2]`` and ``[1]``), computed with tensor operations so that a traced
+    graph keeps the image size a run-time value. 1-d float64 tensors throughout: the exporter
+    computes a division by a Python number or a 0-d tensor in float32."""
     sides = torch._shape_as_tensor(image)[-2:].to(torch.float64)  # [2]
     limits = torch.tensor([short, long], dtype=torch.float64, device=sides.device)
-    scale = torch.minimum(limits[1:] / sides.amax(0, keepdim=True),
-                          limits[:1] / sides.amin(0, keepdim=True))  # [1]
+    scale = torch.minimum(limits[:1] / sides.amin(0, keepdim=True),
+                          limits[1:] / sides.amax(0, keepdim=True))  # [1]
+    return sides, scale
+
+
+def mmdet_rescaled_size(image: Tensor, short: int, long: int) -> Tensor:
+    """:func:`mmdet_rescale_size` of ``image``'s ``(H, W)`` as an int64 ``[2]`` tensor, computed
+    with tensor operations (:func:`keep_ratio_scale`)."""
+    sides, scale = keep_ratio_scale(image, short, long)
     return torch.floor(sides * scale + 0.5).to(torch.int64)
 
 
