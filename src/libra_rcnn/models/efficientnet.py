@@ -169,11 +169,12 @@ class EfficientNetBody(nn.Module):
     def load_weights(self, weights: str | os.PathLike, backbone_name: str) -> None:
         """Load ImageNet weights strictly, by name (see the module doc)."""
         path = efficientnet_weights_file(backbone_name) if weights == IMAGENET else os.fspath(weights)
-        renamed = timm_names(_read_state_dict(path), self.net.blocks)
-        body = {k: v for k, v in renamed.items() if not k.startswith(_CLASSIFIER)}
+        state_dict = _read_state_dict(path)
         try:
-            self.net.load_state_dict(body, strict=True)
-        except RuntimeError as err:  # missing / unexpected keys, shapes
+            renamed = timm_names(state_dict, self.net.blocks)
+            self.net.load_state_dict({k: v for k, v in renamed.items()
+                                      if not k.startswith(_CLASSIFIER)}, strict=True)
+        except (UserInputError, RuntimeError) as err:  # unknown layers; missing keys, shapes
             problem = " ".join(str(err).split())
             raise UserInputError(f"{path}: does not fit {backbone_name}: {problem[:400]}") from None
 
