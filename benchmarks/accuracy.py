@@ -401,22 +401,63 @@ def format_cell(stats: Mapping[str, Optional[float]], *, num_seeds: int,
     return f"{100.0 * stats['mean']:.1f} ± {100.0 * stats[spread]:.1f}"
 
 
+def _two_sided_t_probability(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with ``df`` (integer) degrees of freedom: the closed forms
+    of Abramowitz & Stegun 26.7.3 (odd ``df``) and 26.7.4 (even)."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2 = math.cos(theta) ** 2
+    if df % 2:
+        term, total = 1.0, 0.0
+        if df > 1:
+            total = term = math.cos(theta)
+            for k in range(3, df - 1, 2):
+                term *= cos2 * (k - 1) / k
+                total += term
+        return 2.0 / math.pi * (theta + math.sin(theta) * total)
+    term = total = 1.0
+    for k in range(2, df - 1, 2):
+        term *= cos2 * (k - 1) / k
+        total += term
+    return math.sin(theta) * total
+
+
+def t_critical(df: int, confidence: float = 0.95) -> float:
+    """The two-sided critical value of Student's t: ``P(|T| <= t) = confidence`` (bisection)."""
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an int >= 1, got {df!r}")
+    low, high = 0.0, 1e4
+    for _ in range(200):
+        middle = (low + high) / 2.0
+        if _two_sided_t_probability(middle, df) < confidence:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2.0
+
+
 def paired_gains(mine: Mapping[Any, Mapping[str, float]], other: Mapping[Any, Mapping[str, float]],
                  metric: str = "AP") -> Optional[dict]:
     """``metric`` of one row minus another's, seed by seed (same seed = same initialisation and
     data order), over the seeds both have where both values are defined (>= 0).
 
     Returns ``None`` without such a seed, else ``{"seeds", "gains"}`` (lists, seed order),
-    ``"mean"``, ``"half_range"``, ``"std"`` (``None`` for one seed) and ``"all_positive"``.
+    ``"mean"``, ``"half_range"``, ``"std"`` (``None`` for one seed), ``"ci95"`` (the mean's
+    95 % confidence interval ``[low, high]`` by Student's t with n - 1 degrees of freedom;
+    ``None`` for one seed) and ``"all_positive"``.
     """
     seeds = sorted(s for s in set(mine) & set(other)
                    if mine[s][metric] >= 0 and other[s][metric] >= 0)
     if not seeds:
         return None
     gains = [float(mine[s][metric]) - float(other[s][metric]) for s in seeds]
-    return {"seeds": seeds, "gains": gains, "mean": statistics.fmean(gains),
-            "half_range": (max(gains) - min(gains)) / 2.0,
-            "std": statistics.stdev(gains) if len(gains) > 1 else None,
+    mean = statistics.fmean(gains)
+    std = statistics.stdev(gains) if len(gains) > 1 else None
+    ci95 = None
+    if std is not None:
+        half_width = t_critical(len(gains) - 1) * std / math.sqrt(len(gains))
+        ci95 = [mean - half_width, mean + half_width]
+    return {"seeds": seeds, "gains": gains, "mean": mean,
+            "half_range": (max(gains) - min(gains)) / 2.0, "std": std, "ci95": ci95,
             "all_positive": all(g > 0 for g in gains)}
 
 
@@ -581,20 +622,21 @@ def _markdown(report: dict) -> str:
         f"{data['test_boxes']} boxes), x100. Cells: mean ± {spread_words} over the "
         f"seeds done (column `seeds`; of {seeds} requested), a single value where only one "
         f"is done; `-`: undefined (pycocotools' -1, no ground truth in that size range). "
-        f"ΔAP: the row's AP minus its family baseline's, paired by seed.",
+        f"ΔAP, ΔAP75: the row's AP (AP75) minus its family baseline's, paired by seed.",
         "",
-        "| Method | seeds | AP | AP50 | AP75 | APs | APm | APl | ΔAP |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Method | seeds | AP | AP50 | AP75 | APs | APm | APl | ΔAP | ΔAP75 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     done = [row for row in report["rows"] if row["per_seed"]]
     for row in report["rows"]:
         n = len(row["per_seed"])
         if n == 0:
-            lines.append(f"| {row['name']} | 0 | " + " | ".join(["not yet run"] * 6) + " | |")
+            lines.append(f"| {row['name']} | 0 | " + " | ".join(["not yet run"] * 6) + " | | |")
             continue
         cells = [format_cell(row["stats"][m], num_seeds=n, spread=spread) for m in METRICS]
         lines.append(f"| {row['name']} | {n} | " + " | ".join(cells)
-                     + f" | {_gain_cell(row['delta_AP'], spread)} |")
+                     + f" | {_gain_cell(row['delta_AP'], spread)}"
+                     + f" | {_gain_cell(row.get('delta_AP75'), spread)} |")
     classes = data["classes"]
     if done:
         lines += [
@@ -614,9 +656,11 @@ def _markdown(report: dict) -> str:
             gains = [_gain_cell((row["delta_AP_per_class"] or {}).get(c), spread)
                      for c in classes]
             lines.append(f"| {row['name']} | {n} | " + " | ".join(cells + gains) + " |")
-        lines += ["", "Paired AP gains (x100), seed by seed:", "",
-                  "| Method | against | gain per seed | mean ± std | every gain > 0 |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "Paired AP gains (x100), seed by seed; the mean's 95 % confidence interval "
+                      "by Student's t (n - 1 degrees of freedom):", "",
+                  "| Method | against | gain per seed | mean ± std | 95 % interval | "
+                  "every gain > 0 |",
+                  "|---|---|---|---|---|---|"]
         by_key = {row["key"]: row for row in report["rows"]}
         for row in done:
             for other_key, gain in ((row["baseline"], row["delta_AP"]),
@@ -626,8 +670,10 @@ def _markdown(report: dict) -> str:
                 per_seed = ", ".join(f"{100 * g:+.1f} (seed {s})"
                                      for s, g in zip(gain["seeds"], gain["gains"]))
                 std = "" if gain["std"] is None else f" ± {100 * gain['std']:.1f}"
+                interval = "" if gain.get("ci95") is None else \
+                    f"[{100 * gain['ci95'][0]:+.1f}, {100 * gain['ci95'][1]:+.1f}]"
                 lines.append(f"| {row['name']} | {by_key[other_key]['name']} | {per_seed} | "
-                             f"{100 * gain['mean']:+.1f}{std} | "
+                             f"{100 * gain['mean']:+.1f}{std} | {interval} | "
                              f"{'yes' if gain['all_positive'] else 'no'} |")
     lines.append("")
     changed = {split: conv for split, conv in data["conversion"].items()
@@ -894,6 +940,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         base = by_key.get(row.baseline) if row.baseline != row.key else None
         partner = by_key.get(row.partner) if row.partner else None
         entry["delta_AP"] = base and paired_gains(entry["per_seed"], base["per_seed"])
+        entry["delta_AP75"] = base and paired_gains(entry["per_seed"], base["per_seed"], "AP75")
         entry["delta_AP_partner"] = partner and paired_gains(entry["per_seed"],
                                                              partner["per_seed"])
         entry["delta_AP_per_class"] = base and {
