@@ -489,6 +489,31 @@ def test_rpn_losses_from_first_principles():
     torch.testing.assert_close(loss_obj, expected_obj)
 
 
+def test_baseline_rpn_losses_are_torchvisions():
+    """With every labelled anchor within the sampling budget (so both samplers take them all),
+    the baseline RPN's losses are torchvision's RegionProposalNetwork's (smooth L1 at 1/9)."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    g = torch.Generator().manual_seed(4)
+    labels = []
+    for size in (300, 200):
+        image_labels = torch.full((size,), -1.0)
+        order = torch.randperm(size, generator=g)
+        image_labels[order[:10]] = 1.0
+        image_labels[order[10:90]] = 0.0
+        labels.append(image_labels)
+    reg_targets = [torch.randn(n, 4, generator=g) for n in (300, 200)]
+    objectness = torch.randn(500, 1, generator=g)
+    deltas = torch.randn(500, 4, generator=g)
+    ours = build_model(baseline_model_config("faster_rcnn", "resnet18", **SMALL)).rpn
+    reference = RegionProposalNetwork(ours.anchor_generator, ours.head, 0.7, 0.3, 256, 0.5,
+                                      dict(training=100, testing=100),
+                                      dict(training=50, testing=50), 0.7)
+    for got, expected in zip(ours.compute_loss(objectness, deltas, labels, reg_targets),
+                             reference.compute_loss(objectness, deltas, labels, reg_targets)):
+        torch.testing.assert_close(got, expected)
+
+
 def test_rpn_propose_keeps_scores_of_forward_boxes():
     rpn = _rpn().eval()
     g = torch.Generator().manual_seed(8)
