@@ -1,11 +1,11 @@
-"""Accuracy of the Libra parts on real photos, trained from scratch (project issues 8 and 15).
+"""Accuracy of the Libra parts on real photos, trained from scratch.
 
 Question: on a small real-photo detection set, trained from scratch on a CPU budget, what does
 each Libra part add? Two data sets (``--dataset``):
 
-* ``fruit`` (issue 8): 240 train / 60 test photos of apples, bananas and oranges, one or two
+* ``fruit``: 240 train / 60 test photos of apples, bananas and oranges, one or two
   large fruit per photo, with the torchvision conventions (``fruit_*.yaml``);
-* ``bccd`` (issue 15): blood-cell photos, 205 train / 72 test (the set's own ``ImageSets``
+* ``bccd``: blood-cell photos, 205 train / 72 test (the set's own ``ImageSets``
   split), 13 overlapping cells per photo, a 12:1 class imbalance and small platelets, with the
   reference's (mmdetection's) conventions (``bccd_*.yaml``).
 
@@ -934,7 +934,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "split: Faster R-CNN + each Libra part, RetinaNet vs Libra RetinaNet; mean "
                     "± spread over seeds, paired gains, per-class AP.")
     parser.add_argument("--dataset", choices=tuple(DATASETS), default="fruit",
-                        help="fruit (issue 8, the default) or bccd (blood cells, issue 15)")
+                        help="fruit (the default) or bccd (blood cells)")
     parser.add_argument("--data-root", default=None,
                         help="the data set's folder (default: ../shared/data/<dataset> from the "
                              "repository root)")
