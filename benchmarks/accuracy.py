@@ -82,6 +82,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 if __package__ in (None, ""):  # run as a file: python benchmarks/accuracy.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._common import relative_paths  # noqa: E402
+
 __all__ = [
     "DATASETS",
     "GPU_RECIPE",
@@ -896,7 +898,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "iou_histogram": hist,
         "interrupted": None if interrupted is None else str(interrupted),
     }
-    (out_dir / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "accuracy.json").write_text(json.dumps(relative_paths(report), indent=2) + "\n")
     (out_dir / "accuracy.md").write_text(_markdown(report))
     if interrupted is not None:
         raise interrupted

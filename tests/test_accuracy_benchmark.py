@@ -15,6 +15,8 @@ import dataclasses
 import importlib
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +87,18 @@ def tiny_fruit(tmp_path):
 # the script, end to end
 
 
+def _strings(value):
+    """Every string inside a JSON value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
 def _head_commit(repo: Path) -> str:
     """``git rev-parse HEAD`` of ``repo`` run here, or "unknown" outside a git checkout."""
     if shutil.which("git") is None:
@@ -121,6 +135,10 @@ def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
     report = json.loads((out / "accuracy.json").read_text())
     assert [r["key"] for r in report["rows"]] == [
         "faster_rcnn", "iou_sampling", "bfp", "libra_faster_rcnn", "retinanet", "libra_retinanet"]
+    # no absolute paths (a value, an override or a command argument): relative to the checkout
+    absolute = re.compile(r"(^|[\s=])/")
+    assert not [s for s in _strings(report) if absolute.search(s)]
+    assert report["data"]["root"] == os.path.relpath(tiny_fruit, REPO_ROOT)
     assert report["settings"]["seeds"] == [0] and report["settings"]["smoke"] is True
     assert report["settings"]["min_size"] == 64 and report["settings"]["max_iters"] == 2
     assert report["settings"]["threads"] == 1

@@ -172,6 +172,31 @@ def test_environment_records_the_load_at_the_start_not_after_the_runs(bench, mon
     assert payload["environment"]["loadavg_at_end"] == [99.0, 99.0, 99.0]
 
 
+def test_results_hold_paths_relative_to_the_repository(bench, tmp_path):
+    root = Path("/srv/repo")
+    payload = {
+        "command": "python -m benchmarks.x --out /srv/repo/benchmarks/results/x.json --threads 2",
+        "overrides": ["data.train_ann=/srv/repo/work_dirs/a/train.json",
+                      "data.train_images=/srv/data/fruit/train"],
+        "root": "/srv/data/fruit",
+        "nested": [{"checkpoint": "/srv/repo/work_dirs/a/latest.pth"}],
+        "unchanged": ["1/9", "time / iteration", "https://download.pytorch.org/x.pth",
+                      "work_dirs/b", 1.5, None],
+    }
+    assert bench.relative_paths(payload, root) == {
+        "command": "python -m benchmarks.x --out benchmarks/results/x.json --threads 2",
+        "overrides": ["data.train_ann=work_dirs/a/train.json",
+                      "data.train_images=../data/fruit/train"],
+        "root": "../data/fruit",
+        "nested": [{"checkpoint": "work_dirs/a/latest.pth"}],
+        "unchanged": ["1/9", "time / iteration", "https://download.pytorch.org/x.pth",
+                      "work_dirs/b", 1.5, None],
+    }
+    # the scripts' writer applies it, against this repository
+    written = bench.write_json(tmp_path / "r.json", {"file": str(REPO_ROOT / "benchmarks" / "x")})
+    assert json.loads(written.read_text())["file"] == "benchmarks/x"
+
+
 def test_alternating_timings_rotates_the_order(bench):
     calls = []
     cases = {name: (lambda n=name: calls.append(n)) for name in "abc"}
