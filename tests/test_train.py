@@ -17,7 +17,7 @@ import libra_rcnn.models
 from libra_rcnn.config import Config, ConfigError, DataConfig, TrainConfig
 from libra_rcnn.data import make_shapes_dataset
 from libra_rcnn.engine.checkpoint import load_checkpoint
-from libra_rcnn.engine.schedule import WarmupMultiStepFactor, build_lr_scheduler
+from libra_rcnn.engine.schedule import build_lr_scheduler
 from libra_rcnn.engine.train import (
     DataValidationError,
     TrainingDivergedError,
@@ -61,14 +61,22 @@ def test_schedule_values_at_key_iterations():
 
 
 def test_warmup_and_step_multiply_when_they_overlap():
-    factor = WarmupMultiStepFactor(milestones=[100], gamma=0.1, warmup_iters=500, warmup_ratio=0.25)
-    assert factor(0) == pytest.approx(0.25)
-    assert factor(100) == pytest.approx(0.1 * (1 - 0.8 * 0.75))
-    assert WarmupMultiStepFactor(milestones=[], warmup_iters=0)(0) == 1.0
-    with pytest.raises(ValueError, match="milestones must be strictly increasing"):
-        WarmupMultiStepFactor(milestones=[5, 5])
-    with pytest.raises(ValueError, match="warmup_ratio"):
-        WarmupMultiStepFactor(milestones=[1], warmup_ratio=0.0)
+    def factors(iterations, **kwargs):
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = build_lr_scheduler(optimizer, iters_per_epoch=100, **kwargs)
+        seen = []
+        for _ in range(max(iterations) + 1):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return [seen[i] for i in iterations]
+
+    at_0, at_100 = factors([0, 100], lr_steps=[1], gamma=0.1, warmup_iters=500, warmup_ratio=0.25)
+    assert at_0 == pytest.approx(0.25)
+    assert at_100 == pytest.approx(0.1 * (1 - 0.8 * 0.75))
+    assert factors([0], lr_steps=[], warmup_iters=0) == [1.0]
+    with pytest.raises(ValueError, match="factor"):  # torch's LinearLR refuses a zero ratio
+        factors([0], lr_steps=[1], warmup_ratio=0.0)
 
 
 def test_schedule_state_resumes_mid_run():
