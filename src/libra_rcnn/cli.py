@@ -246,18 +246,18 @@ def _cmd_train(args) -> int:
     return _report_training(summary)
 
 
-def _report_training(summary: dict) -> int:
-    """Print the run's report (first process only under torchrun); the exit code."""
-    interrupted = summary["stop_reason"] == "interrupted" and summary["signal"]
+def _report_training(summary) -> int:
+    """Print the run's report (a :class:`~libra_rcnn.engine.train.TrainSummary`; first
+    process only under torchrun); the exit code."""
+    interrupted = summary.stop_reason == "interrupted"
     if not _secondary_process():
-        if summary["metrics"] or summary.get("eval_skipped"):
-            print(_evaluation_report(summary["metrics"], summary.get("eval_images", 0),
-                                     summary.get("eval_skipped", [])))
-        print(f"{summary['stop_reason']} at epoch {summary['epoch']}, iteration "
-              f"{summary['iteration']}; checkpoint: {summary['checkpoint']}")
+        if summary.metrics or summary.eval_skipped:
+            print(_evaluation_report(summary.metrics, summary.eval_images, summary.eval_skipped))
+        print(f"{summary.stop_reason} at epoch {summary.epoch}, iteration "
+              f"{summary.iteration}; checkpoint: {summary.checkpoint}")
         if interrupted:
-            print(f"interrupted: resume with --resume {summary['checkpoint']}", file=sys.stderr)
-    return 128 + int(summary["signal"]) if interrupted else 0
+            print(f"interrupted: resume with --resume {summary.checkpoint}", file=sys.stderr)
+    return 128 + int(summary.signal) if interrupted and summary.signal else 0
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -552,19 +552,19 @@ def _cmd_demo(args) -> int:
     cfg.data.val_ann, cfg.data.val_images = paths["val_json"], paths["val_images"]
     device = resolve_device(args.device, DistInfo())
     summary = train(cfg, device=device, progress=not args.quiet)
-    if summary["stop_reason"] == "interrupted":
+    if summary.stop_reason == "interrupted":
         return _report_training(summary)
 
-    model, meta = load_model_from_checkpoint(summary["checkpoint"], device=device)
+    model, meta = load_model_from_checkpoint(summary.checkpoint, device=device)
     val_images = sorted(p for p in Path(paths["val_images"]).iterdir()
                         if p.suffix.lower() in IMAGE_SUFFIXES)[:demo.num_predictions]
     if val_images:
         predict_images(model, val_images, class_names=meta["class_names"],
                        label_to_cat_id=meta["label_to_cat_id"], score_thresh=demo.score_thresh,
                        device=device, out_dir=out / "predictions")
-    print(_metrics_table(summary["metrics"]) if summary["metrics"]
+    print(_metrics_table(summary.metrics) if summary.metrics
           else "no metrics (no val set)")
-    print(f"demo outputs in {out}: checkpoint {summary['checkpoint']}, predictions "
+    print(f"demo outputs in {out}: checkpoint {summary.checkpoint}, predictions "
           f"{out / 'predictions'}, log {out / 'log.jsonl'}")
     return 0
 

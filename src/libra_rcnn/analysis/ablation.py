@@ -172,8 +172,9 @@ def _check_variants(variants: Mapping[str, Sequence[str]]) -> dict[str, list[str
 # One variant: train, evaluate
 
 
-def train_variant(cfg: Any, *, resume: Optional[PathLike], device: Any, progress: bool) -> dict:
-    """Train one variant (:func:`libra_rcnn.engine.train.train`); returns its summary."""
+def train_variant(cfg: Any, *, resume: Optional[PathLike], device: Any, progress: bool) -> Any:
+    """Train one variant (:func:`libra_rcnn.engine.train.train`); returns its
+    :class:`~libra_rcnn.engine.train.TrainSummary`."""
     from libra_rcnn.engine.train import train
 
     return train(cfg, resume=resume, device=device, progress=progress)
@@ -399,14 +400,14 @@ def _train_and_evaluate(plan: _Plan, *, device: Any, progress: bool) -> dict:
     train_cfg = dataclasses.replace(
         plan.cfg, data=dataclasses.replace(plan.cfg.data, val_ann=None, val_images=None))
     summary = train_variant(train_cfg, resume=resume, device=device, progress=progress)
-    if summary.get("stop_reason") == "interrupted":
+    if summary.stop_reason == "interrupted":
         raise AblationInterrupted(
-            f"variant {plan.name!r} interrupted at iteration {summary.get('iteration')}; rerun "
-            f"to resume from {latest}", signal=summary.get("signal"))
-    checkpoint = Path(summary.get("checkpoint") or latest)
+            f"variant {plan.name!r} interrupted at iteration {summary.iteration}; rerun "
+            f"to resume from {latest}", signal=summary.signal)
+    checkpoint = Path(summary.checkpoint or latest)
     metrics = evaluate_checkpoint(plan.cfg, checkpoint, device=device,
                                   results_file=plan.folder / "val_results.json", progress=progress)
     return {"name": plan.name, "dir": plan.folder.name, "overrides": plan.overrides,
             "metrics": {k: float(v) for k, v in metrics.items()},
-            "checkpoint": str(checkpoint), "iteration": summary.get("iteration"),
-            "epoch": summary.get("epoch")}
+            "checkpoint": str(checkpoint), "iteration": summary.iteration,
+            "epoch": summary.epoch}
