@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,7 @@ __all__ = [
     "peak_memory_bytes",
     "profile_operators",
     "profile_summary",
+    "relative_paths",
     "resolve_device",
     "summarize",
     "synchronize",
@@ -436,12 +438,33 @@ def write_results(name: str, device: torch.device, args: argparse.Namespace,
     return payload
 
 
+# an absolute POSIX path inside a string: a whole value, after "=" (an override) or a space (a
+# command line); not the "/" of "1/9", "a / b" or a URL's "//"
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/[^\s=,;\"']+")
+
+
+def relative_paths(value: Any, root: Path = REPO_ROOT) -> Any:
+    """``value`` (JSON-like: dicts, lists, strings, numbers) with every absolute path in its
+    strings rewritten relative to ``root`` (the repository), so that a results file names the
+    files of a run, not one machine's directories."""
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda m: os.path.relpath(m.group(0), root), value)
+    if isinstance(value, Mapping):
+        return {key: relative_paths(item, root) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(item, root) for item in value]
+    return value
+
+
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` as JSON, with the load average at the end in its ``environment`` and
+    its paths relative to the repository (:func:`relative_paths`)."""
     if hasattr(os, "getloadavg"):
         payload = dict(payload)
         payload.setdefault("environment", {})["loadavg_at_end"] = [
             round(x, 2) for x in os.getloadavg()
         ]
+    payload = relative_paths(payload)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")

@@ -1,59 +1,70 @@
-"""Accuracy of the Libra parts on real photos, trained from scratch (project issues 8 and 15).
+"""Accuracy of the Libra parts on real photos, trained on a CPU budget.
 
-Question: on a small real-photo detection set, trained from scratch on a CPU budget, what does
-each Libra part add? Two data sets (``--dataset``):
+Question: on a small real-photo detection set, what does each Libra part add? Two data sets
+(``--dataset``):
 
-* ``fruit`` (issue 8): 240 train / 60 test photos of apples, bananas and oranges, one or two
-  large fruit per photo, with the torchvision conventions (``fruit_*.yaml``);
-* ``bccd`` (issue 15): blood-cell photos, 205 train / 72 test (the set's own ``ImageSets``
-  split), 13 overlapping cells per photo, a 12:1 class imbalance and small platelets, with the
-  reference's (mmdetection's) conventions (``bccd_*.yaml``).
+* ``fruit``: 240 train / 60 test photos of apples, bananas and oranges, one or two large fruit
+  per photo;
+* ``bccd``: blood-cell photos, 205 train / 72 test (the set's own ``ImageSets`` split), 13
+  overlapping cells per photo, a 12:1 class imbalance and small platelets.
+
+Two regimes (``--regime``):
+
+* ``pretrained`` (the default): the paper's regime, fine-tuning ImageNet-pretrained weights:
+  EfficientNet-Lite0 with the configs for your own photos on a CPU
+  (``faster_rcnn_lite0_fpn_cpu``, ``retinanet_lite0_fpn_cpu``; the reference's conventions),
+  fruit at a short side of 320, BCCD at its photos' own 480;
+* ``scratch``: ResNet-18 with group norm from random weights (``fruit_*.yaml`` with
+  torchvision's conventions, ``bccd_*.yaml`` with the reference's).
 
 Rows (paper layout, COCO bbox metrics on the test split, x100):
 
-==========================  ====================================================================
-``faster_rcnn``             Faster R-CNN, every Libra part off
-``iou_sampling``            + IoU-balanced sampling
-``bfp``                     + balanced feature pyramid
-``libra_faster_rcnn``       + balanced L1 loss = Libra Faster R-CNN
-``iou_sampling_own_bins``   ``iou_sampling`` with the IoU bins over the negatives' own IoU range
-                            (``binning: paper``) instead of the reference's (``bccd`` only)
-``retinanet``               RetinaNet, every Libra part off
-``libra_retinanet``         + balanced feature pyramid + balanced L1 loss = Libra RetinaNet
-==========================  ====================================================================
+==============================  ================================================================
+``faster_rcnn``                 Faster R-CNN, every Libra part off
+``iou_sampling``                + IoU-balanced sampling
+``bfp``                         + balanced feature pyramid
+``libra_faster_rcnn``           + balanced L1 loss = Libra Faster R-CNN
+``iou_sampling_own_bins``       ``iou_sampling`` with the IoU bins over the negatives' own IoU
+                                range (``binning: paper``) instead of the reference's
+``libra_faster_rcnn_own_bins``  ``libra_faster_rcnn`` with the negatives' own range
+``retinanet``                   RetinaNet, every Libra part off
+``libra_retinanet``             + balanced feature pyramid + balanced L1 loss = Libra RetinaNet
+==============================  ================================================================
 
 The Faster R-CNN rows are :data:`libra_rcnn.analysis.ABLATION_TABLES` ``["table2"]`` (each row
 starts from :data:`~libra_rcnn.analysis.BASELINE_OVERRIDES`, so a row means the same whatever
 the base config switches on); the RetinaNet rows switch the pyramid and the loss in the same
 way. Within a family the rows share everything else: seeds, schedule, image size, batch, data
-pipeline. Each row is compared, seed by seed, with its family's baseline, and
-``iou_sampling_own_bins`` also with ``iou_sampling`` (its one-switch partner).
+pipeline. Each row is compared, seed by seed, with its family's baseline, and each own-range
+row also with its partner of the reference's bins.
 
-Seeds: ``--seeds`` for every row; ``--more-seeds`` for the headline pair only (baseline and
-Libra Faster R-CNN; ``bccd`` default 2 3, so those two rows get four seeds).
+Seeds: ``--seeds`` for every row; ``--more-seeds`` for the headline pairs only (baseline and
+Libra Faster R-CNN; the reference's bins and the negatives' own range: :data:`HEADLINE_ROWS`).
+Pretrained: seeds 0-3 and more seeds 4-7, so the headline rows get eight; scratch: 0 1, and
+for ``bccd`` 2 3 more.
 
 Every (row, seed) pair is trained and evaluated by :func:`libra_rcnn.analysis.run_ablation` in
 its own folder, seed by seed (all rows of the first seed, then the next seed), so a partial run
 already gives a complete table for one seed. Reruns skip finished pairs and resume interrupted
 trainings from their ``latest.pth``.
 
-Output (``--output-dir``, default ``work_dirs/accuracy`` / ``work_dirs/accuracy_bccd``)::
+Output (``--output-dir``, default ``work_dirs/accuracy_<dataset>_<regime>``)::
 
     data/<set>_{train,test}.json       the VOC XML converted to COCO (written once)
     runs/<row>/seed_<s>/...            run_ablation's folder of one (row, seed)
     accuracy.md / accuracy.json        the table: mean +- spread over seeds, per-seed values,
-                                       paired gains, per-class AP
+                                       paired gains with their 95 % intervals, per-class AP
     iou_histogram.{png,csv,json}       Figure 3 on the train split, from the first seed's
                                        Libra Faster R-CNN's final checkpoint
 
-Spread: ``fruit`` prints **half the range** over seeds, ``(max - min) / 2``; ``bccd`` the sample
-**standard deviation**; ``accuracy.json`` holds both.
+Spread: the cells print the sample **standard deviation** over seeds; ``accuracy.json`` also
+holds half the range, ``(max - min) / 2``.
 
 Recipes (``--recipe``): ``cpu`` is the config files' schedule; ``bccd``'s ``gpu`` (the default
 with ``--device cuda``) trains longer at the paper's input scale (:data:`GPU_RECIPE`).
 
-Run: ``python -m benchmarks.accuracy [--dataset fruit|bccd] [--data-root D] [--seeds 0 1]
-[--more-seeds 2 3] [--rows ...] [--epochs N] [--device cpu|cuda] [--recipe cpu|gpu]
+Run: ``python -m benchmarks.accuracy [--dataset fruit|bccd] [--regime pretrained|scratch]
+[--data-root D] [--seeds 0 1] [--more-seeds 2 3] [--rows ...] [--epochs N] [--device cpu|cuda] [--recipe cpu|gpu]
 [--set KEY=VALUE ...] [--jobs N] [--smoke]``. ``--jobs N`` trains N seeds at once in separate
 processes (each with CPU count / N threads), then merges. ``--set`` overrides a shared setting
 of every row (how the shared settings were tuned on the baseline row). ``--smoke`` runs 4 train
@@ -81,6 +92,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a file: python benchmarks/accuracy.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import relative_paths  # noqa: E402
 
 __all__ = [
     "DATASETS",
@@ -977,7 +990,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "iou_histogram": hist,
         "interrupted": None if interrupted is None else str(interrupted),
     }
-    (out_dir / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "accuracy.json").write_text(json.dumps(relative_paths(report), indent=2) + "\n")
     (out_dir / "accuracy.md").write_text(_markdown(report))
     if interrupted is not None:
         raise interrupted
@@ -1011,11 +1024,11 @@ def _default_output_dir(dataset: str, regime: str, recipe: str, smoke: bool) -> 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.accuracy",
-        description="Train from scratch on a data set's train split, evaluate on its test "
+        description="Train on a data set's train split, evaluate on its test "
                     "split: Faster R-CNN + each Libra part, RetinaNet vs Libra RetinaNet; mean "
                     "± spread over seeds, paired gains, per-class AP.")
     parser.add_argument("--dataset", choices=tuple(DATASETS), default="fruit",
-                        help="fruit (issue 8, the default) or bccd (blood cells, issue 15)")
+                        help="fruit (the default) or bccd (blood cells)")
     parser.add_argument("--regime", choices=REGIMES, default="pretrained",
                         help="pretrained (the default: ImageNet EfficientNet-Lite0, the configs "
                              "for your own photos on a CPU) or scratch (the data set's "

@@ -1,4 +1,4 @@
-"""Libra detectors against torchvision's, end to end (project issue 7).
+"""Libra detectors against torchvision's, end to end.
 
 Questions:
 
@@ -30,8 +30,8 @@ rounds.
 
 Inputs. Training: ``--train-batch`` images of ``--train-size`` H x W pixels (the transform's
 ``min_size``/``max_size`` are set to the short/long side, so nothing is resized), 1-10 random
-boxes each. CPU default 2 x 512x512 (the issue allows a smaller setting than 800x1333 for
-training on CPU); CUDA default 2 x 800x1333 (the paper's scale). Inference: one 800x1333 image
+boxes each. CPU default 2 x 512x512 (smaller than 800x1333, to keep training steps short on a
+CPU); CUDA default 2 x 800x1333 (the paper's scale). Inference: one 800x1333 image
 (the paper's test scale), batch 1.
 
 One training step = forward (losses), sum, backward, SGD step (momentum 0.9, weight decay 1e-4),

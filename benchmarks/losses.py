@@ -1,4 +1,4 @@
-"""Balanced L1 loss against smooth L1 (and L1), per call (project issue 7, components).
+"""Balanced L1 loss against smooth L1 (and L1), per call.
 
 Question: what does the balanced L1 loss (Sec. 3.3, Eq. 7-9) cost against the smooth L1 loss it
 replaces, forward alone and forward + backward, as the number of regressed boxes grows?

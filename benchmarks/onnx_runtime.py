@@ -1,5 +1,4 @@
-"""Exported Libra detectors in onnxruntime against the same models in PyTorch eager, on the CPU
-(project issue 16).
+"""Exported Libra detectors in onnxruntime against the same models in PyTorch eager, on the CPU.
 
 Question: on this machine, with the same number of threads, does an ONNX file written by
 ``libra-rcnn export`` run inference faster in onnxruntime than the model does in PyTorch?

@@ -1,4 +1,4 @@
-"""How far our mmdetection-convention detectors are from mmdetection itself (project issue 13).
+"""How far our mmdetection-convention detectors are from mmdetection itself.
 
 The parity tests (``tests/test_parity_*.py``) check tolerances; this script measures the actual
 deviations that the docs' parity table quotes. For mmdetection's Libra Faster R-CNN and Libra

@@ -1,4 +1,4 @@
-"""Balanced feature pyramid against the FPN alone, forward + backward (project issue 7, components).
+"""Balanced feature pyramid against the FPN alone, forward + backward.
 
 Question: what does the balanced feature pyramid (Sec. 3.2: rescale, integrate, refine with a
 non-local block, strengthen) add to the neck's training cost and memory, and how does that grow

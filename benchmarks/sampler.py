@@ -1,4 +1,4 @@
-"""IoU-balanced sampling against random sampling, per image (project issue 7, components).
+"""IoU-balanced sampling against random sampling, per image.
 
 Question: what does the RoI sampler of Libra R-CNN (Sec. 3.1: instance-balanced positives +
 IoU-balanced negatives, K = 3 bins) cost per image against random sampling, and how does that

@@ -15,6 +15,7 @@ import math
 import re
 import shutil
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -35,6 +36,8 @@ from libra_rcnn.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from libra_rcnn.errors import UserInputError
 from libra_rcnn.models import baseline_model_config, build_model, libra_model_config
 from libra_rcnn.ops import balanced_l1_loss
+
+from figure_checks import assert_drawn, colour_pixels
 
 TINY = dict(backbone="resnet18", num_classes=4, min_size=64, max_size=64, representation_size=32,
             fpn_channels=16, rpn_post_nms_top_n_test=150)
@@ -117,7 +120,11 @@ def test_iou_histograms_counts_sum_to_sampled_negatives(model, dataset, tmp_path
     assert len(rows) == 11
     for name_index, name in enumerate(("random", "iou_balanced", "hard_negative")):
         assert [int(r[2 + name_index]) for r in rows[1:]] == result["counts"][name]
-    assert (tmp_path / "iou_histogram.png").stat().st_size > 0
+    # the figure: one bar colour per selection, and since each selection's bars are its shares
+    # (summing to 100 %), every selection's bars cover the same area
+    pixels = assert_drawn(tmp_path / "iou_histogram.png", figsize=(7.0, 4.0))
+    areas = [colour_pixels(pixels, colour) for colour in ("#4c72b0", "#55a868", "#dd8452")]
+    assert min(areas) > 2000 and max(areas) < 1.05 * min(areas), areas
 
 
 def test_iou_histograms_take_all_negatives_when_fewer_than_asked(model, dataset):
@@ -247,7 +254,12 @@ def test_loss_curves_equal_the_loss_function(tmp_path):
     table = np.array([[float(v) for v in row] for row in rows[1:]])
     column = header.index("loss_a0.5_g1.5")
     np.testing.assert_array_equal(table[:, column], result["balanced_l1"][(0.5, 1.5)]["loss"])
-    assert (tmp_path / "curves.png").stat().st_size > 0
+    # the figure: the three balanced L1 curves in matplotlib's first three colours, in both
+    # panels
+    pixels = assert_drawn(tmp_path / "curves.png", figsize=(10.0, 4.0))
+    for half in np.array_split(pixels, 2, axis=1):
+        assert all(colour_pixels(half, colour) > 200 for colour in ("C0", "C1", "C2"))
+    assert colour_pixels(pixels, "C3") == 0  # no fourth curve
 
 
 def test_loss_curves_beta_moves_the_inlier_boundary():
@@ -276,7 +288,13 @@ def test_sample_visualization_boxes_are_negatives_in_image_pixels(model, sample_
     image, target = sample_with_gt
     result = sample_visualization(model, image, target, num_neg=12, seed=3,
                                   out_png=tmp_path / "samples.png")
-    assert (tmp_path / "samples.png").stat().st_size > 0
+    # the figure: both panels show the ground truth (green) and the negatives (magenta, drawn
+    # translucent over the image, hence the tolerance)
+    height, width = image.shape[-2:]
+    pixels = assert_drawn(tmp_path / "samples.png", figsize=(10.0, 5.0 * height / width + 0.6))
+    for panel in np.array_split(pixels, 2, axis=1):
+        assert colour_pixels(panel, "#34c759") > 1000
+        assert colour_pixels(panel, "#ff00ff", tolerance=60) > 1000
     torch.testing.assert_close(result["gt_boxes"], target["boxes"], rtol=0, atol=1e-4)
     height, width = image.shape[-2:]
     for name in ("random", "iou_balanced"):
@@ -313,7 +331,14 @@ def test_sample_visualization_boxes_are_negatives_in_image_pixels(model, sample_
 def test_bfp_heatmaps_before_and_after_the_pyramid(model, sample_with_gt, tmp_path):
     image, _ = sample_with_gt
     result = bfp_heatmaps(model, image, tmp_path / "bfp.png")
-    assert (tmp_path / "bfp.png").stat().st_size > 0
+    # the figure: the 1 x 1 level is one flat panel before and one after the pyramid, each in
+    # the jet colour of its value on the column's common scale [0, max of the two]
+    pixels = assert_drawn(tmp_path / "bfp.png", figsize=(2.6 * 5, 5.4))
+    before, after = float(result["before"][-1]), float(result["after"][-1])
+    jet = matplotlib.colormaps["jet"]
+    assert jet(before / max(before, after)) != jet(after / max(before, after))
+    for value in (before, after):
+        assert colour_pixels(pixels, jet(value / max(before, after))) > 5000
     assert result["levels"] == ["0", "1", "2", "3", "pool"]
     # independent paths: the neck output, and the whole backbone (body -> fpn -> bfp)
     with torch.no_grad():
@@ -370,18 +395,20 @@ def test_cli_commands_write_their_files(checkpoint, shapes, tmp_path, capsys):
 
     args = _parse(["loss-curves", "--setting", "0.5,1.5", "--out-dir", str(out)])
     assert args.func(args) == 0
-    assert (out / "loss_curves.png").is_file() and (out / "loss_curves.csv").is_file()
+    assert colour_pixels(assert_drawn(out / "loss_curves.png", figsize=(10.0, 4.0)), "C0") > 200
+    assert (out / "loss_curves.csv").read_text().splitlines()[0].endswith(
+        "loss_a0.5_g1.5,grad_a0.5_g1.5")
 
     # explicit data paths instead of the checkpoint's stored config; val split image 0
     args = _parse(["samples", str(checkpoint), "--ann-file", shapes["val_json"], "--image-root",
                    shapes["val_images"], "--num-neg", "6", "--out", str(out / "samples.png")])
     assert args.func(args) == 0
-    assert (out / "samples.png").is_file()
+    assert colour_pixels(assert_drawn(out / "samples.png", figsize=(10.0, 5.6)), "#34c759") > 0
 
     args = _parse(["bfp-heatmaps", str(checkpoint), "--split", "val", "--index", "1",
                    "--out", str(out / "bfp.png")])
     assert args.func(args) == 0
-    assert (out / "bfp.png").is_file()
+    assert_drawn(out / "bfp.png", figsize=(2.6 * 5, 5.4))
 
     args = _parse(["samples", str(checkpoint), "--index", "99", "--out", str(out / "x.png")])
     with pytest.raises(ValueError, match="index must lie in"):
@@ -393,7 +420,8 @@ def test_analyze_and_ablate_are_wired_into_the_libra_rcnn_command(tmp_path, caps
 
     out = tmp_path / "curves"
     assert main(["analyze", "loss-curves", "--setting", "0.5,1.5", "--out-dir", str(out)]) == 0
-    assert (out / "loss_curves.png").is_file() and (out / "loss_curves.csv").is_file()
+    assert_drawn(out / "loss_curves.png", figsize=(10.0, 4.0))
+    assert (out / "loss_curves.csv").is_file()
 
     # a user error in ablate is one line on stderr and exit code 2, no traceback
     code = main(["ablate", str(tmp_path / "missing.yaml"), "--table", "table2"])

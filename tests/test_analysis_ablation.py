@@ -23,6 +23,7 @@ from libra_rcnn.config import load_config
 from libra_rcnn.data import CocoDetection, collate_fn, make_shapes_dataset
 from libra_rcnn.engine.checkpoint import load_model_from_checkpoint
 from libra_rcnn.engine.evaluate import PAPER_METRIC_NAMES, evaluate
+from libra_rcnn.engine.train import TrainSummary
 
 BASE_YAML = """
 model:
@@ -149,8 +150,9 @@ def _fake_train(iterations: dict):
         # the runner trains without periodic validation
         assert cfg.data.val_ann is None and cfg.data.val_images is None
         stop = iterations.get(out.name, "max_iters")
-        return {"stop_reason": stop, "signal": 15 if stop == "interrupted" else None,
-                "checkpoint": str(out / "latest.pth"), "iteration": 3, "epoch": 0}
+        return TrainSummary(stop_reason=stop, signal=15 if stop == "interrupted" else None,
+                            checkpoint=str(out / "latest.pth"), iteration=3, epoch=0,
+                            iters_per_epoch=4, output_dir=str(out))
     return train_variant
 
 

@@ -1,7 +1,9 @@
 """Smoke tests of the benchmark scripts (benchmarks/): they must keep running, not measure.
 
 Each script runs once in ``--smoke`` mode (tiny sizes, one or two rounds, one thread) in its own
-process, as a user would run it, and its JSON is checked for the rows the docs describe. The
+process, as a user would run it, and its JSON is checked for the rows the docs describe; its
+timings are not checked (a smoke run measures nothing). The script the README names
+(``benchmarks.onnx_runtime``) runs in the default suite, the others are marked ``slow``. The
 shared measurement helpers get small unit tests with independently known answers.
 """
 
@@ -49,29 +51,28 @@ def bench(monkeypatch):
 # the scripts
 
 
+@pytest.mark.slow
 def test_sampler_script_smoke(tmp_path):
     payload, stdout = _run_smoke("sampler", tmp_path)
     rows = payload["rows"]
     cases = ("torchvision", "random", "pos_balance", "neg_balance", "libra")
     assert [r["case"] for r in rows] == list(cases) * 2
     assert {(r["proposals"], r["gt"]) for r in rows} == {(200, 1), (200, 5)}
-    for row in rows:
-        assert _positive_finite(row["median_us"]) and row["p25_us"] <= row["p75_us"]
-        assert row["candidates_pos"] > 0  # the synthetic images do have positives
-    assert all(r["ratio_vs_torchvision"] == 1.0 for r in rows if r["case"] == "torchvision")
+    assert all(row["candidates_pos"] > 0 for row in rows)  # the synthetic images have positives
     assert payload["target"] is None  # a smoke run judges no target
     assert "median us" in stdout
 
 
+@pytest.mark.slow
 def test_losses_script_smoke(tmp_path):
     payload, _ = _run_smoke("losses", tmp_path)
     rows = payload["rows"]
     assert {(r["boxes"], r["pass"], r["case"]) for r in rows} == {
         (n, p, c) for n in (16, 64) for p in ("fwd", "fwd+bwd") for c in ("smooth_l1", "l1", "balanced_l1")
     }
-    assert all(_positive_finite(r["median_us"]) for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, levels", [("two_stage", "P2-P6"), ("retinanet", "P3-P7")])
 def test_pyramid_script_smoke(tmp_path, layout, levels):
     payload, _ = _run_smoke("pyramid", tmp_path, "--layout", layout)
@@ -79,14 +80,14 @@ def test_pyramid_script_smoke(tmp_path, layout, levels):
     rows = {r["case"]: r for r in payload["rows"]}
     assert list(rows) == ["fpn", "fpn+bfp(none)", "fpn+bfp(conv)", "fpn+bfp(non_local)", "pafpn",
                           "pafpn+bfp(non_local)"]
-    for row in rows.values():
-        assert _positive_finite(row["median_ms"]) and _positive_finite(row["peak_mib"])
+    assert all(_positive_finite(row["peak_mib"]) for row in rows.values())
     # the parameter-free integration adds nothing; refinement and PAFPN add parameters
     assert rows["fpn+bfp(none)"]["params_m"] == rows["fpn"]["params_m"]
     assert rows["fpn+bfp(non_local)"]["params_m"] > rows["fpn"]["params_m"]
     assert rows["pafpn"]["params_m"] > rows["fpn"]["params_m"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, layout", [("faster_rcnn", "two_stage"), ("retinanet", "retinanet")])
 def test_pyramid_benchmark_builds_the_detectors_own_neck(bench, arch, layout):
     """The benchmark's stand-alone neck has exactly the parameters (names and shapes) and the
@@ -108,6 +109,7 @@ def test_pyramid_benchmark_builds_the_detectors_own_neck(bench, arch, layout):
     assert [f.shape for f in features.values()] == body_shapes
 
 
+@pytest.mark.slow
 def test_end_to_end_script_smoke(tmp_path):
     payload, stdout = _run_smoke("end_to_end", tmp_path, "--no-parts", "--twin")
     rows = payload["rows"]
@@ -115,16 +117,15 @@ def test_end_to_end_script_smoke(tmp_path):
     assert keys == {(a, p, m) for a in ("faster_rcnn", "retinanet") for p in ("train", "infer")
                     for m in ("torchvision", "torchvision_twin", "ours_baseline", "libra")}
     for row in rows:
-        assert _positive_finite(row["median_ms"]) and _positive_finite(row["peak_mib"])
+        assert _positive_finite(row["peak_mib"])
         if row["phase"] == "infer":
             assert _positive_finite(row["gflop"]) and _positive_finite(row["gflops_per_s"])
-        if row["model"] == "torchvision_twin":  # the same model again: the same arithmetic
+        if row["model"] == "torchvision_twin":  # a second instance: the same arithmetic
             assert row["flop_ratio_vs_torchvision"] == 1.0
     for arch in payload["architectures"]:
         # torchvision's weights fill our baseline entirely; Libra adds only the pyramid's
         assert arch["loading"]["ours_baseline"]["new_parameters"] == 0
         assert arch["loading"]["libra"]["new_parameters"] > 0
-    assert _positive_finite(payload["matmul_peak"]["flops_per_second"])
     assert "target:" not in stdout  # a smoke run judges no target
 
 
@@ -136,12 +137,8 @@ def test_onnx_runtime_script_smoke(tmp_path):
         (m, c) for m in ("libra_faster_rcnn_r50", "libra_faster_rcnn_r18")
         for c in ("pytorch", "onnxruntime")]
     for row in rows:
-        assert _positive_finite(row["median_ms"]) and row["p25_ms"] <= row["p75_ms"]
         assert row["detections"] > 0 and 0 <= row["vs_float64_box_median"] <= row["vs_float64_box_max"]
-        if row["case"] == "pytorch":
-            assert row["ratio_vs_pytorch"] == 1.0
-        else:
-            assert _positive_finite(row["ratio_vs_pytorch"]) and _positive_finite(row["onnx_mib"])
+        if row["case"] == "onnxruntime":
             assert 0 <= row["matched"] <= row["detections"]
     assert payload["settings"]["onnxruntime_threads"] == 1
     assert "x pytorch" in stdout
@@ -173,6 +170,31 @@ def test_environment_records_the_load_at_the_start_not_after_the_runs(bench, mon
     assert later["loadavg_at_start"] == start["loadavg_at_start"] != [99.0, 99.0, 99.0]
     payload = json.loads(bench.write_json(tmp_path / "x.json", {"environment": later}).read_text())
     assert payload["environment"]["loadavg_at_end"] == [99.0, 99.0, 99.0]
+
+
+def test_results_hold_paths_relative_to_the_repository(bench, tmp_path):
+    root = Path("/srv/repo")
+    payload = {
+        "command": "python -m benchmarks.x --out /srv/repo/benchmarks/results/x.json --threads 2",
+        "overrides": ["data.train_ann=/srv/repo/work_dirs/a/train.json",
+                      "data.train_images=/srv/data/fruit/train"],
+        "root": "/srv/data/fruit",
+        "nested": [{"checkpoint": "/srv/repo/work_dirs/a/latest.pth"}],
+        "unchanged": ["1/9", "time / iteration", "https://download.pytorch.org/x.pth",
+                      "work_dirs/b", 1.5, None],
+    }
+    assert bench.relative_paths(payload, root) == {
+        "command": "python -m benchmarks.x --out benchmarks/results/x.json --threads 2",
+        "overrides": ["data.train_ann=work_dirs/a/train.json",
+                      "data.train_images=../data/fruit/train"],
+        "root": "../data/fruit",
+        "nested": [{"checkpoint": "work_dirs/a/latest.pth"}],
+        "unchanged": ["1/9", "time / iteration", "https://download.pytorch.org/x.pth",
+                      "work_dirs/b", 1.5, None],
+    }
+    # the scripts' writer applies it, against this repository
+    written = bench.write_json(tmp_path / "r.json", {"file": str(REPO_ROOT / "benchmarks" / "x")})
+    assert json.loads(written.read_text())["file"] == "benchmarks/x"
 
 
 def test_alternating_timings_rotates_the_order(bench):

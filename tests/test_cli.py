@@ -16,6 +16,7 @@ from PIL import Image
 from libra_rcnn.cli import _report_training, main
 from libra_rcnn.data import make_shapes_dataset
 from libra_rcnn.engine.checkpoint import load_checkpoint
+from libra_rcnn.engine.train import TrainSummary
 
 TINY_MODEL = """\
 model:
@@ -208,8 +209,9 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
 
 @pytest.mark.parametrize("signum, code", [(2, 130), (15, 143), (None, 0)])
 def test_interrupted_training_exits_with_128_plus_the_signal(signum, code, capsys):
-    summary = {"metrics": {}, "epoch": 0, "iteration": 5, "checkpoint": "w/latest.pth",
-               "stop_reason": "interrupted" if signum else "finished", "signal": signum}
+    summary = TrainSummary(stop_reason="interrupted" if signum else "finished", signal=signum,
+                           epoch=0, iteration=5, iters_per_epoch=4, checkpoint="w/latest.pth",
+                           output_dir="w")
     assert _report_training(summary) == code
     err = capsys.readouterr().err
     assert ("resume with --resume w/latest.pth" in err) == bool(signum)

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 from PIL import Image
 from torch.utils.data import DistributedSampler, SequentialSampler
 
@@ -21,19 +22,18 @@ from libra_rcnn.data import (
     BadAnnotationError,
     BadImageError,
     CocoDetection,
-    Compose,
+    DetectionTransforms,
     GroupedBatchSampler,
-    RandomHorizontalFlip,
-    Resize,
-    ToTensor,
     aspect_ratio_group_ids,
     build_dataset,
     check_dataset,
     collate_fn,
     ground_truth_coco,
+    image_to_tensor,
     load_image,
     read_image_size,
 )
+from libra_rcnn.data.transforms import build_transforms
 
 EXIF_ORIENTATION = 0x0112
 
@@ -428,7 +428,7 @@ def test_proposals_loaded_and_flipped(tmp_path):
     torch.testing.assert_close(target["proposals"], torch.tensor([[2.0, 4, 12, 14], [50, 0, 64, 10]]))
     torch.testing.assert_close(target["proposal_scores"], torch.tensor([0.9, 0.1]))
     flipped = CocoDetection(ann_file, root, proposals_file=tmp_path / "props.pt",
-                            transforms=RandomHorizontalFlip(p=1.0))
+                            transforms=DetectionTransforms([v2.RandomHorizontalFlip(p=1.0)]))
     _, target = flipped[0]
     torch.testing.assert_close(target["proposals"], torch.tensor([[52.0, 4, 62, 14], [0, 0, 14, 10]]))
     torch.testing.assert_close(target["boxes"], torch.tensor([[54.0, 0, 64, 10]]))
@@ -456,26 +456,33 @@ def test_build_dataset_applies_flip_in_training_only(tmp_path):
 
 
 # ---------------------------------------------------------------------------- transforms
+def _flip(p):
+    return DetectionTransforms([v2.RandomHorizontalFlip(p)])
+
+
 def test_horizontal_flip_boxes_and_pixels():
     image = torch.zeros(3, 4, 10)
     image[0, :, 1] = 1.0  # column 1 -> column 8 after flipping
-    target = {"boxes": torch.tensor([[1.0, 0.0, 3.0, 2.0], [0.0, 1.0, 10.0, 4.0]])}
-    out_image, out_target = RandomHorizontalFlip(p=1.0)(image, target)
+    target = {"boxes": torch.tensor([[1.0, 0.0, 3.0, 2.0], [0.0, 1.0, 10.0, 4.0]]),
+              "labels": torch.tensor([1, 2])}
+    out_image, out_target = _flip(1.0)(image, target)
     assert out_image[0, :, 8].eq(1).all() and out_image[0].sum() == 4
     torch.testing.assert_close(out_target["boxes"], torch.tensor([[7.0, 0, 9, 2], [0, 1, 10, 4]]))
+    assert type(out_image) is torch.Tensor and type(out_target["boxes"]) is torch.Tensor
+    assert out_target["labels"].tolist() == [1, 2]
     assert target["boxes"][0].tolist() == [1.0, 0.0, 3.0, 2.0]  # input not modified
-    same_image, same_target = RandomHorizontalFlip(p=0.0)(image, target)
-    assert same_image is image and same_target is target
-    with pytest.raises(ValueError, match="p must be"):
-        RandomHorizontalFlip(p=1.5)
+    same_image, same_target = _flip(0.0)(image, target)
+    assert torch.equal(same_image, image) and torch.equal(same_target["boxes"], target["boxes"])
+    with pytest.raises(ValueError, match="p"):
+        build_transforms(train=True, flip_prob=1.5)
 
 
 def test_flip_follows_global_seed():
-    image, target = torch.zeros(3, 2, 2), {"boxes": torch.zeros(0, 4)}
-    flip = RandomHorizontalFlip(0.5)
+    image, target = torch.zeros(3, 2, 2), {"boxes": torch.tensor([[0.0, 0.0, 1.0, 2.0]])}
+    flip = _flip(0.5)
 
     def pattern():
-        return [flip(image, target)[1] is not target for _ in range(20)]
+        return [float(flip(image, target)[1]["boxes"][0, 0]) == 1.0 for _ in range(20)]
 
     torch.manual_seed(3)
     first = pattern()
@@ -486,21 +493,37 @@ def test_flip_follows_global_seed():
 def test_resize_keeps_aspect_and_scales_boxes():
     image = torch.rand(3, 50, 100)
     target = {"boxes": torch.tensor([[10.0, 5.0, 50.0, 25.0]]), "area": torch.tensor([800.0])}
-    out_image, out_target = Resize(20, 1000)(image, target)
+    out_image, out_target = build_transforms(train=False, min_size=20, max_size=1000)(image, target)
     assert out_image.shape == (3, 20, 40)
     torch.testing.assert_close(out_target["boxes"], torch.tensor([[4.0, 2.0, 20.0, 10.0]]))
-    torch.testing.assert_close(out_target["area"], torch.tensor([128.0]))
-    capped, _ = Resize(40, 60)(image, target)  # 40 on the short side would make 80 > 60
+    assert torch.equal(out_target["area"], target["area"])  # the annotation's, as orig_size
+    # 40 on the short side would make 80 > 60
+    capped, _ = build_transforms(train=False, min_size=40, max_size=60)(image, target)
     assert capped.shape == (3, 30, 60)
     with pytest.raises(ValueError, match="max_size"):
-        Resize(800, 100)
+        build_transforms(train=False, min_size=800, max_size=100)
 
 
-def test_to_tensor_and_compose():
-    pil = Image.new("RGB", (3, 2), (255, 0, 51))
-    image, _ = Compose([ToTensor(), RandomHorizontalFlip(0.0)])(pil, {})
-    assert image.shape == (3, 2, 3)
+def test_any_v2_transform_moves_boxes_and_proposals_with_the_image():
+    # padding 4 px left and right, 2 px top and bottom: every box shifts by (4, 2)
+    image = torch.rand(3, 10, 20)
+    target = {"boxes": torch.tensor([[1.0, 2.0, 5.0, 6.0]]),
+              "proposals": torch.tensor([[0.0, 0.0, 20.0, 10.0], [3.0, 1.0, 4.0, 2.0]]),
+              "area": torch.tensor([16.0]), "image_id": 7}
+    out_image, out = DetectionTransforms([v2.Pad([4, 2])])(image, target)
+    assert out_image.shape == (3, 14, 28) and torch.equal(out_image[:, 2:12, 4:24], image)
+    torch.testing.assert_close(out["boxes"], torch.tensor([[5.0, 4.0, 9.0, 8.0]]))
+    torch.testing.assert_close(out["proposals"], torch.tensor([[4.0, 2.0, 24.0, 12.0],
+                                                               [7.0, 3.0, 8.0, 4.0]]))
+    assert out["image_id"] == 7 and torch.equal(out["area"], target["area"])
+
+
+def test_image_to_tensor():
+    image = image_to_tensor(Image.new("RGB", (3, 2), (255, 0, 51)))
+    assert image.shape == (3, 2, 3) and image.dtype == torch.float32
     torch.testing.assert_close(image[:, 0, 0], torch.tensor([1.0, 0.0, 0.2]))
+    grey = image_to_tensor(Image.new("L", (2, 2), 102))
+    assert grey.shape == (3, 2, 2) and torch.allclose(grey, torch.full((3, 2, 2), 0.4))
 
 
 # ---------------------------------------------------------------------------- samplers

@@ -20,7 +20,9 @@ from libra_rcnn.data import (
     write_coco_json,
 )
 
-FRUIT = Path(os.environ.get("LIBRA_RCNN_FRUIT_DIR", "/work/shared/data/fruit"))
+# the fruit photos where benchmarks/accuracy.py looks for them by default, next to the checkout
+FRUIT = Path(os.environ.get("LIBRA_RCNN_FRUIT_DIR",
+                            Path(__file__).resolve().parents[2] / "shared" / "data" / "fruit"))
 
 
 # ---------------------------------------------------------------------------- synthetic

@@ -1,5 +1,6 @@
-"""DDP: helpers in the single-process case, and a two-process CPU (gloo) ``torchrun`` run that
-matches a one-process run over the same global batch."""
+"""DDP: helpers in the single-process case, the reductions across two gloo processes, and a
+two-process CPU (gloo) ``torchrun`` run that matches a one-process run over the same global
+batch."""
 
 from __future__ import annotations
 
@@ -31,12 +32,45 @@ def test_single_process_defaults(monkeypatch):
     assert (info.rank, info.world_size, info.distributed, info.owns_group) == (0, 1, False, False)
     assert dist_utils.get_rank() == 0 and dist_utils.get_world_size() == 1
     assert dist_utils.is_main_process() and not dist_utils.is_distributed()
-    losses = {"b": torch.tensor(2.0), "a": torch.tensor(0.5, requires_grad=True)}
-    assert dist_utils.reduce_loss_dict(losses) == {"a": 0.5, "b": 2.0}
-    assert dist_utils.all_reduce_max([1.0, 0.0]) == [1.0, 0.0]
-    assert dist_utils.all_reduce_sum([3.0]) == [3.0]
     dist_utils.barrier()
     dist_utils.cleanup_distributed(info)
+
+
+def _reduce_worker(rank, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = dist_utils.init_distributed("cpu")
+    # each rank's own numbers; the expected results are computed by the test from both
+    # (inserted in a different order on each rank: the reduction pairs them by name)
+    losses = {"b": torch.tensor(2.0 + rank), "a": torch.tensor(0.5 * (rank + 1), requires_grad=True)}
+    if rank == 1:
+        losses = dict(reversed(list(losses.items())))
+    result = {"max": dist_utils.all_reduce_max([float(rank), 1.0 - rank, 7.0]),
+              "sum": dist_utils.all_reduce_sum([3.0 + rank, -1.0]),
+              "losses": dist_utils.reduce_loss_dict(losses),
+              "rank": (dist_utils.get_rank(), dist_utils.get_world_size())}
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    dist_utils.cleanup_distributed(info)
+
+
+def test_reductions_across_two_processes(tmp_path):
+    port = _free_port()
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_reduce_worker, args=(rank, port, tmp_path))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        if worker.is_alive():
+            worker.kill()
+    assert [w.exitcode for w in workers] == [0, 0]
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["rank"] == [rank, 2]
+        assert result["max"] == [1.0, 1.0, 7.0]  # elementwise max of [0, 1, 7] and [1, 0, 7]
+        assert result["sum"] == [7.0, -2.0]  # [3, -1] + [4, -1]
+        assert result["losses"] == {"a": pytest.approx(0.75), "b": pytest.approx(2.5)}  # means
 
 
 def test_rank_seeds_and_bad_environment(monkeypatch):

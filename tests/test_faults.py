@@ -81,8 +81,8 @@ if hook == "half_save":
 
     checkpoint._serialize = serialize
 elif hook == "pause_after_step":
-    from libra_rcnn.engine.train import _Trainer
-    real_step, calls = _Trainer._step, []
+    from libra_rcnn.engine.train import Trainer
+    real_step, calls = Trainer.run_step, []
 
     def step(self, images, targets):
         result = real_step(self, images, targets)
@@ -92,7 +92,7 @@ elif hook == "pause_after_step":
             wait_for(Path(os.environ["FAULT_GO"]))
         return result
 
-    _Trainer._step = step
+    Trainer.run_step = step
 else:
     sys.exit(f"fault hook: unknown {hook!r}")
 runpy.run_module("libra_rcnn", run_name="__main__", alter_sys=True)

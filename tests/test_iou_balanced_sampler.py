@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -537,17 +535,3 @@ def test_cuda_inputs_with_cpu_generator():
     assert cuda[0].numel() == 64 and cuda[1].numel() == 192
     assert torch.equal(cuda[0].cpu().sort().values, cpu[0].sort().values)
     assert torch.equal(cuda[1].cpu().sort().values, cpu[1].sort().values)
-
-
-def test_timing_sanity_print():
-    """Not asserted: prints the per-image cost for 2000 proposals / 20 ground truths."""
-    labels, max_overlaps, matched = _image(num_pos=300, num_neg=1500, num_ign=200, num_gt=20)
-    g = _gen(0)
-    kwargs = dict(num=512, pos_balance=True, neg_balance=True, generator=g)
-    for _ in range(5):
-        sample_positives_negatives(labels, max_overlaps, matched, **kwargs)
-    start = time.perf_counter()
-    reps = 50
-    for _ in range(reps):
-        sample_positives_negatives(labels, max_overlaps, matched, **kwargs)
-    print(f"\nbalanced sampling: {(time.perf_counter() - start) / reps * 1e3:.3f} ms / image")

@@ -4,6 +4,7 @@ the Libra switches off, and the effect of each switch (sampler, box loss)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -349,34 +350,68 @@ def test_instance_balanced_positives_even_out_ground_truths():
     assert counts[False] < 8
 
 
+def _encode(gt, boxes, weights=(10.0, 10.0, 5.0, 5.0)):
+    """Faster R-CNN's box deltas of ``gt`` relative to ``boxes`` (centre offsets over width and
+    height, log size ratios), each scaled by its weight."""
+    wx, wy, ww, wh = weights
+    pw, ph = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    gw, gh = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    dx = wx * ((gt[:, 0] + 0.5 * gw) - (boxes[:, 0] + 0.5 * pw)) / pw
+    dy = wy * ((gt[:, 1] + 0.5 * gh) - (boxes[:, 1] + 0.5 * ph)) / ph
+    return torch.stack([dx, dy, ww * torch.log(gw / pw), wh * torch.log(gh / ph)], dim=1)
+
+
+def _elementwise_box_loss(kind, x, *, alpha=0.5, gamma=1.5):
+    """The loss of a regression error ``x`` at inlier threshold 1, written out: L1; smooth L1;
+    balanced L1 (Eq. 8: alpha / b (b|x| + 1) ln(b|x| + 1) - alpha|x| below 1,
+    gamma|x| + gamma / b - alpha above, with b = e^(gamma / alpha) - 1)."""
+    x = x.abs()
+    if kind == "l1":
+        return x
+    if kind == "smooth_l1":
+        return torch.where(x < 1.0, 0.5 * x**2, x - 0.5)
+    b = math.exp(gamma / alpha) - 1
+    return torch.where(x < 1.0, alpha / b * (b * x + 1) * torch.log(b * x + 1) - alpha * x,
+                       gamma * x + gamma / b - alpha)
+
+
 @pytest.mark.parametrize("kind", ["balanced_l1", "smooth_l1", "l1"])
-def test_roi_box_loss_equals_loss_of_sampled_targets(kind):
-    features, proposals, targets = _roi_problem(seed=1)
+def test_roi_losses_from_first_principles(kind):
+    """Few enough proposals that the sampler takes every one (6 positives, the two ground
+    truths included, under the 16 allowed; 7 negatives under the 58 left), far from the 0.5 IoU
+    threshold, so the sample and its labels are known by construction."""
+    gt = torch.tensor([[20.0, 20.0, 80.0, 80.0], [110.0, 120.0, 170.0, 190.0]])
+    positives = torch.tensor([[22.0, 17.0, 81.0, 82.0], [16.0, 22.0, 77.0, 84.0],
+                              [113.0, 123.0, 168.0, 186.0], [105.0, 122.0, 174.0, 189.0]])
+    negatives = torch.tensor([[0.0, 0.0, 30.0, 30.0], [50.0, 50.0, 110.0, 110.0],
+                              [140.0, 10.0, 190.0, 60.0], [0.0, 150.0, 40.0, 199.0],
+                              [100.0, 100.0, 200.0, 200.0], [20.0, 20.0, 45.0, 80.0],
+                              [60.0, 60.0, 130.0, 140.0]])
+    matched_gt = torch.tensor([0, 0, 1, 1])
+    assert (box_iou(positives, gt)[range(4), matched_gt] > 0.75).all()
+    assert (box_iou(negatives, gt) < 0.45).all()
+    g = torch.Generator().manual_seed(1)
+    features = {str(k): torch.randn(1, CHANNELS, 200 // 2 ** (k + 2), 200 // 2 ** (k + 2),
+                                    generator=g) for k in range(4)}
+    targets = [{"boxes": gt, "labels": torch.tensor([1, 2])}]
     box_loss = BoxLossConfig(kind=kind, beta=1.0, alpha=0.5, gamma=1.5, loss_weight=2.0)
     sampler = SamplerConfig(num=64, pos_balance=True, neg_balance=True)
     heads = _roi_heads(sampler, box_loss, seed=11).train()
-    sampled, _, labels, _ = heads.select_training_samples(proposals, targets)
-    heads.generator = torch.Generator().manual_seed(11)  # forward draws the same sample
-    _, losses = heads(features, proposals, [IMAGE_SIZE], targets)
+    _, losses = heads(features, [torch.cat([negatives, positives])], [IMAGE_SIZE], targets)
 
-    # recompute from the sampled RoIs with torchvision's pieces
-    logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, sampled, [IMAGE_SIZE])))
-    labels = labels[0]
-    pos = labels > 0
-    gt = targets[0]["boxes"]
-    matched_gt = gt[box_iou(sampled[0][pos], gt).argmax(dim=1)]
-    reg_targets = BoxCoder((10.0, 10.0, 5.0, 5.0)).encode_single(matched_gt, sampled[0][pos])
-    pred = deltas.reshape(labels.numel(), NUM_CLASSES, 4)[pos, labels[pos]]
-    if kind == "balanced_l1":
-        elementwise = balanced_l1_loss(pred, reg_targets, beta=1.0, alpha=0.5, gamma=1.5, reduction="none")
-    elif kind == "smooth_l1":
-        elementwise = torch.nn.functional.smooth_l1_loss(pred, reg_targets, beta=1.0, reduction="none")
-    else:
-        elementwise = (pred - reg_targets).abs()
-    expected = 2.0 * elementwise.sum() / labels.numel()
-    assert pos.sum() > 0
-    torch.testing.assert_close(losses["loss_box_reg"], expected)
-    torch.testing.assert_close(losses["loss_classifier"], torch.nn.functional.cross_entropy(logits, labels))
+    # every RoI: the positives, the ground truths (added as proposals), the negatives
+    rois = torch.cat([positives, gt, negatives])
+    labels = torch.tensor([1, 1, 2, 2, 1, 2] + [0] * 7)
+    with torch.no_grad():
+        pooled = heads.box_roi_pool(features, [rois], [IMAGE_SIZE])
+        logits, deltas = heads.box_predictor(heads.box_head(pooled))
+    num_pos = 6
+    pred = deltas.reshape(len(rois), NUM_CLASSES, 4)[range(num_pos), labels[:num_pos]]
+    reg_targets = _encode(gt[torch.cat([matched_gt, torch.tensor([0, 1])])], rois[:num_pos])
+    expected_box = 2.0 * _elementwise_box_loss(kind, pred - reg_targets).sum() / len(rois)
+    expected_cls = -torch.log_softmax(logits, dim=1)[range(len(rois)), labels].mean()
+    torch.testing.assert_close(losses["loss_box_reg"].detach(), expected_box)
+    torch.testing.assert_close(losses["loss_classifier"].detach(), expected_cls)
 
 
 def test_balanced_l1_changes_the_roi_box_loss():
@@ -412,28 +447,71 @@ def test_rpn_neg_pos_ub_caps_negatives():
         assert (labels[neg[0]] == 0).all() and (labels[pos[0]] == 1).all()
 
 
-def test_rpn_balanced_l1_box_loss_is_recomputed_exactly():
+def test_rpn_losses_from_first_principles():
+    """Labels chosen so that the sample is known without calling the sampler: image 0 has 20
+    positives and 60 negatives, all within the budget (256 anchors, at most 128 positives and
+    5 x 20 negatives), so every labelled anchor is sampled; image 1 has 3 positives and 40
+    negatives, capped at 5 x 3 = 15, and its negatives share one logit, so the objectness loss
+    does not depend on which 15 are drawn."""
     g = torch.Generator().manual_seed(6)
     sizes = [700, 500]
-    labels = [torch.randint(-1, 2, (n,), generator=g).float() for n in sizes]
+    counts = [(20, 60), (3, 40)]
+    labels = []
+    for size, (num_pos, num_neg) in zip(sizes, counts):
+        order = torch.randperm(size, generator=g)
+        image_labels = torch.full((size,), -1.0)
+        image_labels[order[:num_pos]] = 1.0
+        image_labels[order[num_pos:num_pos + num_neg]] = 0.0
+        labels.append(image_labels)
     reg_targets = [torch.randn(n, 4, generator=g) * 0.3 for n in sizes]
     objectness = torch.randn(sum(sizes), 1, generator=g)
+    shared_logit = 0.7
+    objectness[sizes[0]:][labels[1] == 0] = shared_logit
     deltas = torch.randn(sum(sizes), 4, generator=g) * 0.3
     cfg = BoxLossConfig(kind="balanced_l1", alpha=0.5, gamma=1.5, beta=1.0)
     rpn = _rpn(box_loss=cfg, neg_pos_ub=5.0, generator=torch.Generator().manual_seed(9))
     loss_obj, loss_box = rpn.compute_loss(objectness, deltas, labels, reg_targets)
 
-    rpn.generator = torch.Generator().manual_seed(9)
-    pos, neg = rpn.subsample(labels)
-    pos = torch.cat([pos[0], pos[1] + sizes[0]])
-    neg = torch.cat([neg[0], neg[1] + sizes[0]])
-    all_targets, all_labels = torch.cat(reg_targets), torch.cat(labels)
-    num_sampled = pos.numel() + neg.numel()
-    expected_box = balanced_l1_loss(deltas[pos], all_targets[pos], reduction="sum") / num_sampled
-    sampled = torch.cat([pos, neg])
-    expected_obj = torch.nn.functional.binary_cross_entropy_with_logits(objectness[sampled, 0], all_labels[sampled])
-    torch.testing.assert_close(loss_box, expected_box)
+    all_labels, all_targets = torch.cat(labels), torch.cat(reg_targets)
+    logits = objectness[:, 0]
+    pos = all_labels == 1
+    neg_0 = torch.zeros_like(pos)
+    neg_0[:sizes[0]] = labels[0] == 0
+    num_sampled = 20 + 60 + 3 + 15
+    elementwise = _elementwise_box_loss("balanced_l1", deltas[pos] - all_targets[pos])
+    torch.testing.assert_close(loss_box, elementwise.sum() / num_sampled)
+
+    def bce(z, y):  # -[y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))]
+        return -(y * torch.log(torch.sigmoid(z)) + (1 - y) * torch.log(1 - torch.sigmoid(z)))
+
+    expected_obj = (bce(logits[pos], 1.0).sum() + bce(logits[neg_0], 0.0).sum()
+                    + 15 * bce(torch.tensor(shared_logit), 0.0)) / num_sampled
     torch.testing.assert_close(loss_obj, expected_obj)
+
+
+def test_baseline_rpn_losses_are_torchvisions():
+    """With every labelled anchor within the sampling budget (so both samplers take them all),
+    the baseline RPN's losses are torchvision's RegionProposalNetwork's (smooth L1 at 1/9)."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    g = torch.Generator().manual_seed(4)
+    labels = []
+    for size in (300, 200):
+        image_labels = torch.full((size,), -1.0)
+        order = torch.randperm(size, generator=g)
+        image_labels[order[:10]] = 1.0
+        image_labels[order[10:90]] = 0.0
+        labels.append(image_labels)
+    reg_targets = [torch.randn(n, 4, generator=g) for n in (300, 200)]
+    objectness = torch.randn(500, 1, generator=g)
+    deltas = torch.randn(500, 4, generator=g)
+    ours = build_model(baseline_model_config("faster_rcnn", "resnet18", **SMALL)).rpn
+    reference = RegionProposalNetwork(ours.anchor_generator, ours.head, 0.7, 0.3, 256, 0.5,
+                                      dict(training=100, testing=100),
+                                      dict(training=50, testing=50), 0.7)
+    for got, expected in zip(ours.compute_loss(objectness, deltas, labels, reg_targets),
+                             reference.compute_loss(objectness, deltas, labels, reg_targets)):
+        torch.testing.assert_close(got, expected)
 
 
 def test_rpn_propose_keeps_scores_of_forward_boxes():

@@ -4,6 +4,7 @@ torchvision-style named builders."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torchvision
@@ -27,43 +28,101 @@ from libra_rcnn.models import (
 TINY = dict(min_size=64, max_size=96, fpn_channels=16, representation_size=32, num_classes=4)
 
 
-def test_libra_faster_rcnn_config_is_mmdetections():
+def _mmdet_sampler(mmdet, cfg):
+    """mmdetection's sampler built from a config dict: its attributes are the values in use,
+    defaults of its classes included."""
+    return mmdet.TASK_UTILS.build(cfg)
+
+
+def _assert_libra_roi_settings(cfg, mm_cfg, mmdet):
+    """The Libra parts of an R-CNN: mmdetection's sampler, box loss and pyramid."""
+    sampler = _mmdet_sampler(mmdet, mm_cfg.model.train_cfg.rcnn.sampler)
+    assert (cfg.roi_sampler.num, cfg.roi_sampler.pos_fraction, cfg.roi_sampler.neg_pos_ub,
+            cfg.roi_sampler.add_gt_as_proposals) == (sampler.num, sampler.pos_fraction,
+                                                     sampler.neg_pos_ub, sampler.add_gt_as_proposals)
+    assert cfg.roi_sampler.pos_balance == (type(sampler.pos_sampler).__name__
+                                           == "InstanceBalancedPosSampler")
+    neg = sampler.neg_sampler
+    assert cfg.roi_sampler.neg_balance == (type(neg).__name__ == "IoUBalancedNegSampler")
+    assert (cfg.roi_sampler.num_bins, cfg.roi_sampler.floor_thr, cfg.roi_sampler.floor_fraction) \
+        == (neg.num_bins, neg.floor_thr, neg.floor_fraction)
+    loss = mm_cfg.model.roi_head.bbox_head.loss_bbox
+    assert loss.type == "BalancedL1Loss" and cfg.box_loss.kind == "balanced_l1"
+    assert (cfg.box_loss.alpha, cfg.box_loss.gamma, cfg.box_loss.beta, cfg.box_loss.loss_weight) \
+        == (loss.alpha, loss.gamma, loss.beta, loss.loss_weight)
+    bfp = mm_cfg.model.neck[1]
+    assert bfp.type == "BFP" and cfg.bfp.enabled
+    assert (cfg.bfp.refine_level, cfg.bfp.refine_type) == (bfp.refine_level, bfp.refine_type)
+
+
+def test_libra_configs_take_mmdetections_libra_settings(mmdet):
+    from mmdet_oracle import load_config
+
+    mm_faster = load_config("libra-faster-rcnn_r50_fpn_1x_coco.py")
     cfg = libra_model_config("faster_rcnn")
-    assert cfg.arch == "faster_rcnn" and cfg.backbone == "resnet50" and cfg.num_classes == 81
-    assert cfg.bfp == BalancedFeaturePyramidConfig(enabled=True, refine_level=2, refine_type="non_local")
-    assert cfg.roi_sampler == SamplerConfig(num=512, pos_fraction=0.25, neg_pos_ub=-1.0,
-                                            add_gt_as_proposals=True, pos_balance=True,
-                                            neg_balance=True, num_bins=3, floor_thr=-1.0,
-                                            floor_fraction=0.0)
-    assert cfg.box_loss == BoxLossConfig(kind="balanced_l1", beta=1.0, alpha=0.5, gamma=1.5, loss_weight=1.0)
-    assert cfg.rpn_neg_pos_ub == 5.0
-    # untouched paper defaults
-    assert cfg.rpn_box_loss == BoxLossConfig(kind="smooth_l1", beta=1.0 / 9.0)
-    assert (cfg.min_size, cfg.max_size, cfg.norm, cfg.neck, cfg.trainable_backbone_layers) == (
-        800, 1333, "frozen_bn", "fpn", 3)
-
-
-def test_libra_configs_of_the_other_architectures():
-    retina = libra_model_config("retinanet")
-    assert retina.bfp.enabled and retina.bfp.refine_level == 1
-    assert retina.retina_box_loss == BoxLossConfig(kind="balanced_l1", beta=0.11, alpha=0.5, gamma=1.5)
-
-    rpn = libra_model_config("rpn")
-    assert rpn.bfp.enabled and rpn.bfp.refine_level == 2
-    assert rpn.rpn_box_loss.kind == "balanced_l1" and rpn.rpn_neg_pos_ub == 5.0
+    assert cfg.arch == "faster_rcnn" and cfg.backbone == "resnet50"
+    _assert_libra_roi_settings(cfg, mm_faster, mmdet)
+    rpn_sampler = _mmdet_sampler(mmdet, mm_faster.model.train_cfg.rpn.sampler)
+    assert (cfg.rpn_neg_pos_ub, cfg.rpn_batch_size_per_image, cfg.rpn_positive_fraction) == (
+        rpn_sampler.neg_pos_ub, rpn_sampler.num, rpn_sampler.pos_fraction)
+    assert cfg.representation_size == mm_faster.model.roi_head.bbox_head.fc_out_channels
+    test = mm_faster.model.test_cfg.rcnn
+    assert (cfg.box_score_thresh, cfg.box_nms_thresh, cfg.box_detections_per_img) == (
+        test.score_thr, test.nms.iou_threshold, test.max_per_img)
+    resize = next(t for t in mm_faster.train_pipeline if t.type == "Resize")
+    assert (cfg.max_size, cfg.min_size) == tuple(resize.scale)
 
     fast = libra_model_config("fast_rcnn", "resnet101")
-    assert fast.backbone == "resnet101" and fast.roi_sampler.neg_balance and fast.box_loss.kind == "balanced_l1"
+    assert fast.backbone == "resnet101"
+    _assert_libra_roi_settings(fast, load_config("libra-fast-rcnn_r50_fpn_1x_coco.py"), mmdet)
+
+    mm_retina = load_config("libra-retinanet_r50_fpn_1x_coco.py")
+    retina = libra_model_config("retinanet")
+    bfp, loss = mm_retina.model.neck[1], mm_retina.model.bbox_head.loss_bbox
+    assert retina.bfp.enabled and (retina.bfp.refine_level, retina.bfp.refine_type) == (
+        bfp.refine_level, bfp.refine_type)
+    assert loss.type == "BalancedL1Loss" and retina.retina_box_loss.kind == "balanced_l1"
+    assert (retina.retina_box_loss.alpha, retina.retina_box_loss.gamma,
+            retina.retina_box_loss.beta) == (loss.alpha, loss.gamma, loss.beta)
+
+    # mmdetection ships no Libra RPN config: Libra RPN (Table 3) is the RPN of its Libra Faster
+    # R-CNN with the balanced L1 loss on the anchors
+    rpn = libra_model_config("rpn")
+    assert rpn.bfp == cfg.bfp and rpn.rpn_neg_pos_ub == rpn_sampler.neg_pos_ub
+    assert rpn.rpn_box_loss.kind == "balanced_l1"
+
+
+def _torchvision_defaults(cls) -> dict:
+    return {name: p.default for name, p in inspect.signature(cls).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 @pytest.mark.parametrize("arch", builders.ARCHS)
-def test_baseline_configs_have_every_switch_off(arch):
+def test_baseline_configs_are_torchvisions_with_every_switch_off(arch):
     cfg = baseline_model_config(arch)
-    assert cfg == ModelConfig(arch=arch)
+    assert cfg.arch == arch
     assert not cfg.bfp.enabled and cfg.neck == "fpn"
     assert not cfg.roi_sampler.pos_balance and not cfg.roi_sampler.neg_balance
     assert "balanced_l1" not in (cfg.box_loss.kind, cfg.rpn_box_loss.kind, cfg.retina_box_loss.kind)
     assert cfg.retina_box_loss.kind == "l1" and cfg.rpn_neg_pos_ub == -1.0
+    # torchvision's own defaults (its constructors' signatures), which its weights were trained
+    # and are evaluated with
+    if arch == "retinanet":
+        tv = _torchvision_defaults(torchvision.models.detection.RetinaNet)
+        assert (cfg.min_size, cfg.max_size) == (tv["min_size"], tv["max_size"])
+        return
+    tv = _torchvision_defaults(torchvision.models.detection.FasterRCNN)
+    assert (cfg.min_size, cfg.max_size) == (tv["min_size"], tv["max_size"])
+    assert (cfg.roi_sampler.num, cfg.roi_sampler.pos_fraction) == (
+        tv["box_batch_size_per_image"], tv["box_positive_fraction"])
+    assert (cfg.box_score_thresh, cfg.box_nms_thresh, cfg.box_detections_per_img) == (
+        tv["box_score_thresh"], tv["box_nms_thresh"], tv["box_detections_per_img"])
+    assert (cfg.rpn_pre_nms_top_n_train, cfg.rpn_post_nms_top_n_train, cfg.rpn_pre_nms_top_n_test,
+            cfg.rpn_post_nms_top_n_test, cfg.rpn_batch_size_per_image,
+            cfg.rpn_positive_fraction) == (
+        tv["rpn_pre_nms_top_n_train"], tv["rpn_post_nms_top_n_train"],
+        tv["rpn_pre_nms_top_n_test"], tv["rpn_post_nms_top_n_test"],
+        tv["rpn_batch_size_per_image"], tv["rpn_positive_fraction"])
 
 
 def test_overrides_dicts_update_and_dataclasses_replace():
@@ -139,6 +198,11 @@ def test_named_builders_use_the_matching_config(name, monkeypatch):
     make_config = libra_model_config if libra else baseline_model_config
     assert seen == [cfg]
     assert cfg == make_config(arch, backbone, num_classes=21, min_size=512)
+    # what the name says, independently of the config factories
+    assert (cfg.arch, cfg.backbone, cfg.num_classes, cfg.min_size) == (arch, backbone, 21, 512)
+    assert cfg.bfp.enabled == libra
+    box_loss = {"retinanet": cfg.retina_box_loss, "rpn": cfg.rpn_box_loss}.get(arch, cfg.box_loss)
+    assert (box_loss.kind == "balanced_l1") == libra
 
 
 def test_named_builder_weights_become_a_config_string(monkeypatch):

@@ -17,7 +17,8 @@ import libra_rcnn.models
 from libra_rcnn.config import Config, ConfigError, DataConfig, TrainConfig
 from libra_rcnn.data import make_shapes_dataset
 from libra_rcnn.engine.checkpoint import load_checkpoint
-from libra_rcnn.engine.schedule import WarmupMultiStepFactor, build_lr_scheduler
+from libra_rcnn.engine.schedule import build_lr_scheduler
+from libra_rcnn.engine.hooks import HookBase
 from libra_rcnn.engine.train import (
     DataValidationError,
     TrainingDivergedError,
@@ -61,14 +62,22 @@ def test_schedule_values_at_key_iterations():
 
 
 def test_warmup_and_step_multiply_when_they_overlap():
-    factor = WarmupMultiStepFactor(milestones=[100], gamma=0.1, warmup_iters=500, warmup_ratio=0.25)
-    assert factor(0) == pytest.approx(0.25)
-    assert factor(100) == pytest.approx(0.1 * (1 - 0.8 * 0.75))
-    assert WarmupMultiStepFactor(milestones=[], warmup_iters=0)(0) == 1.0
-    with pytest.raises(ValueError, match="milestones must be strictly increasing"):
-        WarmupMultiStepFactor(milestones=[5, 5])
-    with pytest.raises(ValueError, match="warmup_ratio"):
-        WarmupMultiStepFactor(milestones=[1], warmup_ratio=0.0)
+    def factors(iterations, **kwargs):
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = build_lr_scheduler(optimizer, iters_per_epoch=100, **kwargs)
+        seen = []
+        for _ in range(max(iterations) + 1):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return [seen[i] for i in iterations]
+
+    at_0, at_100 = factors([0, 100], lr_steps=[1], gamma=0.1, warmup_iters=500, warmup_ratio=0.25)
+    assert at_0 == pytest.approx(0.25)
+    assert at_100 == pytest.approx(0.1 * (1 - 0.8 * 0.75))
+    assert factors([0], lr_steps=[], warmup_iters=0) == [1.0]
+    with pytest.raises(ValueError, match="factor"):  # torch's LinearLR refuses a zero ratio
+        factors([0], lr_steps=[1], warmup_ratio=0.0)
 
 
 def test_schedule_state_resumes_mid_run():
@@ -203,8 +212,8 @@ def _records(out, kind="train"):
 def test_fixed_seed_run_and_checkpoints(shapes, tmp_path, monkeypatch):
     made = _use_stand_in(monkeypatch)
     summary = train(_config(shapes, tmp_path / "a"), device="cpu", progress=False)
-    assert summary["stop_reason"] == "finished"
-    assert (summary["epoch"], summary["iteration"], summary["iters_per_epoch"]) == (2, 8, 4)
+    assert summary.stop_reason == "finished"
+    assert (summary.epoch, summary.iteration, summary.iters_per_epoch) == (2, 8, 4)
     assert sorted(p.name for p in (tmp_path / "a").glob("*.pth")) == \
         ["epoch_1.pth", "epoch_2.pth", "latest.pth"]
     state = load_checkpoint(tmp_path / "a" / "latest.pth")
@@ -219,7 +228,7 @@ def test_fixed_seed_run_and_checkpoints(shapes, tmp_path, monkeypatch):
     _use_stand_in(monkeypatch)
     again = train(_config(shapes, tmp_path / "b"), device="cpu", progress=False)
     assert [r["loss"] for r in _records(tmp_path / "b")] == [r["loss"] for r in records]
-    assert again["last_losses"] == summary["last_losses"]
+    assert again.last_losses == summary.last_losses
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -239,15 +248,15 @@ def test_signal_checkpoints_mid_epoch_and_resume_continues_exactly(shapes, tmp_p
     out = tmp_path / "cut"
     summary = train(_config(shapes, out), device="cpu", progress=False)
     assert signal.getsignal(signum) is handler_before
-    assert (summary["stop_reason"], summary["signal"]) == ("interrupted", signum)
-    assert summary["iteration"] == 6  # the step in progress was finished, no further one
+    assert (summary.stop_reason, summary.signal) == ("interrupted", signum)
+    assert summary.iteration == 6  # the step in progress was finished, no further one
     state = load_checkpoint(out / "latest.pth")
     assert (state["epoch"], state["iter_in_epoch"], state["iteration"]) == (1, 2, 6)
     assert not (out / "epoch_2.pth").exists()
 
     made = _use_stand_in(monkeypatch)
     resumed = train(_config(shapes, out), device="cpu", progress=False, resume=out / "latest.pth")
-    assert resumed["stop_reason"] == "finished" and resumed["iteration"] == 8
+    assert resumed.stop_reason == "finished" and resumed.iteration == 8
     assert made[0].calls == 2
     records = _records(out)
     assert [r["iter"] for r in records] == list(range(1, 9))
@@ -256,10 +265,67 @@ def test_signal_checkpoints_mid_epoch_and_resume_continues_exactly(shapes, tmp_p
                        load_checkpoint(tmp_path / "full" / "latest.pth")["model"]["weight"])
 
 
+class _Recorder(HookBase):
+    """A user's hook: records what it is told, and asks to stop after ``stop_at`` iterations."""
+
+    def __init__(self, stop_at=None):
+        self.stop_at = stop_at
+        self.events = []
+        self.losses = {}
+
+    def before_train(self):
+        self.events.append(("before_train", self.trainer.state.iteration))
+
+    def before_epoch(self):
+        self.events.append(("before_epoch", self.trainer.state.epoch))
+
+    def after_step(self):
+        state = self.trainer.state
+        self.losses[state.iteration] = state.losses["loss"]
+        if state.iteration == self.stop_at:
+            state.request_stop()
+
+    def after_epoch(self):
+        state = self.trainer.state
+        self.events.append(("after_epoch", state.epoch, state.epoch_done, state.checkpoint))
+
+    def after_train(self):
+        self.events.append(("after_train", self.trainer.state.iteration))
+
+
+def test_a_users_hook_sees_every_step_and_can_stop_the_run(shapes, tmp_path, monkeypatch):
+    _use_stand_in(monkeypatch)
+    recorder = _Recorder()
+    summary = train(_config(shapes, tmp_path / "a"), device="cpu", progress=False,
+                    hooks=[recorder])
+    latest = str(tmp_path / "a" / "latest.pth")
+    # called after the built-in hooks: the epoch's checkpoint is already written
+    assert recorder.events == [("before_train", 0), ("before_epoch", 0),
+                               ("after_epoch", 1, True, latest), ("before_epoch", 1),
+                               ("after_epoch", 2, True, latest), ("after_train", 8)]
+    assert recorder.losses == {r["iter"]: r["loss"] for r in _records(tmp_path / "a")}
+    assert summary.stop_reason == "finished"
+
+    # a stop asked by a hook: the step finishes, latest.pth is written, resume continues
+    _use_stand_in(monkeypatch)
+    stopper = _Recorder(stop_at=3)
+    stopped = train(_config(shapes, tmp_path / "b"), device="cpu", progress=False,
+                    hooks=[stopper])
+    assert (stopped.stop_reason, stopped.signal, stopped.iteration) == ("interrupted", None, 3)
+    assert stopper.events[-2:] == [("after_epoch", 0, False, str(tmp_path / "b" / "latest.pth")),
+                                   ("after_train", 3)]
+    assert load_checkpoint(tmp_path / "b" / "latest.pth")["iteration"] == 3
+    _use_stand_in(monkeypatch)
+    train(_config(shapes, tmp_path / "b"), device="cpu", progress=False,
+          resume=tmp_path / "b" / "latest.pth")
+    assert [r["loss"] for r in _records(tmp_path / "b")] == [r["loss"] for r in
+                                                              _records(tmp_path / "a")]
+
+
 def test_non_finite_losses_skip_the_step(shapes, tmp_path, monkeypatch):
     made = _use_stand_in(monkeypatch, lambda call: float("nan") if call in (2, 3) else 1.0)
     summary = train(_config(shapes, tmp_path, epochs=1), device="cpu", progress=False)
-    assert summary["stop_reason"] == "finished" and summary["nonfinite_steps"] == 2
+    assert summary.stop_reason == "finished" and summary.nonfinite_steps == 2
     records = _records(tmp_path)
     assert [r["stepped"] for r in records] == [True, False, False, True]
     assert all(torch.isfinite(made[0].weight).tolist())
@@ -285,7 +351,7 @@ def test_max_iters_stops_mid_epoch_with_a_checkpoint(shapes, tmp_path, monkeypat
                     progress=False)
     assert made[0].threads_seen == {wanted}  # train.num_threads applies while training ...
     assert torch.get_num_threads() == threads_before  # ... and only then
-    assert (summary["stop_reason"], summary["iteration"]) == ("max_iters", 3)
+    assert (summary.stop_reason, summary.iteration) == ("max_iters", 3)
     state = load_checkpoint(tmp_path / "latest.pth")
     assert (state["epoch"], state["iter_in_epoch"]) == (0, 3)
 
@@ -299,7 +365,7 @@ def test_unreadable_images_are_skipped_counted_or_refused_with_strict(shapes, tm
         f.write(b"not a png")
     _use_stand_in(monkeypatch)
     summary = train(_config(paths, tmp_path / "run"), device="cpu", progress=False)
-    assert summary["skipped_samples"] == 2  # once per epoch
+    assert summary.skipped_samples == 2  # once per epoch
     assert [r["skipped_samples"] for r in _records(tmp_path / "run", "epoch")] == [1, 1]
 
     cfg = _config(paths, tmp_path / "strict")

@@ -79,7 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of user errors too (bad config, data, arguments)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in (_add_train_command, _add_eval_command, _add_predict_command,
+                        _add_convert_voc_command, _add_convert_mmdet_command,
+                        _add_export_command, _add_check_data_command, _add_demo_command,
+                        _add_configs_command, _add_analysis_commands):
+        add_command(sub)
+    return parser
 
+
+def _add_train_command(sub) -> None:
+    """The ``train`` command."""
     p = sub.add_parser("train", help="train a detector from a config")
     p.add_argument("config", help="YAML config file or shipped config name")
     _add_config_args(p)
@@ -90,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(p)
     p.set_defaults(func=_cmd_train)
 
+
+def _add_eval_command(sub) -> None:
+    """The ``eval`` command."""
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint, or of a results file",
                        description="eval CHECKPOINT [--config CONFIG] [--results FILE] evaluates a "
                                    "checkpoint on the val set of its own config (or of CONFIG); "
@@ -110,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(p)
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_predict_command(sub) -> None:
+    """The ``predict`` command."""
     p = sub.add_parser("predict", help="detect objects in images and draw them",
                        description="Writes <out-dir>/<image stem>.jpg per image and "
                                    "<out-dir>/predictions.json. Images that cannot be read are "
@@ -122,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(p)
     p.set_defaults(func=_cmd_predict, single_process=True)
 
+
+def _add_convert_voc_command(sub) -> None:
+    """The ``convert-voc`` command."""
     p = sub.add_parser("convert-voc", help="convert a VOC-style folder to a COCO json")
     p.add_argument("folder", help="folder with .xml annotations (and images)")
     p.add_argument("out_json", help="COCO json to write")
@@ -133,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reason) instead of stopping at the first")
     p.set_defaults(func=_cmd_convert_voc, single_process=True)
 
+
+def _add_convert_mmdet_command(sub) -> None:
+    """The ``convert-mmdet`` command."""
     p = sub.add_parser("convert-mmdet", help="convert an mmdetection checkpoint into ours",
                        description="Convert an mmdetection (2.x / 3.x) checkpoint of a Libra or "
                                    "baseline detector into a libra-rcnn checkpoint that predict, "
@@ -145,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", help="comma-separated class names, when the file has none")
     p.set_defaults(func=_cmd_convert_mmdet, single_process=True)
 
+
+def _add_export_command(sub) -> None:
+    """The ``export`` command."""
     p = sub.add_parser("export", help="export a checkpoint to ONNX (Libra Faster R-CNN, RetinaNet, "
                        "RPN) for onnxruntime", description="Writes an ONNX file whose input 'image' "
                        "is a float32 [3, H, W] RGB image in 0..1 (any H, W) and whose outputs are "
@@ -158,12 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "their detections (exit 1 if they differ)")
     p.set_defaults(func=_cmd_export, single_process=True)
 
+
+def _add_check_data_command(sub) -> None:
+    """The ``check-data`` command."""
     p = sub.add_parser("check-data", help="decode every image of a config's datasets and report")
     p.add_argument("config", help="YAML config file or shipped config name")
     _add_config_args(p)
     p.add_argument("--split", choices=("train", "val", "all"), default="all")
     p.set_defaults(func=_cmd_check_data, single_process=True)
 
+
+def _add_demo_command(sub) -> None:
+    """The ``demo`` command."""
     p = sub.add_parser("demo", help="generate a synthetic shapes dataset, train, evaluate, predict")
     p.add_argument("--output-dir", default="work_dirs/demo", help="default work_dirs/demo")
     p.add_argument("--quick", action="store_true", help="tiny run (about a minute) for smoke tests")
@@ -171,9 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(p)
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_configs_command(sub) -> None:
+    """The ``configs`` command."""
     p = sub.add_parser("configs", help="list the shipped configs")
     p.set_defaults(func=_cmd_configs)
 
+
+def _add_analysis_commands(sub) -> None:
+    """``analyze`` (the paper's figures) and ``ablate`` (ablation tables)."""
     from libra_rcnn.analysis import add_ablate_command, add_analyze_subcommands  # torch-free
 
     p = sub.add_parser("analyze", help="the paper's figures as PNG/CSV: iou-hist (Fig. 3), "
@@ -183,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="train + evaluate config variants into a paper-style "
                        "ablation table (Tables 2, 4, 5, 6)")
     add_ablate_command(p)
-    return parser
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,18 +246,18 @@ def _cmd_train(args) -> int:
     return _report_training(summary)
 
 
-def _report_training(summary: dict) -> int:
-    """Print the run's report (first process only under torchrun); the exit code."""
-    interrupted = summary["stop_reason"] == "interrupted" and summary["signal"]
+def _report_training(summary) -> int:
+    """Print the run's report (a :class:`~libra_rcnn.engine.train.TrainSummary`; first
+    process only under torchrun); the exit code."""
+    interrupted = summary.stop_reason == "interrupted"
     if not _secondary_process():
-        if summary["metrics"] or summary.get("eval_skipped"):
-            print(_evaluation_report(summary["metrics"], summary.get("eval_images", 0),
-                                     summary.get("eval_skipped", [])))
-        print(f"{summary['stop_reason']} at epoch {summary['epoch']}, iteration "
-              f"{summary['iteration']}; checkpoint: {summary['checkpoint']}")
+        if summary.metrics or summary.eval_skipped:
+            print(_evaluation_report(summary.metrics, summary.eval_images, summary.eval_skipped))
+        print(f"{summary.stop_reason} at epoch {summary.epoch}, iteration "
+              f"{summary.iteration}; checkpoint: {summary.checkpoint}")
         if interrupted:
-            print(f"interrupted: resume with --resume {summary['checkpoint']}", file=sys.stderr)
-    return 128 + int(summary["signal"]) if interrupted else 0
+            print(f"interrupted: resume with --resume {summary.checkpoint}", file=sys.stderr)
+    return 128 + int(summary.signal) if interrupted and summary.signal else 0
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -519,19 +554,19 @@ def _cmd_demo(args) -> int:
     cfg.data.val_ann, cfg.data.val_images = paths["val_json"], paths["val_images"]
     device = resolve_device(args.device, DistInfo())
     summary = train(cfg, device=device, progress=not args.quiet)
-    if summary["stop_reason"] == "interrupted":
+    if summary.stop_reason == "interrupted":
         return _report_training(summary)
 
-    model, meta = load_model_from_checkpoint(summary["checkpoint"], device=device)
+    model, meta = load_model_from_checkpoint(summary.checkpoint, device=device)
     val_images = sorted(p for p in Path(paths["val_images"]).iterdir()
                         if p.suffix.lower() in IMAGE_SUFFIXES)[:demo.num_predictions]
     if val_images:
         predict_images(model, val_images, class_names=meta["class_names"],
                        label_to_cat_id=meta["label_to_cat_id"], score_thresh=demo.score_thresh,
                        device=device, out_dir=out / "predictions")
-    print(_metrics_table(summary["metrics"]) if summary["metrics"]
+    print(_metrics_table(summary.metrics) if summary.metrics
           else "no metrics (no val set)")
-    print(f"demo outputs in {out}: checkpoint {summary['checkpoint']}, predictions "
+    print(f"demo outputs in {out}: checkpoint {summary.checkpoint}, predictions "
           f"{out / 'predictions'}, log {out / 'log.jsonl'}")
     return 0
 

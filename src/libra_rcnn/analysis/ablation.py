@@ -172,8 +172,9 @@ def _check_variants(variants: Mapping[str, Sequence[str]]) -> dict[str, list[str
 # One variant: train, evaluate
 
 
-def train_variant(cfg: Any, *, resume: Optional[PathLike], device: Any, progress: bool) -> dict:
-    """Train one variant (:func:`libra_rcnn.engine.train.train`); returns its summary."""
+def train_variant(cfg: Any, *, resume: Optional[PathLike], device: Any, progress: bool) -> Any:
+    """Train one variant (:func:`libra_rcnn.engine.train.train`); returns its
+    :class:`~libra_rcnn.engine.train.TrainSummary`."""
     from libra_rcnn.engine.train import train
 
     return train(cfg, resume=resume, device=device, progress=progress)
@@ -289,10 +290,40 @@ def run_ablation(
         any training); AblationInterrupted when a variant's training is interrupted (the table
         of the finished variants is written first).
     """
-    from libra_rcnn.config import Config, dump_config, load_config
+    from libra_rcnn.config import Config, dump_config
 
     variants = _check_variants(variants)
     shared = list(overrides)
+    _check_run_arguments(shared, epochs=epochs, max_iters=max_iters, seed=seed)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(base_config, Config):
+        base_path: Union[str, os.PathLike] = dump_config(base_config, output_dir / "base_config.yaml")
+    else:
+        base_path = base_config
+    plans = _plan_variants(base_path, variants, output_dir=output_dir, shared=shared,
+                           budget=_budget_overrides(seed, epochs, max_iters))
+    probe = plans[0].cfg
+    budget = {"epochs": probe.train.epochs, "max_iters": probe.train.max_iters}
+
+    device = _default_device(device)
+    done: list[dict] = []
+    common = dict(title=title, base=str(base_path), shared=shared, budget=budget, seed=seed)
+    for plan in plans:
+        entry = _finished_entry(plan)
+        if entry is None:
+            try:
+                entry = _train_and_evaluate(plan, device=device, progress=progress)
+            except AblationInterrupted:
+                _write_outputs(output_dir, done=done, **common)
+                raise
+            _write_json(plan.folder / "metrics.json", entry)
+        done.append(entry)
+        _write_outputs(output_dir, done=done, **common)
+    return _write_outputs(output_dir, done=done, **common)
+
+
+def _check_run_arguments(shared: Sequence[Any], *, epochs: Any, max_iters: Any, seed: Any) -> None:
     for override in shared:
         if not isinstance(override, str) or "=" not in override:
             raise UserInputError(f"overrides must be 'key=value' strings, got {override!r}")
@@ -301,69 +332,82 @@ def run_ablation(
             raise UserInputError(f"{name} must be a positive int or None, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserInputError(f"seed must be an int, got {seed!r}")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(base_config, Config):
-        base_path: Union[str, os.PathLike] = dump_config(base_config, output_dir / "base_config.yaml")
-    else:
-        base_path = base_config
-    budget_overrides = [f"train.seed={seed}"]
-    if epochs is not None:
-        budget_overrides.append(f"train.epochs={epochs}")
-    if max_iters is not None:
-        budget_overrides.append(f"train.max_iters={max_iters}")
 
-    # resolve and validate every variant's config before training anything
+
+def _budget_overrides(seed: int, epochs: Optional[int], max_iters: Optional[int]) -> list[str]:
+    """The overrides every variant gets last: its seed and training budget."""
+    budget = [f"train.seed={seed}"]
+    if epochs is not None:
+        budget.append(f"train.epochs={epochs}")
+    if max_iters is not None:
+        budget.append(f"train.max_iters={max_iters}")
+    return budget
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One variant, resolved: its row name, folder, overrides in order, and config."""
+
+    name: str
+    folder: Path
+    overrides: list[str]
+    cfg: Any
+
+
+def _plan_variants(base_path: Union[str, os.PathLike], variants: Mapping[str, Sequence[str]], *,
+                   output_dir: Path, shared: list[str], budget: list[str]) -> list[_Plan]:
+    """Every variant's config, resolved and validated before anything is trained."""
+    from libra_rcnn.config import load_config
+
     plans = []
     for name, variant_overrides in variants.items():
         folder = output_dir / variant_dir_name(name)
-        all_overrides = [*shared, *variant_overrides, *budget_overrides]
+        all_overrides = [*shared, *variant_overrides, *budget]
         cfg = load_config(base_path, all_overrides)
         cfg.output_dir = str(folder)  # set directly: a path is not always a valid YAML scalar
         if cfg.data.val_ann is None or cfg.data.val_images is None:
             raise UserInputError(f"variant {name!r}: data.val_ann / data.val_images are null; the "
-                             f"ablation evaluates on the validation set")
-        plans.append((name, folder, all_overrides, cfg))
-    probe = plans[0][3]
-    budget = {"epochs": probe.train.epochs, "max_iters": probe.train.max_iters}
+                                 f"ablation evaluates on the validation set")
+        plans.append(_Plan(name, folder, all_overrides, cfg))
+    return plans
 
-    device = _default_device(device)
-    done: list[dict] = []
-    common = dict(title=title, base=str(base_path), shared=shared, budget=budget, seed=seed)
-    for name, folder, all_overrides, cfg in plans:
-        metrics_file = folder / "metrics.json"
-        if metrics_file.is_file():
-            entry = json.loads(metrics_file.read_text())
-            if entry.get("overrides") != all_overrides:
-                raise UserInputError(
-                    f"{metrics_file}: was produced with other overrides ({entry.get('overrides')}) "
-                    f"than variant {name!r} now has ({all_overrides}); use another output_dir or "
-                    f"delete {folder}")
-            logger.info("variant %r: already evaluated (%s), skipped", name, metrics_file)
-            entry["name"] = name
-            done.append(entry)
-            continue
-        latest = folder / "latest.pth"
-        resume = latest if latest.is_file() else None
-        if resume is not None:
-            logger.info("variant %r: resuming from %s", name, resume)
-        # train without periodic validation; the final checkpoint is evaluated once below
-        train_cfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, val_ann=None, val_images=None))
-        summary = train_variant(train_cfg, resume=resume, device=device, progress=progress)
-        if summary.get("stop_reason") == "interrupted":
-            _write_outputs(output_dir, done=done, **common)
-            raise AblationInterrupted(
-                f"variant {name!r} interrupted at iteration {summary.get('iteration')}; rerun "
-                f"to resume from {latest}", signal=summary.get("signal"))
-        checkpoint = Path(summary.get("checkpoint") or latest)
-        metrics = evaluate_checkpoint(cfg, checkpoint, device=device,
-                                      results_file=folder / "val_results.json", progress=progress)
-        entry = {"name": name, "dir": folder.name, "overrides": all_overrides,
-                 "metrics": {k: float(v) for k, v in metrics.items()},
-                 "checkpoint": str(checkpoint), "iteration": summary.get("iteration"),
-                 "epoch": summary.get("epoch")}
-        _write_json(metrics_file, entry)
-        done.append(entry)
-        _write_outputs(output_dir, done=done, **common)
-    return _write_outputs(output_dir, done=done, **common)
+
+def _finished_entry(plan: _Plan) -> Optional[dict]:
+    """The variant's ``metrics.json`` entry if it was evaluated before with the same overrides
+    (``None`` if not evaluated; ``UserInputError`` if evaluated with other overrides)."""
+    metrics_file = plan.folder / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    entry = json.loads(metrics_file.read_text())
+    if entry.get("overrides") != plan.overrides:
+        raise UserInputError(
+            f"{metrics_file}: was produced with other overrides ({entry.get('overrides')}) "
+            f"than variant {plan.name!r} now has ({plan.overrides}); use another output_dir or "
+            f"delete {plan.folder}")
+    logger.info("variant %r: already evaluated (%s), skipped", plan.name, metrics_file)
+    entry["name"] = plan.name
+    return entry
+
+
+def _train_and_evaluate(plan: _Plan, *, device: Any, progress: bool) -> dict:
+    """Train the variant (resuming from its ``latest.pth`` if there is one) without periodic
+    validation, evaluate the final checkpoint once, and return its ``metrics.json`` entry.
+    Raises :class:`AblationInterrupted` if the training was interrupted."""
+    latest = plan.folder / "latest.pth"
+    resume = latest if latest.is_file() else None
+    if resume is not None:
+        logger.info("variant %r: resuming from %s", plan.name, resume)
+    train_cfg = dataclasses.replace(
+        plan.cfg, data=dataclasses.replace(plan.cfg.data, val_ann=None, val_images=None))
+    summary = train_variant(train_cfg, resume=resume, device=device, progress=progress)
+    if summary.stop_reason == "interrupted":
+        raise AblationInterrupted(
+            f"variant {plan.name!r} interrupted at iteration {summary.iteration}; rerun "
+            f"to resume from {latest}", signal=summary.signal)
+    checkpoint = Path(summary.checkpoint or latest)
+    metrics = evaluate_checkpoint(plan.cfg, checkpoint, device=device,
+                                  results_file=plan.folder / "val_results.json", progress=progress)
+    return {"name": plan.name, "dir": plan.folder.name, "overrides": plan.overrides,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "checkpoint": str(checkpoint), "iteration": summary.iteration,
+            "epoch": summary.epoch}

@@ -17,7 +17,7 @@ hard negatives'. All three selections take the same number of negatives per imag
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -129,61 +129,111 @@ def iou_histograms(
         "no_ground_truth"}`` counts), ``unreadable`` (``(file, reason)`` of the skipped
         unreadable images that were named) and ``files`` (paths written).
     """
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
+    num_neg, num_bins, settings = _resolve_arguments(model, num_images=num_images, num_neg=num_neg,
+                                                     num_bins=num_bins, bins=bins,
+                                                     share_threshold=share_threshold)
+    generator = torch.Generator().manual_seed(seed)
+
+    def select(cand) -> dict[str, Tensor]:
+        return _select_negatives(model, cand, num_neg=num_neg, num_bins=num_bins,
+                                 settings=settings, generator=generator)
+
+    collected = _collect_negative_ious(model, dataset, num_images=num_images, select=select)
+    upper = float(collected["neg_iou_thresh"])
+    result = {
+        **_histograms(collected["chosen"], bins=bins, upper=upper,
+                      share_threshold=share_threshold),
+        "share_threshold": float(share_threshold),
+        "negatives_per_image": collected["negatives_per_image"],
+        "image_ids": collected["image_ids"],
+        "num_neg": num_neg,
+        "num_bins": num_bins,
+        "binning": settings["binning"],
+        "neg_iou_thresh": upper,
+        "skipped": collected["skipped"],
+        "unreadable": collected["unreadable"],
+        "files": {},
+    }
+    if out_dir is not None:
+        result["files"] = _write_files(result, Path(out_dir))
+    return result
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _resolve_arguments(model: nn.Module, *, num_images: int, num_neg: Optional[int],
+                       num_bins: Optional[int], bins: int, share_threshold: float
+                       ) -> tuple[int, int, dict]:
+    """``(num_neg, num_bins, the model's sampler settings)``, defaults taken from the model;
+    ``ValueError`` naming the first bad argument."""
+    _check_count("num_images", num_images)
     settings = sampler_settings(model)
     num_neg = settings["num_neg"] if num_neg is None else num_neg
-    if isinstance(num_neg, bool) or not isinstance(num_neg, int) or num_neg < 1:
-        raise ValueError(f"num_neg must be an int >= 1, got {num_neg!r}")
+    _check_count("num_neg", num_neg)
     num_bins = settings["num_bins"] if num_bins is None else num_bins
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}")
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be an int >= 1, got {bins!r}")
+    _check_count("num_bins", num_bins)
+    _check_count("bins", bins)
     if not 0.0 <= share_threshold < 1.0:
         raise ValueError(f"share_threshold must lie in [0, 1), got {share_threshold!r}")
+    return num_neg, num_bins, settings
 
-    generator = torch.Generator().manual_seed(seed)
+
+def _select_negatives(model: nn.Module, cand: Any, *, num_neg: int, num_bins: int,
+                      settings: dict, generator: torch.Generator) -> dict[str, Tensor]:
+    """The candidates' indices chosen by each selection of :data:`SERIES` (``min(num_neg, M)``
+    each)."""
+    neg, ious = cand.neg_inds, cand.max_overlaps
+    return {
+        "random": random_choice(neg, num_neg, generator),
+        "iou_balanced": iou_balanced_negative_sample(
+            neg, ious, num_neg, num_bins=num_bins, floor_thr=settings["floor_thr"],
+            floor_fraction=settings["floor_fraction"], binning=settings["binning"],
+            generator=generator),
+        "hard_negative": _hardest(neg, background_loss(model, cand, neg), num_neg),
+    }
+
+
+def _collect_negative_ious(model: nn.Module, dataset: Any, *, num_images: int,
+                           select: Callable[[Any], dict[str, Tensor]]) -> dict:
+    """Walk ``dataset`` until ``num_images`` images with ground truth were used: per series the
+    chosen negatives' IoUs (a list of tensors, one per image), the candidates per image, the
+    image ids, the skipped-image counts and the named unreadable images."""
     chosen: dict[str, list[Tensor]] = {name: [] for name in SERIES}
-    negatives_per_image: list[int] = []
-    image_ids: list[int] = []
-    skipped = {"unreadable": 0, "no_ground_truth": 0}
-    unreadable: list[tuple[str, str]] = []
-    neg_iou_thresh = None
+    collected: dict[str, Any] = {"chosen": chosen, "negatives_per_image": [], "image_ids": [],
+                                 "skipped": {"unreadable": 0, "no_ground_truth": 0},
+                                 "unreadable": [], "neg_iou_thresh": None}
     for index in range(len(dataset)):
-        if len(image_ids) >= num_images:
+        if len(collected["image_ids"]) >= num_images:
             break
         sample = dataset[index]
         if sample is None or isinstance(sample, SkippedImage):
-            skipped["unreadable"] += 1
+            collected["skipped"]["unreadable"] += 1
             if sample is not None:
-                unreadable.append((sample.path, sample.reason))
+                collected["unreadable"].append((sample.path, sample.reason))
             continue
         image, target = sample
         if target["boxes"].numel() == 0:
-            skipped["no_ground_truth"] += 1  # every proposal has IoU 0: nothing to compare
+            collected["skipped"]["no_ground_truth"] += 1  # every proposal has IoU 0
             continue
         cand = roi_candidates(model, image, target)
-        neg_iou_thresh = cand.neg_iou_thresh
-        neg, ious = cand.neg_inds, cand.max_overlaps
-        picks = {
-            "random": random_choice(neg, num_neg, generator),
-            "iou_balanced": iou_balanced_negative_sample(
-                neg, ious, num_neg, num_bins=num_bins, floor_thr=settings["floor_thr"],
-                floor_fraction=settings["floor_fraction"], binning=settings["binning"],
-                generator=generator),
-            "hard_negative": _hardest(neg, background_loss(model, cand, neg), num_neg),
-        }
-        for name, inds in picks.items():
-            chosen[name].append(ious[inds].float().cpu())
-        negatives_per_image.append(int(neg.numel()))
-        image_ids.append(int(target.get("image_id", index)))
-    if not image_ids:
-        raise UserInputError(f"dataset: no usable image among {len(dataset)} (skipped: {skipped}); "
-                         f"the analysis needs images with ground-truth boxes")
+        collected["neg_iou_thresh"] = cand.neg_iou_thresh
+        for name, inds in select(cand).items():
+            chosen[name].append(cand.max_overlaps[inds].float().cpu())
+        collected["negatives_per_image"].append(int(cand.neg_inds.numel()))
+        collected["image_ids"].append(int(target.get("image_id", index)))
+    if not collected["image_ids"]:
+        raise UserInputError(f"dataset: no usable image among {len(dataset)} (skipped: "
+                             f"{collected['skipped']}); the analysis needs images with "
+                             f"ground-truth boxes")
+    return collected
 
-    upper = float(neg_iou_thresh)
-    edges = [upper * k / bins for k in range(bins + 1)]
+
+def _histograms(chosen: dict[str, list[Tensor]], *, bins: int, upper: float,
+                share_threshold: float) -> dict:
+    """``bin_edges``, and per series ``counts``, ``num_sampled`` and ``share_above``."""
     counts, num_sampled, share_above = {}, {}, {}
     for name in SERIES:
         values = torch.cat(chosen[name])
@@ -191,30 +241,18 @@ def iou_histograms(
         num_sampled[name] = int(values.numel())
         share_above[name] = (float((values > share_threshold).double().mean())
                              if values.numel() else 0.0)
-    result = {
-        "bin_edges": edges,
-        "counts": counts,
-        "num_sampled": num_sampled,
-        "share_above": share_above,
-        "share_threshold": float(share_threshold),
-        "negatives_per_image": negatives_per_image,
-        "image_ids": image_ids,
-        "num_neg": num_neg,
-        "num_bins": num_bins,
-        "binning": settings["binning"],
-        "neg_iou_thresh": upper,
-        "skipped": skipped,
-        "unreadable": unreadable,
-        "files": {},
-    }
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        rows = [[f"{edges[k]:.4f}", f"{edges[k + 1]:.4f}", *(counts[s][k] for s in SERIES)]
-                for k in range(bins)]
-        result["files"]["csv"] = str(write_csv(out_dir / "iou_histogram.csv",
-                                               ["iou_from", "iou_to", *SERIES], rows))
-        result["files"]["png"] = str(plot_iou_histograms(result, out_dir / "iou_histogram.png"))
-    return result
+    return {"bin_edges": [upper * k / bins for k in range(bins + 1)], "counts": counts,
+            "num_sampled": num_sampled, "share_above": share_above}
+
+
+def _write_files(result: dict, out_dir: Path) -> dict[str, str]:
+    """``iou_histogram.csv`` (one row per bin, one column per series) and the figure."""
+    edges, counts = result["bin_edges"], result["counts"]
+    rows = [[f"{edges[k]:.4f}", f"{edges[k + 1]:.4f}", *(counts[s][k] for s in SERIES)]
+            for k in range(len(edges) - 1)]
+    csv_path = write_csv(out_dir / "iou_histogram.csv", ["iou_from", "iou_to", *SERIES], rows)
+    return {"csv": str(csv_path),
+            "png": str(plot_iou_histograms(result, out_dir / "iou_histogram.png"))}
 
 
 def plot_iou_histograms(result: dict, out_png: PathLike) -> Path:

@@ -90,29 +90,32 @@ def sample_visualization(
     return result
 
 
+def _draw_boxes(image: Tensor, negatives: Tensor, gt_boxes: Tensor) -> Tensor:
+    """``uint8[3, H, W]``: the negatives (thin, magenta) and the ground truth on top (green)."""
+    from torchvision.transforms.v2.functional import to_dtype
+    from torchvision.utils import draw_bounding_boxes
+
+    pixels = to_dtype(image.detach().cpu().float().clamp(0, 1), torch.uint8, scale=True)
+    for boxes, colour, width in ((negatives, _NEGATIVE_COLOUR, 1), (gt_boxes, _GT_COLOUR, 2)):
+        if boxes.numel():
+            pixels = draw_bounding_boxes(pixels, boxes.round(), colors=colour, width=width)
+    return pixels
+
+
 def _plot(image: Tensor, result: dict, out_png: PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
 
-    pixels = image.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy()
-    height, width = pixels.shape[:2]
+    height, width = image.shape[-2:]
     fig = Figure(figsize=(10.0, 5.0 * height / max(width, 1) + 0.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     titles = {"random": "random sampling", "iou_balanced": "IoU-balanced sampling"}
     for ax, name in zip(axes, ("random", "iou_balanced")):
-        ax.imshow(pixels)
-        for x1, y1, x2, y2 in result[name]["boxes"].tolist():
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
-                                   edgecolor=_NEGATIVE_COLOUR, linewidth=0.8, alpha=0.8))
-        for x1, y1, x2, y2 in result["gt_boxes"].tolist():
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
-                                   edgecolor=_GT_COLOUR, linewidth=2.0))
+        drawn = _draw_boxes(image, result[name]["boxes"], result["gt_boxes"])
+        ax.imshow(drawn.permute(1, 2, 0).numpy(), interpolation="nearest")
         ious = result[name]["ious"]
         mean_iou = float(ious.mean()) if ious.numel() else 0.0
         ax.set_title(f"{titles[name]}\n{ious.numel()} negatives, mean IoU {mean_iou:.3f}")
-        ax.set_xlim(0, width)
-        ax.set_ylim(height, 0)
         ax.axis("off")
     return save_figure(fig, out_png)

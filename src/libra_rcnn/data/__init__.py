@@ -28,21 +28,18 @@ from .errors import BadAnnotationError, BadImageError, PathLike
 from .image_io import DEFAULT_MAX_PIXELS, load_image, read_image_size, to_rgb
 from .samplers import GroupedBatchSampler, aspect_ratio_group_ids
 from .synthetic import SHAPE_CLASSES, make_shapes_dataset
-from .transforms import Compose, RandomHorizontalFlip, Resize, ToTensor, build_transforms
+from .transforms import DetectionTransforms, build_transforms, image_to_tensor
 from .voc import voc_to_coco, write_coco_json
 
 __all__ = [
     "BadAnnotationError",
     "BadImageError",
     "CocoDetection",
-    "Compose",
     "DEFAULT_MAX_PIXELS",
+    "DetectionTransforms",
     "GroupedBatchSampler",
-    "RandomHorizontalFlip",
-    "Resize",
     "SHAPE_CLASSES",
     "SkippedImage",
-    "ToTensor",
     "WithSkipped",
     "aspect_ratio_group_ids",
     "build_dataset",
@@ -51,6 +48,7 @@ __all__ = [
     "collate_fn",
     "collate_with_skipped",
     "ground_truth_coco",
+    "image_to_tensor",
     "load_coco_json",
     "load_image",
     "make_shapes_dataset",

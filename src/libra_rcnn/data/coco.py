@@ -53,7 +53,7 @@ from torch.utils.data import Dataset
 from ..errors import UserInputError
 from .errors import BadAnnotationError, BadImageError, PathLike
 from .image_io import DEFAULT_MAX_PIXELS, load_image, read_image_size
-from .transforms import ToTensor
+from .transforms import image_to_tensor
 
 __all__ = [
     "CocoDetection",
@@ -267,7 +267,6 @@ class CocoDetection(Dataset):
         self.stats: Dict[str, int] = {key: 0 for key in _STAT_KEYS}
         # (file, reason) for every annotation-level problem found while loading.
         self.problems: List[Tuple[str, str]] = []
-        self._to_tensor = ToTensor()
         self._warned_size: set = set()
 
         data = load_coco_json(self.ann_file)
@@ -554,7 +553,7 @@ class CocoDetection(Dataset):
             if props.shape[1] == 5:
                 target["proposal_scores"] = props[:, 4].clone()
 
-        image, target = self._to_tensor(pil_image, target)
+        image = image_to_tensor(pil_image)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

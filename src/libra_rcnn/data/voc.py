@@ -195,6 +195,49 @@ def voc_to_coco(
     counts = {"images": 0, "objects": 0, "difficult": 0, "clipped_boxes": 0,
               "dropped_empty_boxes": 0, "size_from_image": 0, "size_from_xml": 0,
               "missing_images": 0}
+    parsed, skipped = _parse_all(xml_paths, folder=folder, image_dir=image_dir,
+                                 class_names=class_names, image_set=image_set, counts=counts,
+                                 skip_bad=skip_bad)
+    found_names = {obj[0] for record in parsed for obj in record[4]}
+    names = list(class_names) if class_names is not None else sorted(found_names)
+    if not names:
+        raise BadAnnotationError(folder, "no objects found, so no class names (pass class_names)")
+    cat_ids = {name: i + 1 for i, name in enumerate(names)}
+    images, annotations = [], []
+    for image_id, (xml_path, rel, width, height, objects) in enumerate(parsed, start=1):
+        images.append({"id": image_id, "file_name": rel, "width": width, "height": height})
+        for name, *box, difficult in objects:
+            bbox = _clipped_xywh(box, width, height, counts)
+            if bbox is None:
+                logger.warning("%s: dropping empty box %r for %r in a %dx%d image", xml_path,
+                               (box[0] + 1, box[1] + 1, box[2], box[3]), name, width, height)
+                continue
+            counts["objects"] += 1
+            counts["difficult"] += int(difficult)
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": cat_ids[name],
+                "bbox": bbox,
+                "area": bbox[2] * bbox[3],
+                "iscrowd": int(difficult and difficult_as_crowd),
+                "difficult": int(difficult),
+            })
+    counts["images"] = len(images)
+    counts["skipped_files"] = skipped
+    return {
+        "info": {"description": f"converted from PASCAL VOC XML in {folder}", "conversion": counts},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": cat_ids[n], "name": n, "supercategory": "none"} for n in names],
+    }
+
+
+def _parse_all(xml_paths: Sequence[str], *, folder: str, image_dir: str,
+               class_names: Optional[Sequence[str]], image_set: Optional[str], counts: dict,
+               skip_bad: bool) -> tuple[list, list]:
+    """``(parsed records, skipped files)`` of :func:`_parse_annotation` over ``xml_paths``; a
+    bad file raises, or with ``skip_bad`` is listed as ``{"file", "reason"}`` and left out."""
     parsed, skipped = [], []
     for xml_path in xml_paths:
         try:
@@ -210,45 +253,22 @@ def voc_to_coco(
         raise BadAnnotationError(folder, f"none of the {len(xml_paths)} .xml files could be "
                                          f"converted; first: {skipped[0]['file']}: "
                                          f"{skipped[0]['reason']}")
+    return parsed, skipped
 
-    found_names = {obj[0] for record in parsed for obj in record[4]}
-    names = list(class_names) if class_names is not None else sorted(found_names)
-    if not names:
-        raise BadAnnotationError(folder, "no objects found, so no class names (pass class_names)")
-    cat_ids = {name: i + 1 for i, name in enumerate(names)}
-    images, annotations = [], []
-    for image_id, (xml_path, rel, width, height, objects) in enumerate(parsed, start=1):
-        images.append({"id": image_id, "file_name": rel, "width": width, "height": height})
-        for name, x1, y1, x2, y2, difficult in objects:
-            cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
-            cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
-            if cx2 <= cx1 or cy2 <= cy1:
-                counts["dropped_empty_boxes"] += 1
-                logger.warning("%s: dropping empty box %r for %r in a %dx%d image",
-                               xml_path, (x1 + 1, y1 + 1, x2, y2), name, width, height)
-                continue
-            if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
-                counts["clipped_boxes"] += 1
-            w, h = cx2 - cx1, cy2 - cy1
-            counts["objects"] += 1
-            counts["difficult"] += int(difficult)
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": cat_ids[name],
-                "bbox": [cx1, cy1, w, h],
-                "area": w * h,
-                "iscrowd": int(difficult and difficult_as_crowd),
-                "difficult": int(difficult),
-            })
-    counts["images"] = len(images)
-    counts["skipped_files"] = skipped
-    return {
-        "info": {"description": f"converted from PASCAL VOC XML in {folder}", "conversion": counts},
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": cat_ids[n], "name": n, "supercategory": "none"} for n in names],
-    }
+
+def _clipped_xywh(box: Sequence[float], width: int, height: int, counts: dict
+                  ) -> Optional[list[float]]:
+    """``[x, y, w, h]`` of the ``(x1, y1, x2, y2)`` box clipped to the image, or ``None`` if
+    nothing is left; counts clipped and dropped boxes."""
+    x1, y1, x2, y2 = box
+    cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+    cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
+    if cx2 <= cx1 or cy2 <= cy1:
+        counts["dropped_empty_boxes"] += 1
+        return None
+    if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+        counts["clipped_boxes"] += 1
+    return [cx1, cy1, cx2 - cx1, cy2 - cy1]
 
 
 def write_coco_json(data: dict, path: PathLike) -> str:

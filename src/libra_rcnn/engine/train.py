@@ -10,6 +10,30 @@ into ``cfg.output_dir``:
 * ``epoch_{n}.pth`` every ``checkpoint_period`` epochs and ``latest.pth`` after every epoch (and
   on interruption / ``max_iters``), written atomically.
 
+The loop and its hooks. :class:`Trainer` runs a short loop of steps (forward, backward,
+optimizer step, schedule step) over the epochs' batches and keeps where it stands in a typed
+:class:`TrainState`; everything else is a hook (:mod:`libra_rcnn.engine.hooks`) called before
+and after training, each epoch and each step: signal handling, the non-finite-loss policy, the
+``log.jsonl`` / TensorBoard writer, the progress bar, checkpoints and evaluation. A hook of your
+own needs no change to the loop::
+
+    from libra_rcnn.engine.hooks import HookBase
+    from libra_rcnn.engine.train import train
+
+    class StopAtLoss(HookBase):
+        # stop (with a checkpoint, as for Ctrl-C) once the loss falls below a threshold
+        def __init__(self, threshold):
+            self.threshold = threshold
+
+        def after_step(self):
+            state = self.trainer.state
+            if state.stepped and state.losses["loss"] < self.threshold:
+                state.request_stop()
+
+    summary = train(cfg, hooks=[StopAtLoss(0.1)])
+
+``train`` returns a :class:`TrainSummary`.
+
 Reproducibility and exact resume. Every source of randomness is seeded from ``train.seed``:
 model initialisation (``seed``), the per-epoch shuffling (``seed + epoch``, the same on every rank
 so ``DistributedSampler`` shards one permutation), each sample's augmentation (seeded from
@@ -35,17 +59,15 @@ CUDA). The learning rate scales with the total batch ``batch_size * world_size``
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import random
 import signal
-import threading
-import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -61,7 +83,16 @@ from libra_rcnn.engine.checkpoint import (
     load_checkpoint,
     model_config_from_checkpoint,
     restore_rng_state,
-    save_checkpoint,
+)
+from libra_rcnn.engine.hooks import (
+    Checkpointer,
+    Evaluator,
+    HookBase,
+    MetricsWriter,
+    NonFiniteLossPolicy,
+    ProgressBar,
+    SignalHandler,
+    TrainingDivergedError,
 )
 from libra_rcnn.engine.schedule import build_lr_scheduler
 from libra_rcnn.errors import UserInputError
@@ -69,6 +100,10 @@ from libra_rcnn.errors import UserInputError
 __all__ = [
     "TrainingDivergedError",
     "DataValidationError",
+    "HookBase",
+    "Trainer",
+    "TrainState",
+    "TrainSummary",
     "train",
     "build_dataset",
     "build_val_loader",
@@ -82,10 +117,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _TARGET_KEYS = ("boxes", "labels")
-
-
-class TrainingDivergedError(RuntimeError):
-    """Too many consecutive non-finite losses; the last good checkpoint was kept."""
 
 
 class DataValidationError(UserInputError):
@@ -306,73 +337,6 @@ def _to_device_targets(targets, device: torch.device, arch: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging
-
-
-class _RunLog:
-    """JSON lines + TensorBoard on the main process; nothing elsewhere."""
-
-    def __init__(self, output_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
-        self.enabled = enabled
-        self._file = open(output_dir / "log.jsonl", "a") if enabled else None
-        self._tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(log_dir=str(output_dir / "tb"))
-            except ImportError as exc:  # tensorboard is a dependency, but keep training if absent
-                logger.warning("TensorBoard logging disabled: %s", exc)
-
-    def write(self, record: dict, *, step: int, tb_prefix: Optional[str] = None) -> None:
-        if not self.enabled:
-            return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None and tb_prefix is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "iter", "type"):
-                    self._tb.add_scalar(f"{tb_prefix}/{key}", value, step)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# Signals
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag that the loop checks between steps; a second signal of the same
-    kind falls through to the previous handler (so a second Ctrl-C interrupts at once)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        logger.warning("received %s: stopping after the current step (again to abort)",
-                       signal.Signals(signum).name)
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-# ----------------------------------------------------------------------------------------------
 # Training
 
 
@@ -426,14 +390,96 @@ def _deterministic(enabled: bool, device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.benchmark = previous_benchmark
 
 
-class _Trainer:
-    def __init__(self, cfg: Config, info: dist_utils.DistInfo, *, device, resume, progress: bool):
+StopReason = Literal["finished", "max_iters", "interrupted"]
+
+
+@dataclass
+class TrainState:
+    """Where training stands, what the last step did and what the run has counted. ``epoch``,
+    ``iter_in_epoch`` and ``iteration`` go into checkpoints; hooks read the rest."""
+
+    max_epochs: int
+    total_iters: int  # epochs * iters_per_epoch, or train.max_iters if smaller
+    iters_per_epoch: int
+    epoch: int = 0  # completed epochs
+    iter_in_epoch: int = 0  # batches consumed in the current epoch
+    iteration: int = 0  # batches consumed in total
+    epoch_len: int = 0  # batches in the current epoch
+    epoch_done: bool = False  # after an epoch part: it completed the epoch
+    # the last step: losses averaged over ranks ({} when the batch had no readable sample),
+    # whether the weights were updated (not for a non-finite loss), the learning rate it used
+    losses: dict[str, float] = field(default_factory=dict)
+    stepped: bool = False
+    lr: float = 0.0
+    last_losses: dict[str, float] = field(default_factory=dict)  # of the last update
+    epoch_skipped: int = 0  # unreadable samples in the current epoch (all ranks, at its end)
+    epoch_nonfinite: int = 0  # steps skipped for a non-finite loss in the current epoch
+    skipped_samples: int = 0
+    nonfinite_steps: int = 0
+    stop_requested: bool = False  # set by a signal or a hook: stop after the current step
+    stop_signal: Optional[int] = None
+    stop_reason: StopReason = "finished"
+    checkpoint: Optional[str] = None  # latest.pth, once written
+    evaluation: Any = None  # the last :class:`~libra_rcnn.engine.evaluate.Evaluation`
+    evaluated_at: int = -1  # the iteration it was made at
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.max_epochs or self.iteration >= self.total_iters
+
+    def request_stop(self, signum: Optional[int] = None) -> None:
+        """Stop after the current step, with a checkpoint, as for SIGINT (``signum``)."""
+        self.stop_requested, self.stop_signal = True, signum
+
+    def record_step(self, losses: dict[str, float], stepped: bool, lr: float) -> None:
+        self.losses, self.stepped, self.lr = losses, stepped, lr
+        self.iteration += 1
+        self.iter_in_epoch += 1
+        if losses and not stepped:
+            self.epoch_nonfinite += 1
+            self.nonfinite_steps += 1
+        elif stepped:
+            self.last_losses = losses
+
+
+@dataclass
+class TrainSummary:
+    """What :func:`train` did: why it stopped (``"finished"``, ``"max_iters"`` or
+    ``"interrupted"``, with the ``signal`` number, or ``None`` when a hook asked), where it
+    stopped, the last evaluation (``metrics``, how many images it scored, the
+    :class:`~libra_rcnn.data.SkippedImage` records of those it could not read, the iteration it
+    ran at), the last update's losses, the bad-sample and non-finite-step counts, and the path
+    of ``latest.pth``."""
+
+    stop_reason: StopReason
+    signal: Optional[int]
+    epoch: int
+    iteration: int
+    iters_per_epoch: int
+    checkpoint: Optional[str]
+    output_dir: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    eval_images: int = 0
+    eval_skipped: list = field(default_factory=list)
+    evaluated_at: int = -1
+    last_losses: dict[str, float] = field(default_factory=dict)
+    skipped_samples: int = 0
+    nonfinite_steps: int = 0
+
+
+class Trainer:
+    """Builds the data, model, optimizer and schedule of ``cfg`` (:meth:`setup`), then runs the
+    step loop (:meth:`run`), calling the built-in hooks and then ``hooks``."""
+
+    def __init__(self, cfg: Config, info: dist_utils.DistInfo, *, device, resume,
+                 progress: bool, hooks: Sequence[HookBase] = ()) -> None:
         self.cfg = cfg
         self.info = info
         self.device = resolve_device(device, info)
         self.resume = resume
-        self.progress = progress and info.rank == 0
         self.main = info.rank == 0
+        self.progress = progress and self.main
+        self.extra_hooks = list(hooks)
         self.output_dir = Path(cfg.output_dir or "work_dirs/run")
         self.use_amp = cfg.train.amp and self.device.type == "cuda"
         if cfg.train.amp and not self.use_amp:
@@ -442,10 +488,40 @@ class _Trainer:
 
     # -- set-up --------------------------------------------------------------------------------
     def setup(self) -> None:
-        from libra_rcnn.data import aspect_ratio_group_ids
-        from libra_rcnn.models import build_model
+        cfg = self.cfg
+        self._build_data()
+        self._build_model_and_optimizer()
+        total_iters = cfg.train.epochs * self.iters_per_epoch
+        if cfg.train.max_iters is not None:
+            total_iters = min(total_iters, cfg.train.max_iters)
+        self.state = TrainState(max_epochs=cfg.train.epochs, total_iters=total_iters,
+                                iters_per_epoch=self.iters_per_epoch)
+        if self.resume is not None:
+            self._load_resume(Path(self.resume))
+        if self.main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.output_dir / "config.yaml")
+        dist_utils.barrier()
+        self.hooks = self._default_hooks() + self.extra_hooks
+        for hook in self.hooks:
+            hook.trainer = self
 
-        cfg, info = self.cfg, self.info
+    def _default_hooks(self) -> list[HookBase]:
+        t = self.cfg.train
+        writer = MetricsWriter(self.output_dir, log_period=t.log_period,
+                               tensorboard=t.tensorboard, enabled=self.main)
+        hooks = [SignalHandler(),
+                 NonFiniteLossPolicy(t.max_consecutive_nonfinite, self.output_dir / "latest.pth"),
+                 writer, ProgressBar(enabled=self.progress),
+                 Checkpointer(self.output_dir, period=t.checkpoint_period)]
+        if self.val_set is not None:
+            hooks.append(Evaluator(period=t.eval_period, writer=writer))
+        return hooks
+
+    def _build_data(self) -> None:
+        from libra_rcnn.data import aspect_ratio_group_ids
+
+        cfg = self.cfg
         self.train_set = build_dataset(cfg, train=True)
         expected_classes = self.train_set.num_classes + 1
         if cfg.model.num_classes != expected_classes:
@@ -463,11 +539,14 @@ class _Trainer:
             check_strict(self.train_set)
             if self.val_set is not None:
                 check_strict(self.val_set)
-
         self.group_ids = aspect_ratio_group_ids(self.train_set) \
             if cfg.data.aspect_ratio_grouping else None
         self.iters_per_epoch = len(self._batches(0))
 
+    def _build_model_and_optimizer(self) -> None:
+        from libra_rcnn.models import build_model
+
+        cfg, info = self.cfg, self.info
         _seed_everything(cfg.train.seed)  # identical initialisation on every rank
         model = build_model(cfg.model).to(self.device)
         if info.distributed:
@@ -479,8 +558,7 @@ class _Trainer:
                 find_unused_parameters=cfg.train.find_unused_parameters,
             )
         self.model = model
-        self.lr = scaled_lr(cfg, info.world_size)
-        self.optimizer = build_optimizer(model, cfg, lr=self.lr)
+        self.optimizer = build_optimizer(model, cfg, lr=scaled_lr(cfg, info.world_size))
         self.scheduler = build_lr_scheduler(
             self.optimizer, iters_per_epoch=self.iters_per_epoch, lr_steps=cfg.train.lr_steps,
             gamma=cfg.train.gamma, warmup_iters=cfg.train.warmup_iters,
@@ -488,18 +566,6 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         # in-model sampling (anchors, RoIs) draws from the global generator: distinct per rank
         _seed_everything(dist_utils.seed_for_rank(cfg.train.seed, info.rank))
-
-        self.epoch = 0  # completed epochs
-        self.iter_in_epoch = 0  # batches consumed in the current epoch
-        self.iteration = 0  # batches consumed in total
-        if self.resume is not None:
-            self._load_resume(Path(self.resume))
-
-        if self.main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.output_dir / "config.yaml")
-        dist_utils.barrier()
-        self.log = _RunLog(self.output_dir, enabled=self.main, tensorboard=cfg.train.tensorboard)
 
     def _batches(self, epoch: int) -> list[list[int]]:
         return epoch_batches(len(self.train_set), batch_size=self.cfg.train.batch_size,
@@ -512,6 +578,32 @@ class _Trainer:
             if key not in state:
                 raise CheckpointError(f"{path}: not a training checkpoint (no {key!r}); "
                                       f"cannot resume from it")
+        self._check_resumed_model(state, path)
+        try:
+            _unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            detail = str(exc).splitlines()[0][:300]
+            raise CheckpointError(f"{path}: cannot resume from this checkpoint: {detail}") from None
+        rng_states = state["rng"]
+        if len(rng_states) == self.info.world_size:
+            restore_rng_state(rng_states[self.info.rank])
+        else:
+            _seed_everything(dist_utils.seed_for_rank(self.cfg.train.seed + state["iteration"],
+                                                      self.info.rank))
+        self.state.epoch = int(state["epoch"])
+        self.state.iter_in_epoch = int(state["iter_in_epoch"])
+        self.state.iteration = int(state["iteration"])
+        if self.main:
+            logger.info("resumed from %s: epoch %d, iteration %d (%d batches into the epoch)",
+                        path, self.state.epoch, self.state.iteration, self.state.iter_in_epoch)
+
+    def _check_resumed_model(self, state: dict, path: Path) -> None:
+        """The checkpoint must be of this model; a mid-epoch one from another number of
+        processes or batch size continues with another data order (a warning says so)."""
         stored = model_config_from_checkpoint(state, path=path)
         differences = describe_config_mismatch(stored, self.cfg.model)
         if differences:
@@ -528,90 +620,44 @@ class _Trainer:
                            "with %d x %d: the rest of the epoch is not the same data order",
                            path, saved_world, saved_batch, self.info.world_size,
                            self.cfg.train.batch_size)
-        try:
-            _unwrap(self.model).load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            detail = str(exc).splitlines()[0][:300]
-            raise CheckpointError(f"{path}: cannot resume from this checkpoint: {detail}") from None
-        rng_states = state["rng"]
-        if len(rng_states) == self.info.world_size:
-            restore_rng_state(rng_states[self.info.rank])
-        else:
-            _seed_everything(dist_utils.seed_for_rank(self.cfg.train.seed + state["iteration"],
-                                                      self.info.rank))
-        self.epoch = int(state["epoch"])
-        self.iter_in_epoch = int(state["iter_in_epoch"])
-        self.iteration = int(state["iteration"])
-        if self.main:
-            logger.info("resumed from %s: epoch %d, iteration %d (%d batches into the epoch)",
-                        path, self.epoch, self.iteration, self.iter_in_epoch)
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _checkpoint_state(self) -> dict:
-        rng = _gather_rng_states(self.info)  # collective: every rank calls it
-        train_set = self.train_set
+    # -- what the hooks use --------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """The contents of a checkpoint now. Collective under DDP: every rank calls it."""
+        rng = _gather_rng_states(self.info)
         return {
             "format": "libra-rcnn-checkpoint",
             "format_version": 1,
             "model": _unwrap(self.model).state_dict(),
             "model_config": config_to_dict(self.cfg.model),
-            "class_names": list(train_set.class_names),
-            "label_to_cat_id": {int(k): int(v) for k, v in train_set.label_to_cat_id.items()},
+            "class_names": list(self.train_set.class_names),
+            "label_to_cat_id": {int(k): int(v)
+                                for k, v in self.train_set.label_to_cat_id.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "iter_in_epoch": self.iter_in_epoch,
-            "iteration": self.iteration,
+            "epoch": self.state.epoch,
+            "iter_in_epoch": self.state.iter_in_epoch,
+            "iteration": self.state.iteration,
             "world_size": self.info.world_size,
             "batch_size": self.cfg.train.batch_size,
             "rng": rng,
             "config": config_to_dict(self.cfg),
         }
 
-    def _save(self, *, epoch_file: bool) -> Path:
-        state = self._checkpoint_state()
-        latest = self.output_dir / "latest.pth"
-        if self.main:
-            if epoch_file:
-                save_checkpoint(self.output_dir / f"epoch_{self.epoch}.pth", state)
-            save_checkpoint(latest, state)
-            logger.info("checkpoint written: %s (epoch %d, iteration %d)", latest, self.epoch,
-                        self.iteration)
-        dist_utils.barrier()
-        return latest
-
-    # -- evaluation ----------------------------------------------------------------------------
-    def _evaluate(self):
-        from libra_rcnn.engine.evaluate import describe_skipped, evaluate
+    def evaluate(self):
+        """COCO evaluation of the model on the validation set (this rank's shard under DDP;
+        the metrics on the main process). Collective under DDP."""
+        from libra_rcnn.engine.evaluate import evaluate
 
         loader = build_val_loader(self.val_set, cfg=self.cfg, info=self.info)
-        evaluation = evaluate(
+        return evaluate(
             _unwrap(self.model), loader, device=self.device,
             results_file=self.output_dir / "val_results.json",
             proposals=self.cfg.model.arch == "rpn", amp=self.use_amp, progress=self.progress)
-        if self.main:
-            metrics = evaluation.metrics
-            record = {"type": "val", "epoch": self.epoch, "iter": self.iteration,
-                      "images": len(evaluation.image_ids),
-                      "skipped_images": len(evaluation.skipped),
-                      **{k: float(v) for k, v in metrics.items()}}
-            self.log.write(record, step=self.iteration, tb_prefix="val")
-            if evaluation.skipped:
-                logger.warning("val after epoch %d: %d unreadable image(s) not scored:\n  %s",
-                               self.epoch, len(evaluation.skipped),
-                               "\n  ".join(describe_skipped(evaluation.skipped)))
-            logger.info("val after epoch %d on %d image(s): %s", self.epoch,
-                        len(evaluation.image_ids),
-                        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()) or "no metrics")
-        return evaluation
 
     # -- the loop ------------------------------------------------------------------------------
-    def _step(self, images, targets) -> tuple[dict, bool]:
+    def run_step(self, images, targets) -> tuple[dict, bool]:
         """One forward/backward/update. Returns (averaged losses for logging, stepped?)."""
         cfg = self.cfg
         images = [img.to(self.device, non_blocking=True) for img in images]
@@ -641,123 +687,72 @@ class _Trainer:
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
             self.scheduler.step()
 
-    def _record_step(self, losses: dict, stepped: bool, lr: float, state: dict) -> None:
-        """Non-finite bookkeeping (raises after too many in a row) and logging of one step."""
-        t = self.cfg.train
-        if losses and not stepped:
-            state["consecutive_nonfinite"] += 1
-            state["epoch_nonfinite"] += 1
-            if self.main:
-                logger.warning("iteration %d: non-finite loss %s, step skipped (%d in a row)",
-                               self.iteration, losses, state["consecutive_nonfinite"])
-            if state["consecutive_nonfinite"] >= t.max_consecutive_nonfinite:
-                latest = self.output_dir / "latest.pth"
-                kept = f"; last good checkpoint: {latest}" if latest.exists() else ""
-                raise TrainingDivergedError(
-                    f"{state['consecutive_nonfinite']} consecutive non-finite losses, last at "
-                    f"iteration {self.iteration} ({losses}){kept}")
-        elif stepped:
-            state["consecutive_nonfinite"] = 0
-            state["last_losses"] = losses
-        if losses and self.main and (self.iteration % t.log_period == 0 or self.iteration == 1):
-            elapsed = time.perf_counter() - state["start_time"]
-            per_iter = elapsed / max(1, self.iteration - state["start_iteration"])
-            record = {"type": "train", "epoch": self.epoch + 1, "iter": self.iteration, "lr": lr,
-                      **losses, "stepped": stepped, "time_per_iter": per_iter,
-                      "eta_s": per_iter * (state["total_iters"] - self.iteration)}
-            self.log.write(record, step=self.iteration, tb_prefix="train")
+    def _call_hooks(self, point: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, point)()
 
-    def _train_epoch(self, stop: _StopRequest, state: dict) -> tuple[bool, int]:
-        """Train from the current position to the end of the epoch (or ``total_iters``).
-        Returns (interrupted by a signal?, number of batches in the epoch)."""
-        from tqdm.auto import tqdm
+    def run_epoch(self) -> None:
+        """Train from the current position to the end of the epoch, ``total_iters`` or a stop
+        request, then close the epoch (counts, position, ``after_epoch`` hooks)."""
+        state = self.state
+        batches = self._batches(state.epoch)
+        state.epoch_len, state.epoch_done = len(batches), False
+        state.epoch_skipped = state.epoch_nonfinite = 0
+        self._call_hooks("before_epoch")
+        loader = _train_loader(self.train_set, batches[state.iter_in_epoch:], cfg=self.cfg,
+                               epoch=state.epoch, pin_memory=self.device.type == "cuda")
+        for images, targets, skipped in loader:
+            # every rank agrees on stopping and on skipping a batch left empty by bad samples
+            empty, stop = dist_utils.all_reduce_max(
+                [float(len(images) == 0), float(state.stop_requested)])
+            if stop:
+                state.stop_reason = "interrupted"
+                break
+            state.epoch_skipped += skipped
+            losses, stepped = self.run_step(images, targets) if not empty else ({}, False)
+            state.record_step(losses, stepped, lr=self.optimizer.param_groups[0]["lr"])
+            self._advance_schedule()
+            self._call_hooks("after_step")
+            if state.iteration >= state.total_iters:
+                break
+        self._end_epoch()
 
-        batches = self._batches(self.epoch)
-        loader = _train_loader(self.train_set, batches[self.iter_in_epoch:], cfg=self.cfg,
-                               epoch=self.epoch, pin_memory=self.device.type == "cuda")
-        state["epoch_skipped"] = state["epoch_nonfinite"] = 0
-        with tqdm(total=len(batches), initial=self.iter_in_epoch,
-                  desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
-                  disable=not self.progress, dynamic_ncols=True, leave=False) as bar:
-            for images, targets, skipped in loader:
-                # every rank agrees on stopping and on skipping a batch left empty by bad samples
-                empty, stop_flag = dist_utils.all_reduce_max(
-                    [float(len(images) == 0), float(stop.signum is not None)])
-                if stop_flag:
-                    return True, len(batches)
-                state["epoch_skipped"] += skipped
-                losses, stepped = self._step(images, targets) if not empty else ({}, False)
-                self.iteration += 1
-                self.iter_in_epoch += 1
-                lr = self.optimizer.param_groups[0]["lr"]
-                self._advance_schedule()
-                bar.update(1)
-                if losses and self.main:
-                    bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}")
-                self._record_step(losses, stepped, lr, state)
-                if self.iteration >= state["total_iters"]:
-                    break
-        return False, len(batches)
+    def _end_epoch(self) -> None:
+        state = self.state
+        state.epoch_skipped = int(dist_utils.all_reduce_sum([float(state.epoch_skipped)])[0])
+        state.skipped_samples += state.epoch_skipped
+        if state.epoch_skipped and self.main:
+            logger.warning("epoch %d: %d bad sample(s) skipped (unreadable images)",
+                           state.epoch + 1, state.epoch_skipped)
+        if state.stop_reason != "interrupted" and state.iter_in_epoch >= state.epoch_len:
+            state.epoch += 1
+            state.iter_in_epoch = 0
+            state.epoch_done = True
+        self._call_hooks("after_epoch")
 
-    def run(self) -> dict:
-        t = self.cfg.train
-        total_iters = t.epochs * self.iters_per_epoch
-        if t.max_iters is not None:
-            total_iters = min(total_iters, t.max_iters)
-        state = {"total_iters": total_iters, "consecutive_nonfinite": 0, "last_losses": {},
-                 "start_time": time.perf_counter(), "start_iteration": self.iteration}
-        summary: dict[str, Any] = {
-            "output_dir": str(self.output_dir), "stop_reason": "finished", "signal": None,
-            "metrics": {}, "eval_images": 0, "eval_skipped": [], "skipped_samples": 0,
-            "nonfinite_steps": 0,
-            "checkpoint": None, "iters_per_epoch": self.iters_per_epoch, "evaluated_at": -1,
-        }
+    def run(self) -> TrainSummary:
+        """Epochs until done, ``total_iters`` or a stop request; the hooks around them."""
+        state = self.state
         self.model.train()
-        with _StopRequest() as stop:
-            while self.epoch < t.epochs and self.iteration < total_iters:
-                interrupted, epoch_len = self._train_epoch(stop, state)
-                skipped = int(dist_utils.all_reduce_sum([float(state["epoch_skipped"])])[0])
-                summary["skipped_samples"] += skipped
-                summary["nonfinite_steps"] += state["epoch_nonfinite"]
-                if skipped and self.main:
-                    logger.warning("epoch %d: %d bad sample(s) skipped (unreadable images)",
-                                   self.epoch + 1, skipped)
-                if interrupted:
-                    summary["checkpoint"] = str(self._save(epoch_file=False))
-                    summary.update(stop_reason="interrupted", signal=stop.signum)
-                    break
-                epoch_done = self.iter_in_epoch >= epoch_len
-                if epoch_done:
-                    self.epoch += 1
-                    self.iter_in_epoch = 0
-                if self.main:
-                    self.log.write({"type": "epoch", "epoch": self.epoch, "iter": self.iteration,
-                                    "epoch_done": epoch_done, "skipped_samples": skipped,
-                                    "nonfinite_steps": state["epoch_nonfinite"]},
-                                   step=self.iteration)
-                epoch_file = epoch_done and (self.epoch % t.checkpoint_period == 0
-                                             or self.epoch == t.epochs)
-                summary["checkpoint"] = str(self._save(epoch_file=epoch_file))
-                finished = self.epoch >= t.epochs or self.iteration >= total_iters
-                if self.val_set is not None and (
-                        finished or (epoch_done and self.epoch % t.eval_period == 0)):
-                    evaluation = self._evaluate()
-                    summary.update(metrics=evaluation.metrics,
-                                   eval_images=len(evaluation.image_ids),
-                                   eval_skipped=evaluation.skipped)
-                    summary["evaluated_at"] = self.iteration
-                    self.model.train()
-        if summary["stop_reason"] == "finished" and self.epoch < t.epochs \
-                and self.iteration >= total_iters:
-            summary["stop_reason"] = "max_iters"
-        summary.update(epoch=self.epoch, iteration=self.iteration,
-                       last_losses=state["last_losses"])
-        return summary
-
-    def close(self) -> None:
-        log = getattr(self, "log", None)
-        if log is not None:
-            log.close()
+        self._call_hooks("before_train")
+        try:
+            while not state.finished and state.stop_reason != "interrupted":
+                self.run_epoch()
+        finally:
+            self._call_hooks("after_train")
+        if state.stop_reason == "finished" and state.epoch < state.max_epochs \
+                and state.iteration >= state.total_iters:
+            state.stop_reason = "max_iters"
+        evaluation = state.evaluation
+        return TrainSummary(
+            stop_reason=state.stop_reason, signal=state.stop_signal, epoch=state.epoch,
+            iteration=state.iteration, iters_per_epoch=state.iters_per_epoch,
+            checkpoint=state.checkpoint, output_dir=str(self.output_dir),
+            metrics=evaluation.metrics if evaluation else {},
+            eval_images=len(evaluation.image_ids) if evaluation else 0,
+            eval_skipped=evaluation.skipped if evaluation else [],
+            evaluated_at=state.evaluated_at, last_losses=state.last_losses,
+            skipped_samples=state.skipped_samples, nonfinite_steps=state.nonfinite_steps)
 
 
 def train(
@@ -766,7 +761,8 @@ def train(
     resume: Union[str, os.PathLike, None] = None,
     device: Union[str, torch.device, None] = None,
     progress: bool = True,
-) -> dict:
+    hooks: Sequence[HookBase] = (),
+) -> TrainSummary:
     """Train the experiment ``cfg`` (see the module doc for outputs and guarantees).
 
     Args:
@@ -775,14 +771,11 @@ def train(
             position inside the epoch).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: this process's GPU if any.
         progress: show a tqdm bar (main process only).
+        hooks: :class:`~libra_rcnn.engine.hooks.HookBase` instances called after the built-in
+            hooks at every point of the loop.
 
     Returns:
-        a summary dict: ``stop_reason`` (``"finished"``, ``"max_iters"`` or ``"interrupted"``),
-        ``signal`` (the signal number when interrupted), ``epoch``, ``iteration``,
-        ``iters_per_epoch``, ``metrics`` (last evaluation), ``eval_images`` (how many images it
-        scored), ``eval_skipped`` (the :class:`~libra_rcnn.data.SkippedImage` records of the
-        unreadable ones it could not score), ``last_losses``, ``skipped_samples`` (training
-        samples), ``nonfinite_steps``, ``checkpoint`` (path of ``latest.pth``), ``output_dir``.
+        a :class:`TrainSummary`.
 
     Raises:
         ConfigError / FileNotFoundError / CheckpointError / DataValidationError and the data
@@ -791,14 +784,12 @@ def train(
     """
     info = dist_utils.init_distributed(
         None if device is None else resolve_device(device, dist_utils.DistInfo()).type)
-    trainer = None
     try:
-        trainer = _Trainer(cfg, info, device=device, resume=resume, progress=progress)
+        trainer = Trainer(cfg, info, device=device, resume=resume, progress=progress,
+                          hooks=hooks)
         with _deterministic(cfg.train.deterministic, trainer.device), \
                 intra_op_threads(cfg.train.num_threads):
             trainer.setup()
             return trainer.run()
     finally:
-        if trainer is not None:
-            trainer.close()
         dist_utils.cleanup_distributed(info)

@@ -1,4 +1,4 @@
-"""Drawing detections on images with PIL (used by prediction and the analysis commands)."""
+"""Drawing detections on images (torchvision's ``draw_bounding_boxes``), used by prediction."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import colorsys
 from collections.abc import Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+from torchvision.utils import draw_bounding_boxes
 
 __all__ = ["class_color", "draw_detections", "to_pil_image"]
 
@@ -82,23 +84,17 @@ def draw_detections(
     if line_width < 1:
         raise ValueError(f"line_width must be >= 1, got {line_width}")
 
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    # Draw low scores first so confident boxes end up on top.
+    # low scores first so confident boxes end up on top
     order = range(num) if scores_l is None else sorted(range(num), key=lambda i: scores_l[i])
-    for i in order:
-        score = None if scores_l is None else scores_l[i]
-        if score is not None and score < score_thresh:
-            continue
-        label = None if labels_l is None else labels_l[i]
-        color = class_color(0 if label is None else label)
-        x1, y1, x2, y2 = boxes_t[i].tolist()
-        draw.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=color, width=line_width)
-        text = _label_text(label, score, class_names)
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        text_w, text_h = right - left, bottom - top
-        # Place the caption above the box, or inside it when the box touches the top edge.
-        ty = y1 - text_h - 2 if y1 - text_h - 2 >= 0 else y1
-        draw.rectangle([x1, ty, x1 + text_w + 2, ty + text_h + 2], fill=color)
-        draw.text((x1 + 1, ty + 1 - top), text, fill=(0, 0, 0), font=font)
-    return canvas
+    keep = [i for i in order if scores_l is None or scores_l[i] >= score_thresh]
+    if not keep:
+        return canvas
+    label_of = (lambda i: None) if labels_l is None else (lambda i: labels_l[i])
+    drawn = boxes_t[keep]
+    drawn[:, 2:] = torch.maximum(drawn[:, 2:], drawn[:, :2])  # an inverted box as a line
+    pixels = draw_bounding_boxes(
+        pil_to_tensor(canvas), drawn,
+        labels=[_label_text(label_of(i), None if scores_l is None else scores_l[i], class_names)
+                for i in keep],
+        colors=[class_color(label_of(i) or 0) for i in keep], width=line_width, fill_labels=True)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
