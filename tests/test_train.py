@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -330,6 +331,32 @@ def test_non_finite_losses_skip_the_step(shapes, tmp_path, monkeypatch):
     assert [r["stepped"] for r in records] == [True, False, False, True]
     assert all(torch.isfinite(made[0].weight).tolist())
     assert _records(tmp_path, "epoch")[0]["nonfinite_steps"] == 2
+
+
+class _NaNGradientStandIn(_StandInDetector):
+    """On its second call, a finite loss whose gradient is NaN: sqrt(0 * w) is 0, its
+    derivative 0 / (2 sqrt(0)) is not a number."""
+
+    def forward(self, images, targets=None):
+        losses = super().forward(images, targets)
+        if self.calls == 2:
+            losses["loss_b"] = losses["loss_b"] + torch.sqrt(self.weight.sum() * 0.0)
+        return losses
+
+
+@pytest.mark.parametrize("clip", [None, 10.0])
+def test_a_finite_loss_with_non_finite_gradients_skips_the_step(shapes, tmp_path, monkeypatch,
+                                                                 clip):
+    made = []
+    monkeypatch.setattr(libra_rcnn.models, "build_model",
+                        lambda cfg: made.append(_NaNGradientStandIn(lambda call: 1.0)) or made[-1])
+    summary = train(_config(shapes, tmp_path, epochs=1, grad_clip_norm=clip), device="cpu",
+                    progress=False)
+    assert summary.nonfinite_steps == 1
+    records = _records(tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert [r["stepped"] for r in records] == [True, False, True, True]
+    assert all(torch.isfinite(made[0].weight).tolist())
 
 
 def test_too_many_non_finite_losses_stop_and_keep_the_last_good_checkpoint(shapes, tmp_path,

@@ -112,7 +112,7 @@ class SignalHandler(HookBase):
 
 
 class NonFiniteLossPolicy(HookBase):
-    """A step with a non-finite loss was skipped by the loop (no optimizer step); after
+    """A step with a non-finite loss or gradient was skipped by the loop (no optimizer step); after
     ``max_consecutive`` in a row this raises :class:`TrainingDivergedError` naming the last
     good checkpoint. Every rank sees the same averaged losses, so all of them stop together."""
 
@@ -130,13 +130,13 @@ class NonFiniteLossPolicy(HookBase):
             return
         self.consecutive += 1
         if self.trainer.main:
-            logger.warning("iteration %d: non-finite loss %s, step skipped (%d in a row)",
-                           state.iteration, state.losses, self.consecutive)
+            logger.warning("iteration %d: non-finite loss or gradients (losses %s), step "
+                           "skipped (%d in a row)", state.iteration, state.losses, self.consecutive)
         if self.consecutive >= self.max_consecutive:
             kept = f"; last good checkpoint: {self.latest}" if self.latest.exists() else ""
             raise TrainingDivergedError(
-                f"{self.consecutive} consecutive non-finite losses, last at iteration "
-                f"{state.iteration} ({state.losses}){kept}")
+                f"{self.consecutive} consecutive non-finite losses or gradients, last at "
+                f"iteration {state.iteration} ({state.losses}){kept}")
 
 
 class MetricsWriter(HookBase):

@@ -353,6 +353,12 @@ def _gather_rng_states(info: dist_utils.DistInfo) -> list:
     return gathered
 
 
+def _gradient_norm(parameters) -> torch.Tensor:
+    """The L2 norm of all gradients together (what ``clip_grad_norm_`` compares)."""
+    norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
 @contextlib.contextmanager
 def intra_op_threads(num_threads: Optional[int]) -> Iterator[None]:
     """``torch.set_num_threads(num_threads)`` for the block (``None``: unchanged), restored after."""
@@ -673,9 +679,17 @@ class Trainer:
         if not all(math.isfinite(v) for v in reduced.values()):
             self.optimizer.zero_grad(set_to_none=True)
             return reduced, False
+        norm = None
         if cfg.train.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip_norm)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip_norm)
+        elif not self.use_amp:  # with AMP the scaler skips steps with non-finite gradients
+            norm = _gradient_norm(self.model.parameters())
+        if norm is not None and not self.use_amp and not torch.isfinite(norm):
+            # a finite loss can still have non-finite gradients: stepping would poison the
+            # weights for good (all ranks agree: the gradients are all-reduced)
+            self.optimizer.zero_grad(set_to_none=True)
+            return reduced, False
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
