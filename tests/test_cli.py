@@ -197,6 +197,26 @@ def test_convert_voc_writes_a_coco_json(tmp_path, capsys):
     assert coco["annotations"][0]["bbox"] == [2, 3, 18, 22]
 
 
+def test_convert_voc_reads_an_image_set_of_the_voc_release_layout(tmp_path, capsys):
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (tmp_path / sub).mkdir(parents=True)
+    for stem, name in (("p1", "cell"), ("p2", "blob"), ("p3", "cell")):
+        Image.new("RGB", (40, 30)).save(tmp_path / "JPEGImages" / f"{stem}.jpg")
+        (tmp_path / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.jpg</filename><size><width>40</width><height>30"
+            f"</height></size><object><name>{name}</name><bndbox><xmin>3</xmin><ymin>4</ymin>"
+            f"<xmax>20</xmax><ymax>25</ymax></bndbox></object></annotation>")
+    (tmp_path / "ImageSets" / "Main" / "train.txt").write_text("p1\np3\n")
+    out_json = tmp_path / "train.json"
+    code, out, _ = _run(capsys, "convert-voc", tmp_path, out_json, "--image-set", "train",
+                        "--class-names", "cell,blob")
+    assert code == 0 and "2 images, 2 boxes, 2 classes (cell, blob)" in out
+    coco = json.loads(out_json.read_text())
+    assert [im["file_name"] for im in coco["images"]] == ["JPEGImages/p1.jpg", "JPEGImages/p3.jpg"]
+    code, _, err = _run(capsys, "convert-voc", tmp_path, out_json, "--image-set", "val")
+    assert code == 2 and "ImageSets/Main/val.txt: no such image set file" in err
+
+
 def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
     code, out, _ = _run(capsys, "demo", "--quick", "--output-dir", tmp_path, "--device", "cpu",
                         "--set", "demo.num_train=4", "--set", "demo.num_val=2")

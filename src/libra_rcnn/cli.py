@@ -6,7 +6,7 @@ Subcommands::
     libra-rcnn eval CHECKPOINT [--config CONFIG] [--set KEY=VALUE ...] [--results FILE] [--strict]
     libra-rcnn eval --results-file FILE --ann ANN_JSON [--proposals]
     libra-rcnn predict CHECKPOINT IMAGE_OR_DIR ... [--score-thresh T] [--out-dir D]
-    libra-rcnn convert-voc FOLDER OUT_JSON [--skip-bad]
+    libra-rcnn convert-voc FOLDER OUT_JSON [--image-set NAME] [--class-names A,B] [--skip-bad]
     libra-rcnn convert-mmdet SRC DST --config CONFIG [--class-names A,B,...]
     libra-rcnn export CHECKPOINT OUT_ONNX [--opset N] [--check IMAGE ...]
     libra-rcnn check-data CONFIG
@@ -144,6 +144,9 @@ def _add_convert_voc_command(sub) -> None:
     p.add_argument("folder", help="folder with .xml annotations (and images)")
     p.add_argument("out_json", help="COCO json to write")
     p.add_argument("--class-names", help="comma-separated class names (fixes the label order)")
+    p.add_argument("--image-set", metavar="NAME",
+                   help="VOC release layout (Annotations/, JPEGImages/, ImageSets/Main/): "
+                        "convert only the files listed in ImageSets/Main/NAME.txt")
     p.add_argument("--difficult-as-crowd", action="store_true",
                    help="mark VOC 'difficult' objects as crowd (ignored in training/evaluation)")
     p.add_argument("--skip-bad", action="store_true",
@@ -419,7 +422,7 @@ def _cmd_convert_voc(args) -> int:
     class_names = None
     if args.class_names:
         class_names = [n.strip() for n in args.class_names.split(",") if n.strip()]
-    coco = voc_to_coco(args.folder, class_names=class_names,
+    coco = voc_to_coco(args.folder, class_names=class_names, image_set=args.image_set,
                        difficult_as_crowd=args.difficult_as_crowd, skip_bad=args.skip_bad)
     write_coco_json(coco, args.out_json)
     names = [c["name"] for c in coco["categories"]]
