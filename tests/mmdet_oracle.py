@@ -425,13 +425,14 @@ def _mmdet_loss(model: nn.Module, images, boxes, labels) -> dict:
 
 
 def training_losses(mm_model: nn.Module, our_config: str, our_weights: dict, arch: str,
-                    seed: int = 5) -> tuple[dict, dict]:
+                    seed: int = 5, proposals: Optional[int] = None) -> tuple[dict, dict]:
     """Both detectors' training losses on the same two 320 x 480 images (no resize) with every
     anchor and RoI sampled, so that no random choice is left on either side.
 
     Args:
         mm_model: mmdetection's model (its samplers are set to sample everything).
         our_config: our config name of the same model; ``our_weights`` its state dict.
+        proposals: RPN proposals per training image on both sides (``None``: the configs').
 
     Returns:
         ``(ours, mmdet's)``: our loss dict and mmdetection's renamed to our names.
@@ -448,6 +449,9 @@ def training_losses(mm_model: nn.Module, our_config: str, our_weights: dict, arc
             sampler.num = 10**6
         overrides += ["model.rpn_batch_size_per_image=1000000", "model.roi_sampler.num=1000000",
                       "model.rpn_neg_pos_ub=-1"]
+    if proposals is not None:
+        mm_model.train_cfg.rpn_proposal.max_per_img = proposals
+        overrides.append(f"model.rpn_post_nms_top_n_train={proposals}")
     ours = build_our_model(load_our_config(our_config, overrides).model)
     ours.load_state_dict(our_weights)
     images, boxes, labels = _loss_batch(seed)
