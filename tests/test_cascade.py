@@ -5,6 +5,10 @@ the RPN's allowed border, and the errors of a cascade configuration."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +32,8 @@ from libra_rcnn.models import (
 from libra_rcnn.models.faster_rcnn import box_head_and_predictor
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = dict(num_classes=5, min_size=64, max_size=96, fpn_channels=16, representation_size=32,
              rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=60,
@@ -305,3 +311,24 @@ def test_a_checkpoint_of_another_cascade_is_another_model():
     model = _model(cascade=dataclasses.replace(two.cascade))
     assert len(model.roi_heads.stages) == 2 and {f"s{k}.{name}" for k in range(2) for name in (
         "loss_classifier", "loss_box_reg")} < set(model.train()(_images(), _targets()))
+
+
+# ---------------------------------------------------------------------------------------------
+# the speed benchmark runs
+
+
+def test_speed_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "speed.json"
+    command = [sys.executable, "-m", "benchmarks.cascade_speed", "--smoke", "--threads", "1",
+               "--out", str(out)]
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "cascade_speed" and payload["environment"]["smoke"] is True
+    rows = {(r["phase"], r["model"]): r for r in payload["rows"]}
+    models = ("faster_rcnn", "cascade_rcnn", "libra_faster_rcnn", "libra_cascade_rcnn")
+    assert set(rows) == {(phase, model) for phase in ("train", "infer") for model in models}
+    assert rows["train", "cascade_rcnn"]["versus"] == "faster_rcnn"
+    assert rows["infer", "libra_cascade_rcnn"]["versus"] == "libra_faster_rcnn"
+    assert all(r["median_ms"] > 0 and r["ratio_vs_faster"] > 0 for r in rows.values())
+    assert rows["train", "faster_rcnn"]["ratio_vs_faster"] == 1.0
