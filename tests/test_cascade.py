@@ -332,3 +332,11 @@ def test_speed_benchmark_smoke_run(tmp_path):
     assert rows["infer", "libra_cascade_rcnn"]["versus"] == "libra_faster_rcnn"
     assert all(r["median_ms"] > 0 and r["ratio_vs_faster"] > 0 for r in rows.values())
     assert rows["train", "faster_rcnn"]["ratio_vs_faster"] == 1.0
+
+
+def test_sampler_analyses_refuse_a_cascade_in_one_line():
+    from libra_rcnn.analysis._common import roi_candidates
+    from libra_rcnn.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="a Cascade R-CNN has one per stage"):
+        roi_candidates(_model(), _images()[0], _targets()[0])

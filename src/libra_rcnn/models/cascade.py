@@ -40,8 +40,10 @@ __all__ = ["CascadeRoIHeads", "LibraCascadeRCNN", "refine_boxes"]
 def refine_boxes(box_coder: BoxCoder, box_regression: Tensor, boxes: list[Tensor],
                  image_shapes: list[tuple[int, int]]) -> list[Tensor]:
     """``boxes`` (per image ``[R_i, 4]``) moved by class-agnostic deltas ``[sum R_i, 4]``,
-    clipped to their image's ``(height, width)``: per image ``[R_i, 4]``."""
-    decoded = box_coder.decode_single(box_regression, torch.cat(boxes, dim=0))
+    clipped to their image's ``(height, width)``: per image ``[R_i, 4]``, in the boxes' dtype
+    (under autocast the deltas may be half precision, too coarse for pixel coordinates)."""
+    all_boxes = torch.cat(boxes, dim=0)
+    decoded = box_coder.decode_single(box_regression.to(all_boxes.dtype), all_boxes)
     per_image = decoded.split([b.shape[0] for b in boxes])
     return [box_ops.clip_boxes_to_image(b, shape) for b, shape in zip(per_image, image_shapes)]
 
