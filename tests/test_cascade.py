@@ -340,3 +340,9 @@ def test_sampler_analyses_refuse_a_cascade_in_one_line():
 
     with pytest.raises(UserInputError, match="a Cascade R-CNN has one per stage"):
         roi_candidates(_model(), _images()[0], _targets()[0])
+
+
+def test_configs_lists_both_cascade_configs(capsys):
+    assert main(["configs"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "cascade_rcnn_r50_fpn_1x_coco" in listed and "libra_cascade_rcnn_r50_fpn_1x_coco" in listed
