@@ -199,10 +199,15 @@ def _rows() -> Dict[str, Row]:
               ("libra_faster_rcnn", "+ balanced L1 loss = Libra Faster R-CNN")]
     rows = [Row(key, name, "faster_rcnn", tuple(overrides), "faster_rcnn")
             for (key, name), overrides in zip(faster, table2, strict=True)]
+    own_bins = "model.roi_sampler.binning=paper"
     rows.append(Row("iou_sampling_own_bins",
                     "+ IoU-balanced sampling, bins over the negatives' own IoU range",
-                    "faster_rcnn", (*table2[1], "model.roi_sampler.binning=paper"),
-                    "faster_rcnn", partner="iou_sampling"))
+                    "faster_rcnn", (*table2[1], own_bins), "faster_rcnn",
+                    partner="iou_sampling"))
+    rows.append(Row("libra_faster_rcnn_own_bins",
+                    "Libra Faster R-CNN, bins over the negatives' own IoU range",
+                    "faster_rcnn", (*table2[3], own_bins), "faster_rcnn",
+                    partner="libra_faster_rcnn"))
     rows.append(Row("retinanet", "RetinaNet (baseline)", "retinanet", _RETINA_BASELINE,
                     "retinanet"))
     rows.append(Row("libra_retinanet", "Libra RetinaNet", "retinanet", _RETINA_LIBRA,
@@ -213,8 +218,15 @@ def _rows() -> Dict[str, Row]:
 #: Every row, in table order: key -> :class:`Row`.
 ROWS: Dict[str, Row] = _rows()
 ROW_KEYS: tuple[str, ...] = tuple(ROWS)
-#: The headline pair that ``--more-seeds`` trains.
-HEADLINE_ROWS: tuple[str, ...] = ("faster_rcnn", "libra_faster_rcnn")
+#: The headline pairs that ``--more-seeds`` trains: baseline and Libra Faster R-CNN; the
+#: reference's IoU bins and the negatives' own range.
+HEADLINE_ROWS: tuple[str, ...] = ("faster_rcnn", "libra_faster_rcnn", "iou_sampling",
+                                  "iou_sampling_own_bins")
+#: How the detectors start: ``pretrained`` (ImageNet EfficientNet-Lite0, the configs for your
+#: own photos on a CPU) or ``scratch`` (the data set's from-scratch configs).
+REGIMES = ("pretrained", "scratch")
+_PRETRAINED_CONFIGS = {"faster_rcnn": "faster_rcnn_lite0_fpn_cpu",
+                       "retinanet": "retinanet_lite0_fpn_cpu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,13 +235,16 @@ class Dataset:
 
     key: str
     title: str
-    configs: Mapping[str, str]  # family -> shipped config name
-    rows: tuple[str, ...]  # row keys, table order
+    configs: Mapping[str, Mapping[str, str]]  # regime -> family -> shipped config name
+    rows: Mapping[str, tuple[str, ...]]  # regime -> row keys, table order
     # VOC release layout with ImageSets/Main/<split>.txt (True), or <root>/<split>/ folders
     image_sets: bool
     class_names: Optional[tuple[str, ...]]  # None: the sorted names found in train
     spread: str  # "half_range" or "std": the cells' ± (accuracy.json has both)
-    more_seeds: tuple[int, ...] = ()
+    seeds: Mapping[str, tuple[int, ...]]  # regime -> the seeds of every row
+    more_seeds: Mapping[str, tuple[int, ...]]  # regime -> more seeds of the headline rows
+    # regime -> the data set's own settings over the config (image size)
+    overrides: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     recipes: Mapping[str, tuple[str, ...]] = dataclasses.field(
         default_factory=lambda: {"cpu": ()})
     splits: tuple[str, str] = ("train", "test")
@@ -238,22 +253,36 @@ class Dataset:
     def default_root(self) -> Path:
         return SHARED_DATA / self.key
 
-    def config(self, row: Row) -> str:
-        return self.configs[row.family]
+    def config(self, row: Row, regime: str) -> str:
+        return self.configs[regime][row.family]
 
 
-_FRUIT_ROWS = ("faster_rcnn", "iou_sampling", "bfp", "libra_faster_rcnn", "retinanet",
-               "libra_retinanet")
+_SCRATCH_FRUIT_ROWS = ("faster_rcnn", "iou_sampling", "bfp", "libra_faster_rcnn", "retinanet",
+                       "libra_retinanet")
+_SCRATCH_BCCD_ROWS = ("faster_rcnn", "iou_sampling", "bfp", "libra_faster_rcnn",
+                      "iou_sampling_own_bins", "retinanet", "libra_retinanet")
+_PRETRAINED_SEEDS = {"seeds": (0, 1, 2, 3), "more_seeds": (4, 5, 6, 7)}
 #: The data sets, by ``--dataset`` key.
 DATASETS: Dict[str, Dataset] = {
-    "fruit": Dataset("fruit", "fruit",
-                     {"faster_rcnn": "fruit_faster_rcnn", "retinanet": "fruit_retinanet"},
-                     _FRUIT_ROWS, image_sets=False, class_names=None, spread="half_range"),
-    "bccd": Dataset("bccd", "BCCD (blood cells)",
-                    {"faster_rcnn": "bccd_faster_rcnn", "retinanet": "bccd_retinanet"},
-                    ROW_KEYS, image_sets=True, class_names=("RBC", "WBC", "Platelets"),
-                    spread="std", more_seeds=(2, 3),
-                    recipes={"cpu": (), "gpu": GPU_RECIPE}),
+    "fruit": Dataset(
+        "fruit", "fruit",
+        {"pretrained": _PRETRAINED_CONFIGS,
+         "scratch": {"faster_rcnn": "fruit_faster_rcnn", "retinanet": "fruit_retinanet"}},
+        {"pretrained": ROW_KEYS, "scratch": _SCRATCH_FRUIT_ROWS},
+        image_sets=False, class_names=None, spread="std",
+        seeds={"pretrained": _PRETRAINED_SEEDS["seeds"], "scratch": (0, 1)},
+        more_seeds={"pretrained": _PRETRAINED_SEEDS["more_seeds"], "scratch": ()},
+        # the fruit are large (90 % of boxes wider than a third of the short side)
+        overrides={"pretrained": ("model.min_size=320", "model.max_size=480")}),
+    "bccd": Dataset(
+        "bccd", "BCCD (blood cells)",
+        {"pretrained": _PRETRAINED_CONFIGS,
+         "scratch": {"faster_rcnn": "bccd_faster_rcnn", "retinanet": "bccd_retinanet"}},
+        {"pretrained": ROW_KEYS, "scratch": _SCRATCH_BCCD_ROWS},
+        image_sets=True, class_names=("RBC", "WBC", "Platelets"), spread="std",
+        seeds={"pretrained": _PRETRAINED_SEEDS["seeds"], "scratch": (0, 1)},
+        more_seeds={"pretrained": _PRETRAINED_SEEDS["more_seeds"], "scratch": (2, 3)},
+        recipes={"cpu": (), "gpu": GPU_RECIPE}),
 }
 
 
@@ -372,22 +401,63 @@ def format_cell(stats: Mapping[str, Optional[float]], *, num_seeds: int,
     return f"{100.0 * stats['mean']:.1f} ± {100.0 * stats[spread]:.1f}"
 
 
+def _two_sided_t_probability(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with ``df`` (integer) degrees of freedom: the closed forms
+    of Abramowitz & Stegun 26.7.3 (odd ``df``) and 26.7.4 (even)."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2 = math.cos(theta) ** 2
+    if df % 2:
+        term, total = 1.0, 0.0
+        if df > 1:
+            total = term = math.cos(theta)
+            for k in range(3, df - 1, 2):
+                term *= cos2 * (k - 1) / k
+                total += term
+        return 2.0 / math.pi * (theta + math.sin(theta) * total)
+    term = total = 1.0
+    for k in range(2, df - 1, 2):
+        term *= cos2 * (k - 1) / k
+        total += term
+    return math.sin(theta) * total
+
+
+def t_critical(df: int, confidence: float = 0.95) -> float:
+    """The two-sided critical value of Student's t: ``P(|T| <= t) = confidence`` (bisection)."""
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an int >= 1, got {df!r}")
+    low, high = 0.0, 1e4
+    for _ in range(200):
+        middle = (low + high) / 2.0
+        if _two_sided_t_probability(middle, df) < confidence:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2.0
+
+
 def paired_gains(mine: Mapping[Any, Mapping[str, float]], other: Mapping[Any, Mapping[str, float]],
                  metric: str = "AP") -> Optional[dict]:
     """``metric`` of one row minus another's, seed by seed (same seed = same initialisation and
     data order), over the seeds both have where both values are defined (>= 0).
 
     Returns ``None`` without such a seed, else ``{"seeds", "gains"}`` (lists, seed order),
-    ``"mean"``, ``"half_range"``, ``"std"`` (``None`` for one seed) and ``"all_positive"``.
+    ``"mean"``, ``"half_range"``, ``"std"`` (``None`` for one seed), ``"ci95"`` (the mean's
+    95 % confidence interval ``[low, high]`` by Student's t with n - 1 degrees of freedom;
+    ``None`` for one seed) and ``"all_positive"``.
     """
     seeds = sorted(s for s in set(mine) & set(other)
                    if mine[s][metric] >= 0 and other[s][metric] >= 0)
     if not seeds:
         return None
     gains = [float(mine[s][metric]) - float(other[s][metric]) for s in seeds]
-    return {"seeds": seeds, "gains": gains, "mean": statistics.fmean(gains),
-            "half_range": (max(gains) - min(gains)) / 2.0,
-            "std": statistics.stdev(gains) if len(gains) > 1 else None,
+    mean = statistics.fmean(gains)
+    std = statistics.stdev(gains) if len(gains) > 1 else None
+    ci95 = None
+    if std is not None:
+        half_width = t_critical(len(gains) - 1) * std / math.sqrt(len(gains))
+        ci95 = [mean - half_width, mean + half_width]
+    return {"seeds": seeds, "gains": gains, "mean": mean,
+            "half_range": (max(gains) - min(gains)) / 2.0, "std": std, "ci95": ci95,
             "all_positive": all(g > 0 for g in gains)}
 
 
@@ -428,25 +498,27 @@ def _torch_threads(num: Optional[int]) -> Iterator[None]:
 # The benchmark
 
 
-def row_config(row: Row, shared: Sequence[str] = (), dataset: str = "fruit") -> Any:
+def row_config(row: Row, shared: Sequence[str] = (), dataset: str = "fruit",
+               regime: str = "pretrained") -> Any:
     """The resolved :class:`~libra_rcnn.config.Config` of ``row`` on ``dataset`` (shared
     overrides first, then the row's, as run_ablation applies them)."""
     from libra_rcnn.config import load_config
 
-    return load_config(DATASETS[dataset].config(row), [*shared, *row.overrides])
+    return load_config(DATASETS[dataset].config(row, regime), [*shared, *row.overrides])
 
 
 def _shared_overrides(train_json: Path, train_images: Path, test_json: Path, test_images: Path,
                       *, num_classes: int, recipe: Sequence[str], smoke: bool,
-                      user: Sequence[str]) -> List[str]:
-    """Every row's shared overrides: data, class count, the recipe's, the smoke run's, then
-    the user's ``--set`` (later ones win)."""
+                      user: Sequence[str], dataset: Sequence[str] = ()) -> List[str]:
+    """Every row's shared overrides: data, class count, the data set's own settings, the
+    recipe's, the smoke run's, then the user's ``--set`` (later ones win)."""
     # train.num_threads=null: training keeps the process's thread count, which run_benchmark
     # sets (--threads or the config's); a thread count is then no part of a run's overrides,
     # so resuming with another --threads is allowed
     shared = [f"data.train_ann={train_json}", f"data.train_images={train_images}",
               f"data.val_ann={test_json}", f"data.val_images={test_images}",
-              f"model.num_classes={num_classes}", "train.num_threads=null", *recipe]
+              f"model.num_classes={num_classes}", "train.num_threads=null", *dataset,
+              *recipe]
     if smoke:
         shared.extend(SMOKE_OVERRIDES)
     shared.extend(user)
@@ -535,7 +607,9 @@ def _markdown(report: dict) -> str:
     title = report["dataset"]["title"]
     test_name = f"`{report['dataset']['key']}/test`"
     lines = [
-        f"# Accuracy on real photos: {title}, trained from scratch",
+        f"# Accuracy on real photos: {title}, "
+        + {"pretrained": "fine-tuned from ImageNet-pretrained EfficientNet-Lite0",
+           "scratch": "trained from scratch"}[settings.get("regime", "scratch")],
         "",
         f"Command: `{report['command']}`  ",
         f"Commit: `{report['git']['commit']}`"
@@ -548,20 +622,21 @@ def _markdown(report: dict) -> str:
         f"{data['test_boxes']} boxes), x100. Cells: mean ± {spread_words} over the "
         f"seeds done (column `seeds`; of {seeds} requested), a single value where only one "
         f"is done; `-`: undefined (pycocotools' -1, no ground truth in that size range). "
-        f"ΔAP: the row's AP minus its family baseline's, paired by seed.",
+        f"ΔAP, ΔAP75: the row's AP (AP75) minus its family baseline's, paired by seed.",
         "",
-        "| Method | seeds | AP | AP50 | AP75 | APs | APm | APl | ΔAP |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Method | seeds | AP | AP50 | AP75 | APs | APm | APl | ΔAP | ΔAP75 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     done = [row for row in report["rows"] if row["per_seed"]]
     for row in report["rows"]:
         n = len(row["per_seed"])
         if n == 0:
-            lines.append(f"| {row['name']} | 0 | " + " | ".join(["not yet run"] * 6) + " | |")
+            lines.append(f"| {row['name']} | 0 | " + " | ".join(["not yet run"] * 6) + " | | |")
             continue
         cells = [format_cell(row["stats"][m], num_seeds=n, spread=spread) for m in METRICS]
         lines.append(f"| {row['name']} | {n} | " + " | ".join(cells)
-                     + f" | {_gain_cell(row['delta_AP'], spread)} |")
+                     + f" | {_gain_cell(row['delta_AP'], spread)}"
+                     + f" | {_gain_cell(row.get('delta_AP75'), spread)} |")
     classes = data["classes"]
     if done:
         lines += [
@@ -581,9 +656,11 @@ def _markdown(report: dict) -> str:
             gains = [_gain_cell((row["delta_AP_per_class"] or {}).get(c), spread)
                      for c in classes]
             lines.append(f"| {row['name']} | {n} | " + " | ".join(cells + gains) + " |")
-        lines += ["", "Paired AP gains (x100), seed by seed:", "",
-                  "| Method | against | gain per seed | mean ± std | every gain > 0 |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "Paired AP gains (x100), seed by seed; the mean's 95 % confidence interval "
+                      "by Student's t (n - 1 degrees of freedom):", "",
+                  "| Method | against | gain per seed | mean ± std | 95 % interval | "
+                  "every gain > 0 |",
+                  "|---|---|---|---|---|---|"]
         by_key = {row["key"]: row for row in report["rows"]}
         for row in done:
             for other_key, gain in ((row["baseline"], row["delta_AP"]),
@@ -593,8 +670,10 @@ def _markdown(report: dict) -> str:
                 per_seed = ", ".join(f"{100 * g:+.1f} (seed {s})"
                                      for s, g in zip(gain["seeds"], gain["gains"]))
                 std = "" if gain["std"] is None else f" ± {100 * gain['std']:.1f}"
+                interval = "" if gain.get("ci95") is None else \
+                    f"[{100 * gain['ci95'][0]:+.1f}, {100 * gain['ci95'][1]:+.1f}]"
                 lines.append(f"| {row['name']} | {by_key[other_key]['name']} | {per_seed} | "
-                             f"{100 * gain['mean']:+.1f}{std} | "
+                             f"{100 * gain['mean']:+.1f}{std} | {interval} | "
                              f"{'yes' if gain['all_positive'] else 'no'} |")
     lines.append("")
     changed = {split: conv for split, conv in data["conversion"].items()
@@ -639,7 +718,7 @@ def seed_process_command(args: argparse.Namespace, seed: int, threads: int,
     torch threads, and ``--train-only`` (no histogram, no table: the parent writes those once
     all seeds are done)."""
     command = [sys.executable, "-m", "benchmarks.accuracy", "--train-only",
-               "--dataset", args.dataset, "--recipe", args.recipe,
+               "--dataset", args.dataset, "--regime", args.regime, "--recipe", args.recipe,
                "--seeds", str(seed), "--more-seeds", "--threads", str(threads),
                "--data-root", str(Path(args.data_root).resolve()),
                "--output-dir", str(Path(args.output_dir).resolve()),
@@ -791,15 +870,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     shared = _shared_overrides(train_json, train_folder, test_json, test_folder,
                                num_classes=len(class_names) + 1,
                                recipe=dataset.recipes[args.recipe], smoke=smoke,
-                               user=args.overrides)
+                               user=args.overrides,
+                               dataset=dataset.overrides.get(args.regime, ()))
     epochs = 1 if smoke else args.epochs
     max_iters = SMOKE_ITERS if smoke else args.max_iters
     # fail on a bad config before any training
-    resolved = {row.key: row_config(row, shared, args.dataset) for row in rows}
+    resolved = {row.key: row_config(row, shared, args.dataset, args.regime) for row in rows}
     faster = resolved.get("faster_rcnn") or next(iter(resolved.values()))
     # one thread count for training, evaluation and the histogram: --threads, else the
     # config file's train.num_threads (2)
-    configured = row_config(rows[0], (), args.dataset).train.num_threads
+    configured = row_config(rows[0], (), args.dataset, args.regime).train.num_threads
     cpu_threads = (args.threads or configured) if args.device == "cpu" else None
 
     if args.jobs > 1 and len(plan) > 1:
@@ -817,7 +897,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             for seed, keys in plan.items():
                 for row in (ROWS[key] for key in keys):
                     logger.info("row %r, seed %d", row.key, seed)
-                    entry = _run_one(row, seed, config=dataset.config(row),
+                    entry = _run_one(row, seed, config=dataset.config(row, args.regime),
                                      runs_dir=out_dir / "runs", shared=shared, epochs=epochs,
                                      max_iters=max_iters, device=args.device)
                     per_seed[row.key][seed] = entry["metrics"]
@@ -847,7 +927,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     by_key = {}
     for row in rows:
-        entry = {"key": row.key, "name": row.name, "config": dataset.config(row),
+        entry = {"key": row.key, "name": row.name, "config": dataset.config(row, args.regime),
                  "overrides": list(row.overrides), "baseline": row.baseline,
                  "partner": row.partner, "per_seed": per_seed[row.key],
                  "per_class": per_class[row.key], "seconds": seconds[row.key]}
@@ -860,6 +940,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         base = by_key.get(row.baseline) if row.baseline != row.key else None
         partner = by_key.get(row.partner) if row.partner else None
         entry["delta_AP"] = base and paired_gains(entry["per_seed"], base["per_seed"])
+        entry["delta_AP75"] = base and paired_gains(entry["per_seed"], base["per_seed"], "AP75")
         entry["delta_AP_partner"] = partner and paired_gains(entry["per_seed"],
                                                              partner["per_seed"])
         entry["delta_AP_per_class"] = base and {
@@ -876,7 +957,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "dataset": {"key": dataset.key, "title": dataset.title},
         "settings": {"seeds": list(args.seeds), "more_seeds": list(args.more_seeds),
                      "rows": [r.key for r in rows], "smoke": smoke, "device": args.device,
-                     "recipe": args.recipe, "threads": cpu_threads,
+                     "regime": args.regime, "recipe": args.recipe, "threads": cpu_threads,
                      "epochs": epochs or faster.train.epochs, "max_iters": max_iters,
                      "shared_overrides": shared, "spread": dataset.spread,
                      "convention": faster.model.convention,
@@ -921,8 +1002,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def _default_output_dir(dataset: str, recipe: str, smoke: bool) -> Path:
-    name = "accuracy" + ("" if dataset == "fruit" else f"_{dataset}")
+def _default_output_dir(dataset: str, regime: str, recipe: str, smoke: bool) -> Path:
+    name = f"accuracy_{dataset}_{regime}"
     name += "" if recipe == "cpu" else f"_{recipe}"
     return REPO_ROOT / "work_dirs" / (name + ("_smoke" if smoke else ""))
 
@@ -935,6 +1016,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "± spread over seeds, paired gains, per-class AP.")
     parser.add_argument("--dataset", choices=tuple(DATASETS), default="fruit",
                         help="fruit (issue 8, the default) or bccd (blood cells, issue 15)")
+    parser.add_argument("--regime", choices=REGIMES, default="pretrained",
+                        help="pretrained (the default: ImageNet EfficientNet-Lite0, the configs "
+                             "for your own photos on a CPU) or scratch (the data set's "
+                             "from-scratch configs)")
     parser.add_argument("--data-root", default=None,
                         help="the data set's folder (default: ../shared/data/<dataset> from the "
                              "repository root)")
@@ -987,27 +1072,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.data_root is None:
         args.data_root = str(dataset.default_root)
     if args.seeds is None:
-        args.seeds = [0] if args.smoke else [0, 1]
+        args.seeds = [0] if args.smoke else list(dataset.seeds[args.regime])
     if args.more_seeds is None:
-        args.more_seeds = [] if args.smoke else list(dataset.more_seeds)
+        args.more_seeds = [] if args.smoke else list(dataset.more_seeds[args.regime])
     every = args.seeds + args.more_seeds
     if len(set(every)) != len(every):
         parser.error(f"--seeds / --more-seeds: duplicates in {every}")
+    table = dataset.rows[args.regime]
     if args.rows is None:
-        args.rows = list(dataset.rows)
+        args.rows = list(table)
     if len(set(args.rows)) != len(args.rows):
         parser.error(f"--rows: duplicates in {args.rows}")
-    foreign = [key for key in args.rows if key not in dataset.rows]
+    foreign = [key for key in args.rows if key not in table]
     if foreign:
-        parser.error(f"--rows: {foreign} not in the {args.dataset} table ({list(dataset.rows)})")
-    args.rows = [key for key in dataset.rows if key in args.rows]  # table order
+        parser.error(f"--rows: {foreign} not in the {args.dataset} {args.regime} table "
+                     f"({list(table)})")
+    args.rows = [key for key in table if key in args.rows]  # table order
     if args.recipe is None:
         args.recipe = "gpu" if args.device == "cuda" and "gpu" in dataset.recipes else "cpu"
     if args.recipe not in dataset.recipes:
         parser.error(f"--recipe {args.recipe}: the {args.dataset} set has "
                      f"{sorted(dataset.recipes)}")
     if args.output_dir is None:
-        args.output_dir = str(_default_output_dir(args.dataset, args.recipe, args.smoke))
+        args.output_dir = str(_default_output_dir(args.dataset, args.regime, args.recipe,
+                                                  args.smoke))
     if args.smoke and args.epochs is not None:
         parser.error("--smoke fixes the budget (2 iterations per row); drop --epochs")
     if args.device == "cuda":

@@ -91,8 +91,8 @@ def _run(args, cwd=REPO_ROOT):
 
 def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
     out = tmp_path / "out"
-    args = ["--smoke", "--data-root", str(tiny_fruit), "--output-dir", str(out), "--threads", "1",
-            "--set", "train.momentum=0.8", "--quiet"]
+    args = ["--smoke", "--regime", "scratch", "--data-root", str(tiny_fruit), "--output-dir",
+            str(out), "--threads", "1", "--set", "train.momentum=0.8", "--quiet"]
     first = _run(args)
 
     # the data: 4 annotated train images (the empty one skipped), 2 test images, fixed classes
@@ -220,7 +220,7 @@ def test_bccd_smoke_run_with_more_seeds_and_the_gpu_recipe(tiny_bccd, tmp_path):
     out = tmp_path / "out"
     proc = _run(["--dataset", "bccd", "--smoke", "--data-root", str(tiny_bccd), "--output-dir",
                  str(out), "--threads", "1", "--recipe", "gpu", "--seeds", "0", "--more-seeds",
-                 "1", "--rows", "faster_rcnn", "iou_sampling", "iou_sampling_own_bins",
+                 "1", "--rows", "faster_rcnn", "iou_sampling", "bfp", "iou_sampling_own_bins",
                  "libra_faster_rcnn", "--quiet"])
     report = json.loads((out / "accuracy.json").read_text())
     assert report["dataset"]["key"] == "bccd" and report["settings"]["recipe"] == "gpu"
@@ -236,15 +236,17 @@ def test_bccd_smoke_run_with_more_seeds_and_the_gpu_recipe(tiny_bccd, tmp_path):
     shared = report["settings"]["shared_overrides"]
     assert "train.epochs=8" in shared and "data.num_workers=4" in shared
     assert shared.index("model.min_size=800") < shared.index("model.min_size=64")
-    # --more-seeds trains the headline pair only
+    # --more-seeds trains the headline pairs only
     seeds = {r["key"]: sorted(r["per_seed"]) for r in report["rows"]}
-    assert seeds == {"faster_rcnn": ["0", "1"], "iou_sampling": ["0"],
-                     "iou_sampling_own_bins": ["0"], "libra_faster_rcnn": ["0", "1"]}
+    assert seeds == {"faster_rcnn": ["0", "1"], "iou_sampling": ["0", "1"], "bfp": ["0"],
+                     "iou_sampling_own_bins": ["0", "1"], "libra_faster_rcnn": ["0", "1"]}
+    assert report["settings"]["regime"] == "pretrained"
+    assert report["settings"]["backbone"] == "efficientnet_lite0"
     by_key = {r["key"]: r for r in report["rows"]}
     assert by_key["libra_faster_rcnn"]["delta_AP"]["seeds"] == [0, 1]
     own = by_key["iou_sampling_own_bins"]
-    assert own["delta_AP_partner"]["gains"] == [pytest.approx(
-        own["per_seed"]["0"]["AP"] - by_key["iou_sampling"]["per_seed"]["0"]["AP"])]
+    assert own["delta_AP_partner"]["gains"] == pytest.approx(
+        [own["per_seed"][s]["AP"] - by_key["iou_sampling"]["per_seed"][s]["AP"] for s in "01"])
     assert set(own["delta_AP_per_class"]) == {"RBC", "WBC", "Platelets"}
     run_config = yaml.safe_load(next((out / "runs" / "iou_sampling_own_bins" / "seed_0").glob(
         "*/config.yaml")).read_text())
@@ -268,6 +270,7 @@ def test_seed_process_command_passes_the_settings_on(acc, tmp_path):
     text = " ".join(command)
     for part in ("--seeds 1 --more-seeds --threads 3", "--rows bfp", "--epochs 2",
                  "--set train.momentum=0.8", "--dataset fruit", "--recipe cpu",
+                 "--regime pretrained",
                  f"--output-dir {tmp_path.resolve()}", f"--data-root {Path('d').resolve()}"):
         assert part in text
     assert "--jobs" not in text and "--smoke" not in text
@@ -318,9 +321,10 @@ LIBRA_KEYS = {
 
 
 @pytest.mark.parametrize("dataset", ["fruit", "bccd"])
-def test_rows_differ_from_their_baseline_only_in_libra_switches(acc, dataset):
-    keys = acc.DATASETS[dataset].rows
-    configs = {key: _flat(acc.row_config(acc.ROWS[key], (), dataset)) for key in keys}
+@pytest.mark.parametrize("regime", ["pretrained", "scratch"])
+def test_rows_differ_from_their_baseline_only_in_libra_switches(acc, dataset, regime):
+    keys = acc.DATASETS[dataset].rows[regime]
+    configs = {key: _flat(acc.row_config(acc.ROWS[key], (), dataset, regime)) for key in keys}
     for key in keys:
         row = acc.ROWS[key]
         for other in (row.baseline, row.partner):
@@ -349,13 +353,14 @@ def test_rows_differ_from_their_baseline_only_in_libra_switches(acc, dataset):
         "model.max_size", "model.fpn_channels", "model.trainable_backbone_layers",
         "model.convention")]
     differing = {k for k in shared if fr[k] != rt[k]}
-    assert differing == {"train.base_lr"}  # each family's rate, tuned on its own baseline
-    assert fr["model.backbone_weights"] is None  # from scratch
+    assert differing <= {"train.base_lr"}  # each family's rate, tuned on its own baseline
+    assert fr["model.backbone_weights"] == {"scratch": None, "pretrained": "imagenet"}[regime]
 
 
-def test_bccd_rows_follow_the_reference_conventions(acc):
-    configs = {key: _flat(acc.row_config(acc.ROWS[key], (), "bccd"))
-               for key in acc.DATASETS["bccd"].rows}
+@pytest.mark.parametrize("regime", ["pretrained", "scratch"])
+def test_bccd_rows_follow_the_reference_conventions(acc, regime):
+    configs = {key: _flat(acc.row_config(acc.ROWS[key], (), "bccd", regime))
+               for key in acc.DATASETS["bccd"].rows[regime]}
     for config in configs.values():
         assert config["model.convention"] == "mmdet"
         assert config["model.roi_sampler.floor_thr"] == 0.0
@@ -368,7 +373,7 @@ def test_bccd_rows_follow_the_reference_conventions(acc):
         "model.roi_sampler.binning"}
     assert configs["libra_retinanet"]["model.retina_box_loss.formula"] == "mmdet"
     assert acc.ROWS["iou_sampling_own_bins"].partner == "iou_sampling"
-    assert "iou_sampling_own_bins" not in acc.DATASETS["fruit"].rows
+    assert "iou_sampling_own_bins" not in acc.DATASETS["fruit"].rows["scratch"]
 
 
 def test_gpu_recipe_resolves_to_the_longer_schedule(acc):
@@ -418,8 +423,20 @@ def test_paired_gains_seed_by_seed(acc):
     assert gain["half_range"] == pytest.approx(0.03)
     assert gain["std"] == pytest.approx(0.03)  # sqrt((0 + 0.0009 + 0.0009) / 2)
     assert gain["all_positive"] is False
+    # the mean's 95 % interval: t(0.975, 2 df) = 4.302653 (tables), 0.03 / sqrt(3) its error
+    assert gain["ci95"] == pytest.approx([0.02 - 0.0745240, 0.02 + 0.0745240], abs=1e-6)
     one = acc.paired_gains({0: {"AP": 0.3}}, {0: {"AP": 0.1}})
-    assert one["std"] is None and one["all_positive"] is True
+    assert one["std"] is None and one["ci95"] is None and one["all_positive"] is True
+
+
+def test_t_critical_values_match_published_tables(acc):
+    published = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 7: 2.3646, 8: 2.3060,
+                 10: 2.2281, 20: 2.0860, 30: 2.0423}
+    for df, value in published.items():
+        assert acc.t_critical(df) == pytest.approx(value, abs=1e-4), df
+    assert acc.t_critical(5, confidence=0.99) == pytest.approx(4.0321, abs=1e-4)
+    with pytest.raises(ValueError, match="df"):
+        acc.t_critical(0)
     assert acc.paired_gains({0: {"AP": 0.3}}, {1: {"AP": 0.1}}) is None
 
 
@@ -451,12 +468,16 @@ def test_convert_split_is_done_once(acc, tiny_fruit, tmp_path):
 
 def test_arguments(acc, tmp_path):
     args = acc.parse_args([])
-    assert args.seeds == [0, 1] and args.rows == list(acc.DATASETS["fruit"].rows)
+    assert args.regime == "pretrained" and args.seeds == [0, 1, 2, 3]
+    assert args.rows == list(acc.DATASETS["fruit"].rows["pretrained"]) == list(acc.ROW_KEYS)
     assert args.device == "cpu"
     assert Path(args.data_root).resolve() == (REPO_ROOT.parent / "shared" / "data" / "fruit").resolve()
-    assert Path(args.output_dir) == REPO_ROOT / "work_dirs" / "accuracy"
+    assert Path(args.output_dir) == REPO_ROOT / "work_dirs" / "accuracy_fruit_pretrained"
     smoke = acc.parse_args(["--smoke"])
-    assert smoke.seeds == [0] and Path(smoke.output_dir).name == "accuracy_smoke"
+    assert smoke.seeds == [0] and Path(smoke.output_dir).name == "accuracy_fruit_pretrained_smoke"
+    scratch = acc.parse_args(["--regime", "scratch"])
+    assert (scratch.seeds, scratch.more_seeds) == ([0, 1], [])
+    assert Path(scratch.output_dir).name == "accuracy_fruit_scratch"
     # rows come back in table order
     assert acc.parse_args(["--rows", "libra_retinanet", "faster_rcnn"]).rows == [
         "faster_rcnn", "libra_retinanet"]
@@ -472,22 +493,26 @@ def test_arguments(acc, tmp_path):
                               "--output-dir", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="--data-root"):
         acc.run_benchmark(missing)
-    assert args.dataset == "fruit" and args.more_seeds == [] and args.recipe == "cpu"
+    assert args.dataset == "fruit" and args.more_seeds == [4, 5, 6, 7] and args.recipe == "cpu"
 
 
 def test_arguments_bccd(acc, tmp_path):
     args = acc.parse_args(["--dataset", "bccd"])
-    assert args.seeds == [0, 1] and args.more_seeds == [2, 3] and args.recipe == "cpu"
-    assert args.rows == list(acc.DATASETS["bccd"].rows) and len(args.rows) == 7
+    # pretrained: the headline pairs (more_seeds) at 8 seeds, every other row at 4
+    assert args.seeds == [0, 1, 2, 3] and args.more_seeds == [4, 5, 6, 7]
+    assert args.recipe == "cpu" and args.regime == "pretrained"
+    assert args.rows == list(acc.ROW_KEYS) and len(args.rows) == 8
     assert Path(args.data_root).resolve() == (REPO_ROOT.parent / "shared" / "data" / "bccd").resolve()
-    assert Path(args.output_dir) == REPO_ROOT / "work_dirs" / "accuracy_bccd"
+    assert Path(args.output_dir) == REPO_ROOT / "work_dirs" / "accuracy_bccd_pretrained"
     assert Path(acc.parse_args(["--dataset", "bccd", "--recipe", "gpu"]).output_dir) == (
-        REPO_ROOT / "work_dirs" / "accuracy_bccd_gpu")
+        REPO_ROOT / "work_dirs" / "accuracy_bccd_pretrained_gpu")
+    scratch = acc.parse_args(["--dataset", "bccd", "--regime", "scratch"])
+    assert (scratch.seeds, scratch.more_seeds, len(scratch.rows)) == ([0, 1], [2, 3], 7)
     assert acc.parse_args(["--dataset", "bccd", "--smoke"]).more_seeds == []
     assert acc.parse_args(["--dataset", "bccd", "--more-seeds"]).more_seeds == []
-    for bad in (["--rows", "iou_sampling_own_bins"],  # not a fruit row
+    for bad in (["--regime", "scratch", "--rows", "iou_sampling_own_bins"],  # not a fruit row
                 ["--recipe", "gpu"],  # fruit has no GPU recipe
-                ["--dataset", "bccd", "--seeds", "0", "2"],  # 2 is also a more-seed
+                ["--dataset", "bccd", "--seeds", "0", "4"],  # 4 is also a more-seed
                 ["--dataset", "bccd", "--more-seeds", "1"]):
         with pytest.raises(SystemExit):
             acc.parse_args(bad)

@@ -236,45 +236,48 @@ def _separate_scores(model: nn.Module) -> None:
 
 
 # every exportable detector in torchvision's conventions; in mmdetection's (its OpenCV-exact
-# resize, fixed-stride anchors, aligned RoIAlign...) the two that mmdetection checkpoints convert to
-EXPORTED = [("faster_rcnn", "torchvision"), ("retinanet", "torchvision"), ("rpn", "torchvision"),
-            ("cascade_rcnn", "torchvision"), ("faster_rcnn", "mmdet"), ("retinanet", "mmdet"),
-            ("cascade_rcnn", "mmdet")]
+# resize, fixed-stride anchors, aligned RoIAlign...) the three that mmdetection checkpoints
+# convert to; all on ResNet-18, and Faster R-CNN on EfficientNet-Lite0 too (timm's network)
+EXPORTED = [("faster_rcnn", "torchvision", "resnet18"), ("retinanet", "torchvision", "resnet18"),
+            ("rpn", "torchvision", "resnet18"), ("cascade_rcnn", "torchvision", "resnet18"),
+            ("faster_rcnn", "mmdet", "resnet18"), ("retinanet", "mmdet", "resnet18"),
+            ("cascade_rcnn", "mmdet", "resnet18"), ("faster_rcnn", "mmdet", "efficientnet_lite0")]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A small checkpoint of each exportable Libra detector, by (arch, convention)."""
+    """A small checkpoint of each exportable Libra detector, by (arch, convention, backbone)."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("export")
     paths = {}
-    for arch, convention in EXPORTED:
-        cfg = libra_model_config(arch, "resnet18", settings=convention,
+    for arch, convention, backbone in EXPORTED:
+        cfg = libra_model_config(arch, backbone, settings=convention,
                                  **used_settings(arch, SMALL))
         model = build_model(cfg)
         _separate_scores(model)
-        paths[arch, convention] = save_checkpoint(folder / f"{arch}_{convention}.pth", {
-            "format": CHECKPOINT_FORMAT, "format_version": 1, "model": model.state_dict(),
-            "model_config": config_to_dict(cfg), "class_names": ["a", "b", "c"]})
+        paths[arch, convention, backbone] = save_checkpoint(
+            folder / f"{arch}_{convention}_{backbone}.pth", {
+                "format": CHECKPOINT_FORMAT, "format_version": 1, "model": model.state_dict(),
+                "model_config": config_to_dict(cfg), "class_names": ["a", "b", "c"]})
     return paths
 
 
-@pytest.mark.parametrize("arch, convention", EXPORTED)
-def test_onnxruntime_gives_pytorchs_detections_at_other_sizes(arch, convention, checkpoints,
-                                                              tmp_path):
+@pytest.mark.parametrize("arch, convention, backbone", EXPORTED)
+def test_onnxruntime_gives_pytorchs_detections_at_other_sizes(arch, convention, backbone,
+                                                              checkpoints, tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from libra_rcnn.engine.export import OnnxDetector
     from libra_rcnn.engine.checkpoint import load_model_from_checkpoint
 
-    path, _ = export_checkpoint(checkpoints[arch, convention], tmp_path / f"{arch}.onnx")
+    path, _ = export_checkpoint(checkpoints[arch, convention, backbone], tmp_path / f"{arch}.onnx")
     graph = onnx.load(str(path)).graph
     names = ["boxes", "scores"] if arch == "rpn" else ["boxes", "labels", "scores"]
     assert [o.name for o in graph.output] == names
     image_dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert [i.name for i in graph.input] == ["image"] and image_dims == [3, "height", "width"]
 
-    model, _ = load_model_from_checkpoint(checkpoints[arch, convention])
+    model, _ = load_model_from_checkpoint(checkpoints[arch, convention, backbone])
     detector = OnnxDetector(path, threads=1)
     generator = torch.Generator().manual_seed(5)
     for height, width in CHECK_SIZES:
@@ -330,7 +333,7 @@ def test_cli_exports_and_checks_against_pytorch(checkpoints, tmp_path, capsys):
     pixels = (torch.rand(CHECK_SIZES[0] + (3,), generator=generator) * 255).to(torch.uint8)
     Image.fromarray(pixels.numpy()).save(tmp_path / "image.png")
     out = tmp_path / "sub" / "rpn.onnx"
-    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision"]), str(out), "--check",
+    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision", "resnet18"]), str(out), "--check",
                  str(tmp_path / "image.png")])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
@@ -350,7 +353,7 @@ def test_cli_export_errors_are_one_line(checkpoints, tmp_path, capsys):
     code = main(["--quiet", "export", str(tmp_path / "missing.pth"), str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "missing.pth: no such checkpoint file" in err
-    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision"]), str(tmp_path / "m.onnx"),
+    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision", "resnet18"]), str(tmp_path / "m.onnx"),
                  "--opset", "9"])
     err = capsys.readouterr().err
     assert code == 2 and "opset must be an int >= 16, got 9" in err
@@ -364,7 +367,7 @@ def test_missing_export_extra_is_a_one_line_cli_error(checkpoints, tmp_path, cap
         raise ImportError(f"No module named {name!r}")
 
     monkeypatch.setattr(export.importlib, "import_module", no_onnx)
-    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision"]), str(tmp_path / "m.onnx")])
+    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision", "resnet18"]), str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert ("onnx is not installed; ONNX export and inference need the 'export' extra: "
@@ -381,7 +384,7 @@ def test_cli_check_reads_what_it_can_and_lists_unreadable_images(checkpoints, tm
     pixels = (torch.rand(CHECK_SIZES[1] + (3,), generator=torch.Generator().manual_seed(8)) * 255)
     Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / "good.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
-    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision"]),
+    code = main(["--quiet", "export", str(checkpoints["rpn", "torchvision", "resnet18"]),
                  str(tmp_path / "m.onnx"), "--check", str(folder)])
     stdout = capsys.readouterr().out
     assert code == 3, stdout  # as predict: every readable image checked, the others listed

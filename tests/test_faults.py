@@ -30,6 +30,7 @@ from libra_rcnn.cli import main
 from libra_rcnn.data import make_shapes_dataset
 from libra_rcnn.engine.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, \
     save_checkpoint
+from libra_rcnn.engine.export import compare_detections
 from libra_rcnn.io_utils import atomic_write, atomic_write_bytes, atomic_write_text, \
     temporary_files_of
 
@@ -576,10 +577,42 @@ def test_eval_without_a_config_reports_like_training(voc_run):
     assert code == 0, err
     _assert_evaluation_report(out, voc_run["damaged_val"])
     assert out.splitlines()[-1] == f"wrote {voc_run['out'] / 'eval_results.json'}"
+    # the same model scores the same, up to float rounding: eval runs under training's thread
+    # count, but a process is free to sum in another order (another CPU, another library build)
     train_table = voc_run["steps"]["train"][1].splitlines()[:3]
-    assert out.splitlines()[:3] == train_table  # the same model scores the same
-    assert json.loads((voc_run["out"] / "eval_results.json").read_text()) == \
-        json.loads((voc_run["out"] / "val_results.json").read_text())
+    assert out.splitlines()[:2] == train_table[:2]
+    assert _table_values(out.splitlines()[2]) == pytest.approx(_table_values(train_table[2]), abs=0.5)
+    _assert_same_detections(json.loads((voc_run["out"] / "eval_results.json").read_text()),
+                            json.loads((voc_run["out"] / "val_results.json").read_text()))
+
+
+def _table_values(row: str) -> list[float]:
+    """The numbers of a markdown metrics row (``-`` as -1)."""
+    return [-1.0 if cell.strip() == "-" else float(cell) for cell in row.strip("| ").split("|")]
+
+
+def _assert_same_detections(results: list, expected: list) -> None:
+    """Two COCO results lists hold the same detections, image by image: one to one, same
+    category, boxes within 1e-2 px, scores within 1e-4; at most 2 % left unmatched, for
+    detections whose scores tie within rounding at the per-image cut."""
+    def by_image(records: list) -> dict:
+        grouped: dict = {}
+        for r in records:
+            x, y, w, h = r["bbox"]
+            grouped.setdefault(r["image_id"], []).append((x, y, x + w, y + h, r["score"],
+                                                          r["category_id"]))
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in grouped.items()}
+
+    ours, theirs = by_image(results), by_image(expected)
+    assert set(ours) == set(theirs)
+    unmatched = 0
+    for image_id, a in ours.items():
+        b = theirs[image_id]
+        agreement = compare_detections(
+            {"boxes": b[:, :4], "scores": b[:, 4], "labels": b[:, 5].long()},
+            {"boxes": a[:, :4], "scores": a[:, 4], "labels": a[:, 5].long()})
+        unmatched += max(len(a), len(b)) - agreement["matched"]
+    assert unmatched <= 0.02 * max(len(results), len(expected)), unmatched
 
 
 def test_predict_writes_every_readable_image_and_exits_3(voc_run):

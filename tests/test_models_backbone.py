@@ -13,7 +13,7 @@ from libra_rcnn.models import (
     BalancedFeaturePyramidConfig,
     LibraBackboneWithFPN,
     build_resnet,
-    resnet_fpn_backbone,
+    fpn_backbone,
     resolve_backbone_weights,
 )
 from libra_rcnn.ops.balanced_feature_pyramid import BalancedFeaturePyramid
@@ -132,7 +132,7 @@ def test_trainable_layers_and_norm_errors():
 @pytest.mark.parametrize("norm,norm_type", [("frozen_bn", FrozenBatchNorm2d), ("bn", nn.BatchNorm2d),
                                             ("gn", nn.GroupNorm)])
 def test_norm_kinds(norm, norm_type):
-    backbone = resnet_fpn_backbone(backbone_name="resnet18", norm=norm, out_channels=CHANNELS)
+    backbone = fpn_backbone(backbone_name="resnet18", norm=norm, out_channels=CHANNELS)
     assert isinstance(backbone.body.bn1, norm_type)
     assert isinstance(backbone.body.layer4[0].bn2, norm_type)
     out = backbone(_image())
@@ -140,7 +140,7 @@ def test_norm_kinds(norm, norm_type):
 
 
 def test_pyramid_layouts_and_parameter_names():
-    two_stage = resnet_fpn_backbone(backbone_name="resnet18", out_channels=CHANNELS)
+    two_stage = fpn_backbone(backbone_name="resnet18", out_channels=CHANNELS)
     assert isinstance(two_stage, LibraBackboneWithFPN) and two_stage.out_channels == CHANNELS
     shapes = {k: tuple(v.shape) for k, v in two_stage(_image()).items()}
     assert shapes == {"0": (1, CHANNELS, 16, 24), "1": (1, CHANNELS, 8, 12), "2": (1, CHANNELS, 4, 6),
@@ -148,7 +148,7 @@ def test_pyramid_layouts_and_parameter_names():
     names = {k.split(".")[0] for k in two_stage.state_dict()}
     assert names == {"body", "fpn"}
 
-    retina = resnet_fpn_backbone(backbone_name="resnet18", out_channels=512, layout="retinanet")
+    retina = fpn_backbone(backbone_name="resnet18", out_channels=512, layout="retinanet")
     # C5 has 512 channels too, yet P6 is still computed from C5 (torchvision would switch to P5)
     assert retina.fpn.extra_blocks.use_P5 is False
     shapes = {k: tuple(v.shape[-2:]) for k, v in retina(_image()).items()}
@@ -157,9 +157,9 @@ def test_pyramid_layouts_and_parameter_names():
 
 def test_bfp_adds_parameters_and_changes_features():
     torch.manual_seed(0)
-    plain = resnet_fpn_backbone(backbone_name="resnet18", out_channels=CHANNELS).eval()
+    plain = fpn_backbone(backbone_name="resnet18", out_channels=CHANNELS).eval()
     for refine_type in ("non_local", "conv", "none"):
-        balanced = resnet_fpn_backbone(
+        balanced = fpn_backbone(
             backbone_name="resnet18", out_channels=CHANNELS,
             bfp=BalancedFeaturePyramidConfig(enabled=True, refine_level=2, refine_type=refine_type)).eval()
         result = balanced.load_state_dict(plain.state_dict(), strict=False)
@@ -174,15 +174,15 @@ def test_bfp_adds_parameters_and_changes_features():
             assert after[key].shape == before[key].shape
             assert not torch.allclose(after[key], before[key]), (refine_type, key)
     # enabled=False means no module and no parameters
-    off = resnet_fpn_backbone(backbone_name="resnet18", out_channels=CHANNELS,
+    off = fpn_backbone(backbone_name="resnet18", out_channels=CHANNELS,
                               bfp=BalancedFeaturePyramidConfig(enabled=False))
     assert off.bfp is None and not any(k.startswith("bfp.") for k in off.state_dict())
 
 
 def test_pafpn_changes_features_above_the_finest_level():
     torch.manual_seed(0)
-    fpn = resnet_fpn_backbone(backbone_name="resnet18", out_channels=CHANNELS).eval()
-    pafpn = resnet_fpn_backbone(backbone_name="resnet18", out_channels=CHANNELS, neck="pafpn").eval()
+    fpn = fpn_backbone(backbone_name="resnet18", out_channels=CHANNELS).eval()
+    pafpn = fpn_backbone(backbone_name="resnet18", out_channels=CHANNELS, neck="pafpn").eval()
     assert isinstance(pafpn.fpn, PAFPN)
     result = pafpn.load_state_dict(fpn.state_dict(), strict=False)
     assert result.unexpected_keys == [] and result.missing_keys
@@ -193,4 +193,4 @@ def test_pafpn_changes_features_above_the_finest_level():
     for key in ("1", "2", "3", "pool"):
         assert not torch.allclose(after[key], before[key]), key
     with pytest.raises(ValueError, match="neck"):
-        resnet_fpn_backbone(backbone_name="resnet18", neck="bifpn")
+        fpn_backbone(backbone_name="resnet18", neck="bifpn")

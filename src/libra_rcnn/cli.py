@@ -315,7 +315,7 @@ def _evaluate_checkpoint(cfg, checkpoint: str, state: dict, args, info):
     from libra_rcnn.engine.checkpoint import CheckpointError, model_from_checkpoint_state
     from libra_rcnn.engine.evaluate import evaluate
     from libra_rcnn.engine.train import build_dataset, build_val_loader, check_strict, \
-        resolve_device
+        intra_op_threads, resolve_device
 
     device = resolve_device(args.device, info)
     model, meta = model_from_checkpoint_state(state, path=checkpoint, expected=cfg.model,
@@ -327,8 +327,10 @@ def _evaluate_checkpoint(cfg, checkpoint: str, state: dict, args, info):
     if cfg.data.strict:
         check_strict(dataset)
     loader = build_val_loader(dataset, cfg=cfg, info=info)
-    return evaluate(model, loader, device=device, results_file=args.results,
-                    proposals=cfg.model.arch == "rpn", progress=not args.quiet)
+    # training's thread count, so that the checkpoint scores as training's evaluation scored it
+    with intra_op_threads(cfg.train.num_threads):
+        return evaluate(model, loader, device=device, results_file=args.results,
+                        proposals=cfg.model.arch == "rpn", progress=not args.quiet)
 
 
 def _expand_images(paths: Sequence[str]) -> list[Path]:

@@ -390,7 +390,7 @@ def _gather_rng_states(info: dist_utils.DistInfo) -> list:
 
 
 @contextlib.contextmanager
-def _intra_op_threads(num_threads: Optional[int]) -> Iterator[None]:
+def intra_op_threads(num_threads: Optional[int]) -> Iterator[None]:
     """``torch.set_num_threads(num_threads)`` for the block (``None``: unchanged), restored after."""
     if num_threads is None:
         yield
@@ -795,7 +795,7 @@ def train(
     try:
         trainer = _Trainer(cfg, info, device=device, resume=resume, progress=progress)
         with _deterministic(cfg.train.deterministic, trainer.device), \
-                _intra_op_threads(cfg.train.num_threads):
+                intra_op_threads(cfg.train.num_threads):
             trainer.setup()
             return trainer.run()
     finally:

@@ -15,7 +15,7 @@ from .backbone import (
     freeze_backbone_layers,
     load_backbone_weights,
     norm_layer_factory,
-    resnet_fpn_backbone,
+    fpn_backbone,
     resolve_backbone_weights,
 )
 from .box_coder import MMDetBoxCoder, keep_all_boxes, keep_boxes_at_least, keep_nonempty_boxes, mmdet_batched_nms
@@ -122,8 +122,8 @@ __all__ = [
     "load_proposals",
     "match_proposals",
     "norm_layer_factory",
+    "fpn_backbone",
     "refine_boxes",
-    "resnet_fpn_backbone",
     "resolve_backbone_weights",
     "retinanet_resnet50_fpn",
     "rpn_resnet50_fpn",

