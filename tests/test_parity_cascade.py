@@ -1,9 +1,10 @@
 """Cascade R-CNN against mmdetection 3.3: its Cascade R-CNN R-50 (random weights, saved in the
 2.x and 3.x checkpoint layouts) converted with ``libra-rcnn convert-mmdet --config
 cascade_rcnn_r50_fpn_1x_coco`` gives its detections through ``libra-rcnn predict``, and its
-training losses with exhaustive sampling; the same for the Libra Cascade R-CNN that mmdetection
+training losses with exhaustive sampling; so does the Libra Cascade R-CNN that mmdetection
 builds from its parts (its Cascade R-CNN config with the Libra Faster R-CNN's neck, samplers and
-box loss), against ``libra_cascade_rcnn_r50_fpn_1x_coco``."""
+box loss) against ``libra_cascade_rcnn_r50_fpn_1x_coco`` (its detections are measured by
+``benchmarks/parity.py``)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.usefixtures("mmdet")
 
 OURS = {"cascade": "cascade_rcnn_r50_fpn_1x_coco",
         "libra_cascade": "libra_cascade_rcnn_r50_fpn_1x_coco"}
+CASCADE_SCALE = 0.06
 # sides that are not multiples of 32, before and after mmdetection's resize (to 706 x 1333)
 IMAGE_SIZE = (530, 1000)
 
@@ -54,7 +56,9 @@ def converted(tmp_path_factory, mmdet):
     builders = {"cascade": lambda: build_mmdet_model(CASCADE_CONFIG),
                 "libra_cascade": build_libra_cascade_rcnn}
     for name, build in builders.items():
-        model = detector_like(randomize_model(build(), seed=1))
+        # three stages' mean logits: scaled as Faster R-CNN's (0.02) their softmax over 81
+        # classes stays near 1/81 and few detections pass the 0.05 threshold
+        model = detector_like(randomize_model(build(), seed=1), scale=CASCADE_SCALE)
         styles = ("2.x", "3.x") if name == "cascade" else ("3.x",)
         for style in styles:
             src, dst = folder / f"{name}_{style}_mmdet.pth", folder / f"{name}_{style}_ours.pth"
@@ -96,10 +100,11 @@ def test_both_checkpoint_layouts_convert_to_the_same_model(converted, tmp_path):
     assert two["converted_from"]["model"] == "Cascade R-CNN (3 stages), ResNet-50, FPN, 80 classes"
 
 
-@pytest.mark.parametrize("name", ["cascade", "libra_cascade"])
-def test_predict_on_a_converted_checkpoint_gives_mmdetections_detections(name, converted, mmdet,
+def test_predict_on_a_converted_checkpoint_gives_mmdetections_detections(converted, mmdet,
                                                                          tmp_path):
-    model, checkpoint = converted[name]
+    # (Libra Cascade R-CNN's detections: benchmarks/parity.py; its pyramid is tested with Libra
+    # Faster R-CNN's, its stages here, so the suite spends its minute on the losses)
+    model, checkpoint = converted["cascade"]
     rgb = photo_like(*IMAGE_SIZE, seed=2)
     ref_boxes, ref_scores, ref_labels = mmdet_detections(model, rgb)
     assert len(ref_boxes) == 100  # a full test: the detections cap is reached
