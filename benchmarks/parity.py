@@ -44,9 +44,10 @@ OURS = {"faster_rcnn": "libra_faster_rcnn_r50_fpn_1x_coco",
 LOSS_ARCH = {"faster_rcnn": "faster_rcnn", "retinanet": "retinanet",
              "cascade_rcnn": "cascade_rcnn", "libra_cascade_rcnn": "cascade_rcnn"}
 SIZES = ((800, 1216), (480, 640), (530, 1000))
-# output layers' scale (oracle.detector_like): a cascade's scores are the softmax of three
-# stages' mean logits, which at 0.02 stays near 1/81, so few detections pass 0.05
-OUTPUT_SCALE = {"cascade_rcnn": 0.06, "libra_cascade_rcnn": 0.06}
+# the R-CNN classifiers' scale (oracle.detector_like; every other output layer 0.02): a
+# cascade's scores are the softmax of three stages' mean logits, which at 0.02 stays near 1/81,
+# so few detections would pass 0.05
+CLS_SCALE = {"cascade_rcnn": 0.06, "libra_cascade_rcnn": 0.06}
 
 
 def _image(rgb) -> torch.Tensor:
@@ -111,7 +112,7 @@ def _mmdet_model(oracle, name: str):
 def measure(arch: str, oracle, folder: Path) -> dict:
     mm = oracle.import_mmdet()
     mm_model = oracle.detector_like(oracle.randomize_model(_mmdet_model(oracle, arch), seed=1),
-                                    scale=OUTPUT_SCALE.get(arch, 0.02))
+                                    rcnn_cls_scale=CLS_SCALE.get(arch))
     classes = list(mm.mmdet.datasets.CocoDataset.METAINFO["classes"])
     src, dst = folder / f"{arch}_mmdet.pth", folder / f"{arch}_ours.pth"
     oracle.save_checkpoint(mm_model, str(src), classes=classes)

@@ -318,19 +318,21 @@ SCORE_TOLERANCE = 1e-4
 
 
 @torch.no_grad()
-def detector_like(model: nn.Module, scale: float = 0.02) -> nn.Module:
+def detector_like(model: nn.Module, scale: float = 0.02,
+                  rcnn_cls_scale: Optional[float] = None) -> nn.Module:
     """Scale the output layers of a :func:`randomize_model` detector down, in place.
 
     Random output layers saturate: every score 1.0 (ties, ranked arbitrarily) and every box moved
     by many times its size (a clipped sliver). Scaled down, scores spread below 1 and boxes move
     as a trained detector's do, so a comparison sees detections that ties, NMS and clipping have
-    not made arbitrary.
+    not made arbitrary. ``rcnn_cls_scale``: another scale for the R-CNN classifiers (``fc_cls``).
     """
     for name, module in model.named_modules():
-        if name.split(".")[-1] in ("rpn_reg", "fc_reg", "retina_reg", "rpn_cls", "fc_cls",
-                                   "retina_cls"):
-            module.weight.mul_(scale)
-            module.bias.mul_(scale)
+        last = name.split(".")[-1]
+        if last in ("rpn_reg", "fc_reg", "retina_reg", "rpn_cls", "fc_cls", "retina_cls"):
+            factor = rcnn_cls_scale if last == "fc_cls" and rcnn_cls_scale is not None else scale
+            module.weight.mul_(factor)
+            module.bias.mul_(factor)
     return model
 
 

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("mmdet")
 
 OURS = {"cascade": "cascade_rcnn_r50_fpn_1x_coco",
         "libra_cascade": "libra_cascade_rcnn_r50_fpn_1x_coco"}
-CASCADE_SCALE = 0.06
+CLS_SCALE = 0.06
 # sides that are not multiples of 32, before and after mmdetection's resize (to 706 x 1333)
 IMAGE_SIZE = (530, 1000)
 
@@ -56,9 +56,9 @@ def converted(tmp_path_factory, mmdet):
     builders = {"cascade": lambda: build_mmdet_model(CASCADE_CONFIG),
                 "libra_cascade": build_libra_cascade_rcnn}
     for name, build in builders.items():
-        # three stages' mean logits: scaled as Faster R-CNN's (0.02) their softmax over 81
-        # classes stays near 1/81 and few detections pass the 0.05 threshold
-        model = detector_like(randomize_model(build(), seed=1), scale=CASCADE_SCALE)
+        # the classifiers scaled less than Faster R-CNN's (0.02): the softmax of three stages'
+        # mean logits would stay near 1/81 and few detections would pass the 0.05 threshold
+        model = detector_like(randomize_model(build(), seed=1), rcnn_cls_scale=CLS_SCALE)
         styles = ("2.x", "3.x") if name == "cascade" else ("3.x",)
         for style in styles:
             src, dst = folder / f"{name}_{style}_mmdet.pth", folder / f"{name}_{style}_ours.pth"
