@@ -14,7 +14,9 @@ ratios are medians over rounds of the per-round ratio to the Faster R-CNN of the
 (losses), sum, backward, SGD step; inference = one image, batch 1, ``torch.inference_mode``.
 
 Inputs: training ``--train-batch`` images of ``--train-size`` pixels (min/max size set to them,
-so nothing is resized) with 1-10 random boxes each; inference one ``--infer-size`` image.
+so nothing is resized) with 1-10 random boxes each; inference one ``--infer-size`` image, with
+the score threshold at 0 so that every model post-processes all its (RoI, class) pairs (random
+classifiers put different numbers of them above 0.05).
 
 Run: ``python -m benchmarks.cascade_speed [--backbone resnet50] [--train-size 512 512]
 [--infer-size 512 683] [--rounds N] [--smoke]``; writes
@@ -52,8 +54,10 @@ def build_models(args: argparse.Namespace, size: tuple[int, int], device: torch.
                  ) -> Dict[str, torch.nn.Module]:
     """The four models for images of ``size`` (H, W), Faster R-CNN's backbone, FPN and RPN
     weights copied into the others."""
+    # score threshold 0: every model post-processes all its (RoI, class) pairs, the same work
+    # whatever its random classifier scores (at 0.05 some would keep none)
     settings: Dict[str, Any] = {"num_classes": args.num_classes, "min_size": min(size),
-                                "max_size": max(size)}
+                                "max_size": max(size), "box_score_thresh": 0.0}
     if args.smoke:
         settings.update(representation_size=32, roi_sampler={"num": 32},
                         rpn_post_nms_top_n_train=100, rpn_post_nms_top_n_test=100)
