@@ -4,7 +4,10 @@ Four detectors with the same backbone and sizes, built by ``build_model`` with t
 settings: Faster R-CNN, Cascade R-CNN (three stages), and their Libra versions (balanced feature
 pyramid, IoU-balanced sampling and balanced L1 loss; in every stage for the cascade). Weights are
 random and seeded; the backbone, FPN and RPN weights of Faster R-CNN are copied into the
-others, so the RPN proposes the same boxes and only the RoI heads differ in what they compute.
+others. The box regressors (the RPN's and every R-CNN stage's) are scaled by 0.02, as a trained
+detector's move boxes by a fraction of their size: left random, they shrink many proposals to
+nothing, and a model would sample fewer RoIs than another for reasons of its random weights.
+Each model's RoIs per image and stage in one training step are recorded (``rois_per_stage``).
 With the learning rate at 0 a training step does all the arithmetic of an SGD step but the
 weights, hence the workload, do not drift.
 
@@ -48,6 +51,35 @@ MODELS = {"faster_rcnn": ("faster_rcnn", False), "cascade_rcnn": ("cascade_rcnn"
 PARTNER = {"faster_rcnn": "faster_rcnn", "cascade_rcnn": "faster_rcnn",
            "libra_faster_rcnn": "libra_faster_rcnn", "libra_cascade_rcnn": "libra_faster_rcnn"}
 SHARED_PREFIXES = ("backbone.body.", "backbone.fpn.", "rpn.")
+REGRESSOR_SCALE = 0.02
+
+
+def _stages(model: torch.nn.Module) -> list:
+    return list(getattr(model.roi_heads, "stages", [model.roi_heads]))
+
+
+@torch.no_grad()
+def _scale_regressors(model: torch.nn.Module) -> None:
+    for layer in [model.rpn.head.bbox_pred] + [s.box_predictor.bbox_pred for s in _stages(model)]:
+        layer.weight.mul_(REGRESSOR_SCALE)
+        layer.bias.mul_(REGRESSOR_SCALE)
+
+
+@torch.no_grad()
+def rois_per_stage(model: torch.nn.Module, images, targets) -> List[List[int]]:
+    """RoIs per image that each stage's box head sees in one training forward."""
+    counts: List[List[int]] = []
+    for stage in _stages(model):
+        def counting(features, proposals, shapes, original=stage.box_outputs):
+            counts.append([int(p.shape[0]) for p in proposals])
+            return original(features, proposals, shapes)
+        stage.box_outputs = counting
+    try:
+        model.train()(images, targets)
+    finally:
+        for stage in _stages(model):
+            del stage.box_outputs
+    return counts
 
 
 def build_models(args: argparse.Namespace, size: tuple[int, int], device: torch.device
@@ -72,6 +104,7 @@ def build_models(args: argparse.Namespace, size: tuple[int, int], device: torch.
     for model in models.values():
         result = model.load_state_dict(shared, strict=False)
         assert not result.unexpected_keys, result.unexpected_keys
+        _scale_regressors(model)
     return {name: model.to(device) for name, model in models.items()}
 
 
@@ -103,6 +136,8 @@ def bench(args: argparse.Namespace, device: torch.device) -> List[Dict[str, Any]
                                        device=device)
     rows = summarize_phase("train", times, {"batch": args.train_batch, "size": f"{height}x{width}"})
     del steps
+    for row in rows:
+        row["rois_per_stage"] = rois_per_stage(models[row["model"]], images, targets)
 
     height, width = args.infer_size
     image = torch.rand(3, height, width, generator=generator).to(device)
@@ -158,7 +193,7 @@ def main(argv=None) -> Dict[str, Any]:
         ("phase", "phase", ""), ("model", "model", ""), ("batch", "B", "d"), ("size", "size", ""),
         ("median_ms", "median ms", ".1f"), ("p25_ms", "p25", ".1f"), ("p75_ms", "p75", ".1f"),
         ("versus", "versus", ""), ("ratio_vs_faster", "x versus", ".2f"),
-        ("detections", "detections", "")]))
+        ("detections", "detections", ""), ("rois_per_stage", "RoIs per image and stage", "")]))
     settings = {key: getattr(args, key) for key in (
         "backbone", "num_classes", "train_batch", "train_size", "infer_size", "train_rounds",
         "infer_rounds", "warmup")}
