@@ -1,20 +1,22 @@
 """How far our mmdetection-convention detectors are from mmdetection itself.
 
 The parity tests (``tests/test_parity_*.py``) check tolerances; this script measures the actual
-deviations that the docs' parity table quotes. For mmdetection's Libra Faster R-CNN and Libra
-RetinaNet (R-50) with reproducible random weights (``tests/mmdet_oracle.py``: every weight random,
-batch norm statistics from data, output layers scaled as a trained detector's), saved as an
-mmdetection checkpoint and converted with ``convert_mmdet_checkpoint``:
+deviations that the docs' parity table quotes. For mmdetection's Libra Faster R-CNN, Libra
+RetinaNet, Cascade R-CNN and the Libra Cascade R-CNN it builds from its parts (R-50) with
+reproducible random weights (``tests/mmdet_oracle.py``: every weight random, batch norm
+statistics from data, output layers scaled as a trained detector's), saved as an mmdetection
+checkpoint and converted with ``convert_mmdet_checkpoint``:
 
-* detections on an 800 x 1216 image (no resize) and a 480 x 640 one (resized to 800 x 1067):
-  how many of mmdetection's are matched (same class, box corners within 0.01 px, score within
-  1e-4), and the largest box / score difference over the matched pairs;
+* detections on an 800 x 1216 image (no resize), a 480 x 640 one (resized to 800 x 1067) and a
+  530 x 1000 one (resized to 706 x 1333; no side a multiple of 32): how many of mmdetection's
+  are matched (same class, box corners within 0.01 px, score within 1e-4), and the largest box /
+  score difference over the matched pairs;
 * backbone (C2-C5) and pyramid (after the balanced feature pyramid) features of a 480 x 640 image
   (800 x 1067 after the resize): largest absolute difference over the largest absolute value;
 * training losses of a two-image batch with exhaustive sampling: largest relative difference.
 
-Needs the ``parity`` extra (mmdetection). Run: ``python -m benchmarks.parity [--out PATH]``
-(about a minute on 2 CPU cores); writes ``benchmarks/results/parity_cpu.json``.
+Needs the ``parity`` extra (mmdetection). Run: ``python -m benchmarks.parity [--models ...]
+[--out PATH]`` (a few minutes on 2 CPU cores); writes ``benchmarks/results/parity_cpu.json``.
 """
 
 from __future__ import annotations
@@ -35,8 +37,17 @@ from libra_rcnn.engine.checkpoint import load_model_from_checkpoint  # noqa: E40
 from libra_rcnn.engine.convert_mmdet import convert_mmdet_checkpoint  # noqa: E402
 
 OURS = {"faster_rcnn": "libra_faster_rcnn_r50_fpn_1x_coco",
-        "retinanet": "libra_retinanet_r50_fpn_1x_coco"}
-SIZES = ((800, 1216), (480, 640))
+        "retinanet": "libra_retinanet_r50_fpn_1x_coco",
+        "cascade_rcnn": "cascade_rcnn_r50_fpn_1x_coco",
+        "libra_cascade_rcnn": "libra_cascade_rcnn_r50_fpn_1x_coco"}
+# the oracle's loss names of each model
+LOSS_ARCH = {"faster_rcnn": "faster_rcnn", "retinanet": "retinanet",
+             "cascade_rcnn": "cascade_rcnn", "libra_cascade_rcnn": "cascade_rcnn"}
+SIZES = ((800, 1216), (480, 640), (530, 1000))
+# the R-CNN classifiers' scale (oracle.detector_like; every other output layer 0.02): a
+# cascade's scores are the softmax of three stages' mean logits, which at 0.02 stays near 1/81,
+# so few detections would pass 0.05
+CLS_SCALE = {"cascade_rcnn": 0.06, "libra_cascade_rcnn": 0.06}
 
 
 def _image(rgb) -> torch.Tensor:
@@ -82,18 +93,26 @@ def _features(mm_model, ours) -> dict:
             "pyramid_max_relative_difference": relative(ours_pyramid, ref_pyramid)}
 
 
-def _losses(oracle, mm_model, checkpoint, arch) -> dict:
+def _losses(oracle, mm_model, checkpoint, name) -> dict:
     weights = torch.load(checkpoint, weights_only=True)["model"]
-    ours, expected = oracle.training_losses(mm_model, OURS[arch], weights, arch)
+    ours, expected = oracle.training_losses(mm_model, OURS[name], weights, LOSS_ARCH[name])
     return {key: {"ours": float(ours[key]), "mmdet": float(value),
                   "relative_difference": abs(float(ours[key]) - float(value)) / abs(float(value))}
             for key, value in expected.items()}
 
 
+def _mmdet_model(oracle, name: str):
+    if name == "cascade_rcnn":
+        return oracle.build_model(oracle.CASCADE_CONFIG)
+    if name == "libra_cascade_rcnn":
+        return oracle.build_libra_cascade_rcnn()
+    return oracle.build_model(oracle.LIBRA_CONFIGS[(name, "r50")])
+
+
 def measure(arch: str, oracle, folder: Path) -> dict:
     mm = oracle.import_mmdet()
-    mm_model = oracle.detector_like(oracle.randomize_model(
-        oracle.build_model(oracle.LIBRA_CONFIGS[(arch, "r50")]), seed=1))
+    mm_model = oracle.detector_like(oracle.randomize_model(_mmdet_model(oracle, arch), seed=1),
+                                    rcnn_cls_scale=CLS_SCALE.get(arch))
     classes = list(mm.mmdet.datasets.CocoDataset.METAINFO["classes"])
     src, dst = folder / f"{arch}_mmdet.pth", folder / f"{arch}_ours.pth"
     oracle.save_checkpoint(mm_model, str(src), classes=classes)
@@ -107,13 +126,14 @@ def measure(arch: str, oracle, folder: Path) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(OURS), default=list(OURS))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "parity_cpu.json"))
     args = parser.parse_args(argv)
     import mmdet_oracle as oracle
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as folder:
-        results = {arch: measure(arch, oracle, Path(folder)) for arch in OURS}
+        results = {arch: measure(arch, oracle, Path(folder)) for arch in args.models}
     # the shared record of where and how; no AMP and no smoke mode here
     environment = common.environment_info(torch.device("cpu"),
                                           argparse.Namespace(amp=False, smoke=False))

@@ -12,6 +12,7 @@ kernels the Libra detectors run on CPU), every other kernel raises ``NotImplemen
 
 Builders: :func:`build_model` builds a model from one of the Libra configs shipped inside the
 mmdet package (no download: the backbone's pretrained ``init_cfg`` is dropped);
+:func:`build_libra_cascade_rcnn` composes mmdetection's Cascade R-CNN with its Libra parts;
 :func:`randomize_model` gives every weight and norm statistic reproducible, non-trivial values
 (mmdetection's init leaves heads near zero and the non-local block's output conv at zero, which
 would hide differences); :func:`save_checkpoint` writes an mmdetection-style checkpoint.
@@ -34,12 +35,14 @@ from torch import nn
 __all__ = [
     "SKIP_REASON",
     "LIBRA_CONFIGS",
+    "CASCADE_CONFIG",
     "import_mmdet",
     "config_path",
     "load_config",
     "build_model",
     "build_libra_faster_rcnn",
     "build_libra_retinanet",
+    "build_libra_cascade_rcnn",
     "randomize_model",
     "save_checkpoint",
     "detector_like",
@@ -66,6 +69,9 @@ LIBRA_CONFIGS = {
     ("fast_rcnn", "r50"): "libra-fast-rcnn_r50_fpn_1x_coco.py",
     ("retinanet", "r50"): "libra-retinanet_r50_fpn_1x_coco.py",
 }
+
+#: mmdetection 3.3's Cascade R-CNN, R-50 (three stages, IoU 0.5 / 0.6 / 0.7).
+CASCADE_CONFIG = "cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py"
 
 _EXT_NAME = "mmcv._ext"
 
@@ -178,15 +184,20 @@ def load_config(name: str):
     return import_mmdet().Config.fromfile(config_path(name))
 
 
-def build_model(name: str, *, num_classes: Optional[int] = None, seed: int = 0) -> nn.Module:
+def build_model(name: str, *, num_classes: Optional[int] = None, seed: int = 0,
+                libra_cascade: bool = False) -> nn.Module:
     """Build and initialise (``init_weights``, seeded, global RNG untouched) the model of a
-    shipped config, without downloading pretrained weights; in eval mode."""
+    shipped config, without downloading pretrained weights; in eval mode. ``libra_cascade``:
+    with the Libra parts of :func:`libra_cascade_overrides` (a Cascade R-CNN config only)."""
     mm = import_mmdet()
     cfg = load_config(name)
     cfg.model.backbone.init_cfg = None
+    if libra_cascade:
+        cfg.merge_from_dict(libra_cascade_overrides(cfg))
     if num_classes is not None:
         head = cfg.model.roi_head.bbox_head if "roi_head" in cfg.model else cfg.model.bbox_head
-        head.num_classes = num_classes
+        for stage_head in head if isinstance(head, list) else [head]:
+            stage_head.num_classes = num_classes
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = mm.MODELS.build(cfg.model)
@@ -202,6 +213,34 @@ def build_libra_faster_rcnn(backbone: str = "r50", **kwargs: Any) -> nn.Module:
 def build_libra_retinanet(backbone: str = "r50", **kwargs: Any) -> nn.Module:
     """mmdetection's Libra RetinaNet (R-50 only in mmdetection's configs)."""
     return build_model(LIBRA_CONFIGS[("retinanet", backbone)], **kwargs)
+
+
+def libra_cascade_overrides(cfg) -> dict:
+    """mmdetection's Libra Faster R-CNN parts on its Cascade R-CNN ``cfg`` (no such config ships):
+    the FPN followed by the balanced feature pyramid, every stage's sampler instance-balanced
+    positives + IoU-balanced negatives and its box loss balanced L1, RPN negatives capped at 5
+    per positive (the libra-faster-rcnn config's values)."""
+    sampler = dict(type="CombinedSampler", num=512, pos_fraction=0.25, add_gt_as_proposals=True,
+                   pos_sampler=dict(type="InstanceBalancedPosSampler"),
+                   neg_sampler=dict(type="IoUBalancedNegSampler", floor_thr=-1,
+                                    floor_fraction=0, num_bins=3))
+    heads = [dict(head, loss_bbox=dict(type="BalancedL1Loss", alpha=0.5, gamma=1.5, beta=1.0,
+                                       loss_weight=1.0))
+             for head in cfg.model.roi_head.bbox_head]
+    stages = [dict(stage, sampler=dict(sampler)) for stage in cfg.model.train_cfg.rcnn]
+    return {
+        "model.neck": [dict(cfg.model.neck),
+                       dict(type="BFP", in_channels=256, num_levels=5, refine_level=2,
+                            refine_type="non_local")],
+        "model.roi_head.bbox_head": heads,
+        "model.train_cfg.rcnn": stages,
+        "model.train_cfg.rpn.sampler.neg_pos_ub": 5,
+    }
+
+
+def build_libra_cascade_rcnn(**kwargs: Any) -> nn.Module:
+    """mmdetection's Cascade R-CNN R-50 with the Libra parts (:func:`libra_cascade_overrides`)."""
+    return build_model(CASCADE_CONFIG, libra_cascade=True, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,19 +318,21 @@ SCORE_TOLERANCE = 1e-4
 
 
 @torch.no_grad()
-def detector_like(model: nn.Module, scale: float = 0.02) -> nn.Module:
+def detector_like(model: nn.Module, scale: float = 0.02,
+                  rcnn_cls_scale: Optional[float] = None) -> nn.Module:
     """Scale the output layers of a :func:`randomize_model` detector down, in place.
 
     Random output layers saturate: every score 1.0 (ties, ranked arbitrarily) and every box moved
     by many times its size (a clipped sliver). Scaled down, scores spread below 1 and boxes move
     as a trained detector's do, so a comparison sees detections that ties, NMS and clipping have
-    not made arbitrary.
+    not made arbitrary. ``rcnn_cls_scale``: another scale for the R-CNN classifiers (``fc_cls``).
     """
     for name, module in model.named_modules():
-        if name.split(".")[-1] in ("rpn_reg", "fc_reg", "retina_reg", "rpn_cls", "fc_cls",
-                                   "retina_cls"):
-            module.weight.mul_(scale)
-            module.bias.mul_(scale)
+        last = name.split(".")[-1]
+        if last in ("rpn_reg", "fc_reg", "retina_reg", "rpn_cls", "fc_cls", "retina_cls"):
+            factor = rcnn_cls_scale if last == "fc_cls" and rcnn_cls_scale is not None else scale
+            module.weight.mul_(factor)
+            module.bias.mul_(factor)
     return model
 
 
@@ -348,6 +389,10 @@ LOSS_NAMES = {
     "faster_rcnn": {"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_bbox",
                     "loss_classifier": "loss_cls", "loss_box_reg": "loss_bbox"},
     "retinanet": {"classification": "loss_cls", "bbox_regression": "loss_bbox"},
+    "cascade_rcnn": {"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_bbox",
+                     **{f"s{k}.{ours}": f"s{k}.{theirs}" for k in range(3)
+                        for ours, theirs in (("loss_classifier", "loss_cls"),
+                                             ("loss_box_reg", "loss_bbox"))}},
 }
 
 
@@ -382,13 +427,14 @@ def _mmdet_loss(model: nn.Module, images, boxes, labels) -> dict:
 
 
 def training_losses(mm_model: nn.Module, our_config: str, our_weights: dict, arch: str,
-                    seed: int = 5) -> tuple[dict, dict]:
+                    seed: int = 5, proposals: Optional[int] = None) -> tuple[dict, dict]:
     """Both detectors' training losses on the same two 320 x 480 images (no resize) with every
     anchor and RoI sampled, so that no random choice is left on either side.
 
     Args:
         mm_model: mmdetection's model (its samplers are set to sample everything).
         our_config: our config name of the same model; ``our_weights`` its state dict.
+        proposals: RPN proposals per training image on both sides (``None``: the configs').
 
     Returns:
         ``(ours, mmdet's)``: our loss dict and mmdetection's renamed to our names.
@@ -397,11 +443,17 @@ def training_losses(mm_model: nn.Module, our_config: str, our_weights: dict, arc
     from libra_rcnn.models import build_model as build_our_model
 
     overrides = ["model.min_size=320", "model.max_size=480", "model.backbone_weights=null"]
-    if arch == "faster_rcnn":
-        mm_model.rpn_head.sampler.num = mm_model.roi_head.bbox_sampler.num = 10**6
+    if arch in ("faster_rcnn", "cascade_rcnn"):
+        mm_model.rpn_head.sampler.num = 10**6
         mm_model.rpn_head.sampler.neg_pos_ub = -1
+        samplers = mm_model.roi_head.bbox_sampler
+        for sampler in samplers if isinstance(samplers, list) else [samplers]:
+            sampler.num = 10**6
         overrides += ["model.rpn_batch_size_per_image=1000000", "model.roi_sampler.num=1000000",
                       "model.rpn_neg_pos_ub=-1"]
+    if proposals is not None:
+        mm_model.train_cfg.rpn_proposal.max_per_img = proposals
+        overrides.append(f"model.rpn_post_nms_top_n_train={proposals}")
     ours = build_our_model(load_our_config(our_config, overrides).model)
     ours.load_state_dict(our_weights)
     images, boxes, labels = _loss_batch(seed)

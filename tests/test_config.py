@@ -59,6 +59,7 @@ def test_every_shipped_config_loads_and_has_a_valid_model():
     ("libra_retinanet_r50_fpn_1x_coco", "retinanet", "resnet50"),
     ("libra_rpn_r50_fpn_1x_coco", "rpn", "resnet50"),
     ("ablation/table2_libra", "fast_rcnn", "resnet50"),
+    ("libra_cascade_rcnn_r50_fpn_1x_coco", "cascade_rcnn", "resnet50"),
 ])
 def test_libra_configs_match_the_model_packages_libra_settings(name, arch, backbone):
     # the YAML files spell the settings out; the models package defines them in code
@@ -74,6 +75,7 @@ def test_libra_configs_match_the_model_packages_libra_settings(name, arch, backb
     ("retinanet_r50_fpn_1x_coco", "retinanet", "resnet50"),
     ("rpn_r50_fpn_1x_coco", "rpn", "resnet50"),
     ("ablation/table2_baseline", "fast_rcnn", "resnet50"),
+    ("cascade_rcnn_r50_fpn_1x_coco", "cascade_rcnn", "resnet50"),
 ])
 def test_baseline_configs_match_the_baseline_settings(name, arch, backbone):
     # the paper's ablation baseline regresses with smooth L1 (Table 6), mmdetection's with L1

@@ -1,7 +1,7 @@
 """ONNX export (libra_rcnn.engine.export, ``libra-rcnn export``) and the export paths it relies
 on: the balanced feature pyramid's traceable rescaling and the float64 input resize.
 
-The onnxruntime tests compare the exported Libra Faster R-CNN, RetinaNet and RPN with PyTorch on
+The onnxruntime tests compare the exported Libra Faster R-CNN, RetinaNet, RPN and Cascade R-CNN with PyTorch on
 two image sizes other than the one traced. The small test models have randomly initialised
 heads scaled up (:func:`_separate_scores`): with torchvision's tiny initial head weights the
 scores are nearly tied (RetinaNet's to about 1e-8), so which of two detections comes first, or
@@ -236,11 +236,12 @@ def _separate_scores(model: nn.Module) -> None:
 
 
 # every exportable detector in torchvision's conventions; in mmdetection's (its OpenCV-exact
-# resize, fixed-stride anchors, aligned RoIAlign...) the two that mmdetection checkpoints convert
-# to; all on ResNet-18, and Faster R-CNN on EfficientNet-Lite0 too (timm's network)
+# resize, fixed-stride anchors, aligned RoIAlign...) the three that mmdetection checkpoints
+# convert to; all on ResNet-18, and Faster R-CNN on EfficientNet-Lite0 too (timm's network)
 EXPORTED = [("faster_rcnn", "torchvision", "resnet18"), ("retinanet", "torchvision", "resnet18"),
-            ("rpn", "torchvision", "resnet18"), ("faster_rcnn", "mmdet", "resnet18"),
-            ("retinanet", "mmdet", "resnet18"), ("faster_rcnn", "mmdet", "efficientnet_lite0")]
+            ("rpn", "torchvision", "resnet18"), ("cascade_rcnn", "torchvision", "resnet18"),
+            ("faster_rcnn", "mmdet", "resnet18"), ("retinanet", "mmdet", "resnet18"),
+            ("cascade_rcnn", "mmdet", "resnet18"), ("faster_rcnn", "mmdet", "efficientnet_lite0")]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from libra_rcnn.models import (
     ARCHS,
     BoxLossConfig,
+    LibraCascadeRCNN,
     LibraFastRCNN,
     LibraFasterRCNN,
     LibraRegionProposalNetwork,
@@ -60,7 +61,7 @@ def _small(arch):
     """SMALL without the settings ``arch`` does not use (the builders refuse those)."""
     return used_settings(arch, SMALL)
 MODEL_CLASSES = {"faster_rcnn": LibraFasterRCNN, "retinanet": LibraRetinaNet, "rpn": LibraRPN,
-                 "fast_rcnn": LibraFastRCNN}
+                 "fast_rcnn": LibraFastRCNN, "cascade_rcnn": LibraCascadeRCNN}
 
 
 def _images(seed=0):
@@ -104,6 +105,9 @@ def test_train_backward_and_eval_contract(arch, libra):
         "fast_rcnn": {"loss_classifier", "loss_box_reg"},
         "rpn": {"loss_objectness", "loss_rpn_box_reg"},
         "retinanet": {"classification", "bbox_regression"},
+        "cascade_rcnn": {"loss_objectness", "loss_rpn_box_reg", "s0.loss_classifier",
+                         "s0.loss_box_reg", "s1.loss_classifier", "s1.loss_box_reg",
+                         "s2.loss_classifier", "s2.loss_box_reg"},
     }[arch]
     assert set(losses) == expected_keys
     for name, value in losses.items():

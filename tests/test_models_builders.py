@@ -13,6 +13,7 @@ import libra_rcnn.models.builders as builders
 from libra_rcnn.models import (
     BalancedFeaturePyramidConfig,
     BoxLossConfig,
+    LibraCascadeRCNN,
     LibraFasterRCNN,
     LibraFastRCNN,
     LibraRetinaNet,
@@ -186,6 +187,8 @@ NAMED_BUILDERS = {
     "libra_rpn_resnet50_fpn": ("rpn", "resnet50", True),
     "fast_rcnn_resnet50_fpn": ("fast_rcnn", "resnet50", False),
     "libra_fast_rcnn_resnet50_fpn": ("fast_rcnn", "resnet50", True),
+    "cascade_rcnn_resnet50_fpn": ("cascade_rcnn", "resnet50", False),
+    "libra_cascade_rcnn_resnet50_fpn": ("cascade_rcnn", "resnet50", True),
 }
 
 
@@ -224,6 +227,7 @@ def test_named_builder_weights_become_a_config_string(monkeypatch):
     ("retinanet_resnet50_fpn", LibraRetinaNet, "retinanet"),
     ("libra_rpn_resnet50_fpn", LibraRPN, "rpn"),
     ("libra_fast_rcnn_resnet50_fpn", LibraFastRCNN, "fast_rcnn"),
+    ("libra_cascade_rcnn_resnet50_fpn", LibraCascadeRCNN, "cascade_rcnn"),
 ])
 def test_named_builders_build_real_models(name, cls, arch):
     model = getattr(builders, name)(**builders.used_settings(arch, TINY))
@@ -267,6 +271,7 @@ def test_detector_classes_take_only_what_they_use(arch):
         arch, "resnet18", fpn_channels=8, **builders.used_settings(arch, {"representation_size": 8})))
     cls = type(model)
     names = {"faster_rcnn": ("backbone", "rpn", "roi_heads", "transform"),
+             "cascade_rcnn": ("backbone", "rpn", "roi_heads", "transform"),
              "fast_rcnn": ("backbone", "roi_heads", "transform"),
              "rpn": ("backbone", "rpn", "transform"),
              "retinanet": ("backbone", "head", "anchor_generator", "transform")}[arch]

@@ -172,8 +172,8 @@ def _add_convert_mmdet_command(sub) -> None:
 
 def _add_export_command(sub) -> None:
     """The ``export`` command."""
-    p = sub.add_parser("export", help="export a checkpoint to ONNX (Libra Faster R-CNN, RetinaNet, "
-                       "RPN) for onnxruntime", description="Writes an ONNX file whose input 'image' "
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (Libra Faster R-CNN, Cascade "
+                       "R-CNN, RetinaNet, RPN) for onnxruntime", description="Writes an ONNX file whose input 'image' "
                        "is a float32 [3, H, W] RGB image in 0..1 (any H, W) and whose outputs are "
                        "'boxes' [N, 4] (x1, y1, x2, y2 in the input's pixels), 'labels' [N] (not "
                        "for an RPN) and 'scores' [N]. Needs pip install \"libra-rcnn[export]\".")

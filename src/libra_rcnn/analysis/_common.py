@@ -40,6 +40,9 @@ def check_two_stage(model: nn.Module, what: str) -> None:
         raise UserInputError(f"model: {what} needs a two-stage detector (transform, backbone, RPN or "
                          f"precomputed proposals, roi_heads); {type(model).__name__} lacks "
                          f"{', '.join(missing)}")
+    if hasattr(model.roi_heads, "stages"):
+        raise UserInputError(f"model: {what} reads one RoI head's sampler; a Cascade R-CNN has "
+                             f"one per stage, which it does not analyse")
 
 
 @dataclass

@@ -64,6 +64,8 @@ PathLike = Union[str, os.PathLike]
 STRUCTURAL_FIELDS = (
     "arch", "convention", "num_classes", "backbone", "norm", "neck", "fpn_channels", "bfp",
     "representation_size", "retina_p6_input", "retina_head_norm",
+    # a cascade's stage count and box coders give its weights their meaning
+    "cascade",
 )
 
 

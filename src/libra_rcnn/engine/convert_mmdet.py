@@ -5,7 +5,9 @@ names, with two layout differences:
 
 * the R-CNN box classifier puts the background *last* (81 rows for COCO) and regresses 80 x 4
   class-specific deltas; ours (torchvision's) puts the background first and has 81 x 4 rows, the
-  background's never read (written as zeros here);
+  background's never read (written as zeros here); Cascade R-CNN's stages
+  (``roi_head.bbox_head.<k>.*``, ours ``roi_heads.stages.<k>.*``) regress one class-agnostic box,
+  4 rows in both;
 * RetinaNet's classifier has 80 sigmoid channels per anchor, as our ``MMDetRetinaNetHead``.
 
 The result holds our model config (``model.convention: mmdet``), the class names (from the
@@ -55,6 +57,12 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (r"^(?:rpn|bbox)_head\.rpn_conv\.(weight|bias)$", r"rpn.head.conv.0.0.\1"),
     (r"^(?:rpn|bbox)_head\.rpn_cls\.(weight|bias)$", r"rpn.head.cls_logits.\1"),
     (r"^(?:rpn|bbox)_head\.rpn_reg\.(weight|bias)$", r"rpn.head.bbox_pred.\1"),
+    (r"^roi_head\.bbox_head\.(\d+)\.shared_fcs\.0\.(weight|bias)$", r"roi_heads.stages.\1.box_head.fc6.\2"),
+    (r"^roi_head\.bbox_head\.(\d+)\.shared_fcs\.1\.(weight|bias)$", r"roi_heads.stages.\1.box_head.fc7.\2"),
+    (r"^roi_head\.bbox_head\.(\d+)\.fc_cls\.(weight|bias)$",
+     r"roi_heads.stages.\1.box_predictor.cls_score.\2"),
+    (r"^roi_head\.bbox_head\.(\d+)\.fc_reg\.(weight|bias)$",
+     r"roi_heads.stages.\1.box_predictor.bbox_pred.\2"),
     (r"^roi_head\.bbox_head\.shared_fcs\.0\.(weight|bias)$", r"roi_heads.box_head.fc6.\1"),
     (r"^roi_head\.bbox_head\.shared_fcs\.1\.(weight|bias)$", r"roi_heads.box_head.fc7.\1"),
     (r"^roi_head\.bbox_head\.fc_cls\.(weight|bias)$", r"roi_heads.box_predictor.cls_score.\1"),
@@ -81,9 +89,10 @@ def _rename(key: str, arch: str) -> Optional[str]:
 
 
 def _background_first(key: str, value: Tensor) -> Tensor:
-    """Our row layout for the R-CNN classifier (background first) and regressor (background's
-    four rows, never read, as zeros)."""
-    if key.startswith("roi_heads.box_predictor.cls_score."):
+    """Our row layout for the R-CNN classifier (background first) and class-specific regressor
+    (background's four rows, never read, as zeros); a cascade stage's class-agnostic regressor
+    stays as it is."""
+    if re.match(r"^roi_heads\.(stages\.\d+\.)?box_predictor\.cls_score\.", key):
         return torch.cat([value[-1:], value[:-1]])
     if key.startswith("roi_heads.box_predictor.bbox_pred."):
         return torch.cat([value.new_zeros((4, *value.shape[1:])), value])
@@ -111,7 +120,10 @@ def describe_mmdet_model(state_dict: Mapping[str, Tensor]) -> str:
     """What an mmdetection state dict looks like, e.g. ``"Faster R-CNN, ResNet-101, FPN +
     balanced feature pyramid (non_local), 80 classes"`` (for error messages)."""
     keys = set(state_dict)
-    if any(k.startswith("roi_head.") for k in keys):
+    stages = {m.group(1) for k in keys if (m := re.match(r"^roi_head\.bbox_head\.(\d+)\.", k))}
+    if stages:
+        arch = f"Cascade R-CNN ({len(stages)} stages)"
+    elif any(k.startswith("roi_head.") for k in keys):
         arch = "Faster R-CNN" if any(k.startswith("rpn_head.") for k in keys) else "Fast R-CNN"
     elif any(k.startswith("bbox_head.retina_cls") for k in keys):
         arch = "RetinaNet"
@@ -134,10 +146,16 @@ def describe_mmdet_model(state_dict: Mapping[str, Tensor]) -> str:
     elif any(k.startswith("neck.1.refine.conv") for k in keys):
         neck += " + balanced feature pyramid (conv)"
     parts = [arch, backbone, neck]
-    cls = state_dict.get("roi_head.bbox_head.fc_cls.weight")
+    cls = _classifier_weight(state_dict)
     if cls is not None:
         parts.append(f"{cls.shape[0] - 1} classes")
     return ", ".join(parts)
+
+
+def _classifier_weight(state_dict: Mapping[str, Tensor]) -> Optional[Tensor]:
+    """The R-CNN classifier's weight (a cascade's first stage's), if any."""
+    return state_dict.get("roi_head.bbox_head.fc_cls.weight",
+                          state_dict.get("roi_head.bbox_head.0.fc_cls.weight"))
 
 
 def _load_mmdet_file(path: Path) -> tuple[Mapping[str, Tensor], dict]:
@@ -173,8 +191,8 @@ def _class_names(meta: Mapping[str, Any]) -> Optional[list[str]]:
 
 def _num_classes(state_dict: Mapping[str, Tensor], arch: str, num_anchors: int) -> Optional[int]:
     """Classes including background, from the classifier's shape."""
-    if arch in ("faster_rcnn", "fast_rcnn"):
-        cls = state_dict.get("roi_head.bbox_head.fc_cls.weight")
+    if arch in ("faster_rcnn", "fast_rcnn", "cascade_rcnn"):
+        cls = _classifier_weight(state_dict)
         return None if cls is None else int(cls.shape[0])
     if arch == "retinanet":
         cls = state_dict.get("bbox_head.retina_cls.weight")

@@ -52,6 +52,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..errors import UserInputError
 from ..io_utils import atomic_write_bytes
+from ..models.cascade import LibraCascadeRCNN
 from ..models.faster_rcnn import LibraFasterRCNN
 from ..models.mode import eval_mode
 from ..models.retinanet import LibraRetinaNet
@@ -73,7 +74,7 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_OPSET = 17
-EXPORTABLE = (LibraFasterRCNN, LibraRetinaNet, LibraRPN)
+EXPORTABLE = (LibraFasterRCNN, LibraCascadeRCNN, LibraRetinaNet, LibraRPN)
 # tracing needs one example; its values and size do not enter the graph
 EXAMPLE_SIZE = (480, 640)
 
@@ -193,7 +194,7 @@ def _check_exportable(model: nn.Module) -> None:
 
 def export_onnx(model: nn.Module, path: PathLike, *, opset: int = DEFAULT_OPSET,
                 example_size: tuple[int, int] = EXAMPLE_SIZE) -> Path:
-    """Write ``model`` (Libra Faster R-CNN, RetinaNet or RPN) as an ONNX file.
+    """Write ``model`` (Libra Faster R-CNN, Cascade R-CNN, RetinaNet or RPN) as an ONNX file.
 
     Args:
         model: built by :func:`libra_rcnn.models.build_model` (weights loaded); it is traced in

@@ -1,4 +1,5 @@
-"""Detectors: torchvision's Faster R-CNN / RetinaNet / RPN / Fast R-CNN with the Libra parts.
+"""Detectors: torchvision's Faster R-CNN / RetinaNet / RPN / Fast R-CNN and Cascade R-CNN with
+the Libra parts.
 
 Start with :func:`build_model` and a :class:`ModelConfig` from :func:`libra_model_config` or
 :func:`baseline_model_config`, or with one of the torchvision-style builders
@@ -24,11 +25,14 @@ from .builders import (
     apply_overrides,
     baseline_model_config,
     build_model,
+    cascade_rcnn_resnet50_fpn,
+    check_cascade_config,
     check_model_config,
     fast_rcnn_resnet50_fpn,
     faster_rcnn_resnet50_fpn,
     faster_rcnn_resnet101_fpn,
     faster_rcnn_resnext101_64x4d_fpn,
+    libra_cascade_rcnn_resnet50_fpn,
     libra_fast_rcnn_resnet50_fpn,
     libra_faster_rcnn_resnet50_fpn,
     libra_faster_rcnn_resnet101_fpn,
@@ -42,9 +46,10 @@ from .builders import (
     rpn_resnext101_64x4d_fpn,
     used_settings,
 )
-from .config import BalancedFeaturePyramidConfig, BoxLossConfig, ModelConfig, SamplerConfig
+from .cascade import CascadeRoIHeads, LibraCascadeRCNN, refine_boxes
+from .config import BalancedFeaturePyramidConfig, BoxLossConfig, CascadeConfig, ModelConfig, SamplerConfig
 from .conventions import MMDetConvention, TorchvisionConvention, convention_parts
-from .faster_rcnn import LibraFastRCNN, LibraFasterRCNN
+from .faster_rcnn import ClassAgnosticPredictor, LibraFastRCNN, LibraFasterRCNN
 from .proposals import dump_proposals, load_proposals, select_proposals
 from .matcher import MaxIoUMatcher
 from .retinanet import LibraRetinaNet, LibraRetinaNetHead, LibraRetinaNetRegressionHead, MMDetRetinaNetHead
@@ -72,8 +77,12 @@ __all__ = [
     "mmdet_batched_nms",
     "BalancedFeaturePyramidConfig",
     "BoxLossConfig",
+    "CascadeConfig",
+    "CascadeRoIHeads",
+    "ClassAgnosticPredictor",
     "LastLevelP6P7FromC5",
     "LibraBackboneWithFPN",
+    "LibraCascadeRCNN",
     "LibraFastRCNN",
     "LibraFasterRCNN",
     "LibraRPN",
@@ -89,7 +98,9 @@ __all__ = [
     "box_regression_loss_sum",
     "build_model",
     "build_resnet",
+    "cascade_rcnn_resnet50_fpn",
     "check_box_loss_config",
+    "check_cascade_config",
     "check_model_config",
     "check_sampler_config",
     "dump_proposals",
@@ -99,6 +110,7 @@ __all__ = [
     "faster_rcnn_resnet101_fpn",
     "faster_rcnn_resnext101_64x4d_fpn",
     "freeze_backbone_layers",
+    "libra_cascade_rcnn_resnet50_fpn",
     "libra_fast_rcnn_resnet50_fpn",
     "libra_faster_rcnn_resnet50_fpn",
     "libra_faster_rcnn_resnet101_fpn",
@@ -111,6 +123,7 @@ __all__ = [
     "match_proposals",
     "norm_layer_factory",
     "fpn_backbone",
+    "refine_boxes",
     "resolve_backbone_weights",
     "retinanet_resnet50_fpn",
     "rpn_resnet50_fpn",

@@ -21,10 +21,15 @@ fast_rcnn      the same, without an RPN (precomputed proposals)
 retinanet      BFP (non-local, refine level 1 of P3-P7); balanced L1 box loss with beta 0.11
 rpn            BFP (refine level 2); balanced L1 RPN box loss (alpha 0.5, gamma 1.5,
                beta 1.0); RPN sampler ``neg_pos_ub = 5``
+cascade_rcnn   as faster_rcnn, in every stage: the RoI sampler and box loss of each of the
+               three stages (IoU thresholds 0.5 / 0.6 / 0.7) are Libra's
 =============  ===========================================================================
 
-The Libra RPN row is not in mmdetection's configs; it combines the paper's components with the
-first-stage settings of mmdetection's Libra Faster R-CNN (see the project notes).
+The Libra RPN and Libra Cascade R-CNN rows are not in mmdetection's configs; they combine the
+paper's components with the settings of mmdetection's Libra Faster R-CNN and, for the cascade,
+of its Cascade R-CNN (``ModelConfig.cascade``). With ``settings="mmdet"`` a cascade's
+IoU-balanced sampler bins each stage's negatives over their own IoU range (``binning="paper"``),
+which lies below that stage's threshold.
 """
 
 from __future__ import annotations
@@ -39,15 +44,18 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 from torchvision.models import WeightsEnum
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.rpn import RPNHead
 
 from .backbone import (BACKBONE_NAMES, NECK_KINDS, NORM_KINDS, NUM_LEVELS, fpn_backbone,
                        input_normalization)
 from .efficientnet import EFFICIENTNET_NAMES, IMAGENET, NORMS as EFFICIENTNET_NORMS
 from .box_losses import check_box_loss_config
+from .cascade import CascadeRoIHeads, LibraCascadeRCNN
 from .config import (
     BalancedFeaturePyramidConfig,
     BoxLossConfig,
+    CascadeConfig,
     ModelConfig,
     RefineKind,
     SamplerConfig,
@@ -81,9 +89,11 @@ __all__ = [
     "libra_rpn_resnet50_fpn",
     "fast_rcnn_resnet50_fpn",
     "libra_fast_rcnn_resnet50_fpn",
+    "cascade_rcnn_resnet50_fpn",
+    "libra_cascade_rcnn_resnet50_fpn",
 ]
 
-ARCHS = ("faster_rcnn", "retinanet", "rpn", "fast_rcnn")
+ARCHS = ("faster_rcnn", "retinanet", "rpn", "fast_rcnn", "cascade_rcnn")
 REFINE_KINDS = typing.get_args(RefineKind)
 
 WeightsArg = Union[None, str, os.PathLike, WeightsEnum]
@@ -97,7 +107,7 @@ def apply_overrides(cfg: ModelConfig, overrides: Mapping[str, Any]) -> ModelConf
     """A copy of ``cfg`` with ``overrides`` (``ModelConfig`` field names) applied.
 
     A nested dataclass field (``bfp``, ``roi_sampler``, ``box_loss``, ``rpn_box_loss``,
-    ``retina_box_loss``) takes an instance of its dataclass (replaces it) or a dict (updates
+    ``retina_box_loss``, ``cascade``) takes an instance of its dataclass (replaces it) or a dict (updates
     only the named sub-fields, keeping the others of ``cfg``).
     """
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -126,16 +136,18 @@ def apply_overrides(cfg: ModelConfig, overrides: Mapping[str, Any]) -> ModelConf
 
 _RPN_FIELDS = ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
                "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "rpn_positive_fraction",
-               "rpn_neg_pos_ub", "rpn_box_loss")
+               "rpn_neg_pos_ub", "rpn_allowed_border", "rpn_box_loss")
 _ROI_FIELDS = ("roi_sampler", "box_loss", "representation_size")
 _DETECTION_FIELDS = ("box_score_thresh", "box_nms_thresh", "box_detections_per_img")
 _RETINA_FIELDS = ("retina_box_loss", "retina_p6_input", "retina_head_norm")
 #: ModelConfig fields each architecture does not read
+_CASCADE_FIELDS = ("cascade",)
 UNUSED_FIELDS = {
-    "faster_rcnn": _RETINA_FIELDS,
-    "fast_rcnn": _RPN_FIELDS + _RETINA_FIELDS,
-    "rpn": _ROI_FIELDS + _DETECTION_FIELDS + _RETINA_FIELDS,
-    "retinanet": _RPN_FIELDS + _ROI_FIELDS,
+    "faster_rcnn": _RETINA_FIELDS + _CASCADE_FIELDS,
+    "fast_rcnn": _RPN_FIELDS + _RETINA_FIELDS + _CASCADE_FIELDS,
+    "rpn": _ROI_FIELDS + _DETECTION_FIELDS + _RETINA_FIELDS + _CASCADE_FIELDS,
+    "retinanet": _RPN_FIELDS + _ROI_FIELDS + _CASCADE_FIELDS,
+    "cascade_rcnn": _RETINA_FIELDS,
 }
 
 
@@ -205,13 +217,46 @@ def check_model_config(cfg: ModelConfig) -> ModelConfig:
     ub = cfg.rpn_neg_pos_ub
     if not isinstance(ub, (int, float)) or not math.isfinite(ub) or (ub < 0 and ub != -1):
         raise ValueError(f"rpn_neg_pos_ub must be -1 (no cap) or a finite number >= 0, got {ub!r}")
+    border = cfg.rpn_allowed_border
+    if not isinstance(border, (int, float)) or not math.isfinite(border) or (border < 0 and border != -1):
+        raise ValueError(f"rpn_allowed_border must be -1 (every anchor) or a finite number >= 0, "
+                         f"got {border!r}")
     _check_unit_interval(cfg.box_score_thresh, "box_score_thresh")
     _check_unit_interval(cfg.box_nms_thresh, "box_nms_thresh")
     check_box_loss_config(cfg.rpn_box_loss, "rpn_box_loss")
     check_box_loss_config(cfg.box_loss, "box_loss")
     check_box_loss_config(cfg.retina_box_loss, "retina_box_loss")
     check_sampler_config(cfg.roi_sampler, "roi_sampler")
+    check_cascade_config(cfg.cascade)
     return cfg
+
+
+def check_cascade_config(cascade: CascadeConfig) -> CascadeConfig:
+    """Validate the cascade's stages: every list has ``num_stages`` entries, thresholds in
+    ``(0, 1)``, weights ``>= 0``, coder stds ``> 0``; ``ValueError`` names the setting."""
+    if not isinstance(cascade, CascadeConfig):
+        raise ValueError(f"cascade must be a CascadeConfig, got {type(cascade).__name__}")
+    _check_positive_int(cascade.num_stages, "cascade.num_stages")
+    for name in ("iou_thresholds", "stage_loss_weights", "box_coder_stds"):
+        values = getattr(cascade, name)
+        if not isinstance(values, (list, tuple)) or len(values) != cascade.num_stages:
+            count = f"{len(values)} entries" if isinstance(values, (list, tuple)) else repr(values)
+            raise ValueError(f"cascade.{name} has {count} but cascade.num_stages is "
+                             f"{cascade.num_stages}: give one per stage")
+    for t in cascade.iou_thresholds:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
+            raise ValueError(f"cascade.iou_thresholds must lie in (0, 1), got {cascade.iou_thresholds!r}")
+    for w in cascade.stage_loss_weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"cascade.stage_loss_weights must be finite numbers >= 0, "
+                             f"got {cascade.stage_loss_weights!r}")
+    for stds in cascade.box_coder_stds:
+        if not isinstance(stds, (list, tuple)) or len(stds) != 4 or not all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0
+                for s in stds):
+            raise ValueError(f"cascade.box_coder_stds must be four numbers > 0 per stage, "
+                             f"got {stds!r}")
+    return cascade
 
 
 def _check_backbone_fits(backbone: str, weights: Optional[str], norm: str) -> None:
@@ -238,6 +283,13 @@ def _mmdet_settings(arch: str, libra: bool) -> dict[str, Any]:
         # floor_thr 0: mmdetection's sampler replaces its configured -1 by 0 after its first image
         "roi_sampler": {"binning": "mmdet", "floor_thr": 0.0},
     }
+    if arch == "cascade_rcnn":
+        # mmdetection's Cascade R-CNN: 2000 proposals per training image, RPN training on the
+        # anchors inside the image, smooth L1 box losses (the ModelConfig defaults); IoU bins
+        # over each stage's own negatives, which lie below that stage's threshold
+        settings.update(rpn_post_nms_top_n_train=2000, rpn_allowed_border=0.0,
+                        roi_sampler={"binning": "paper", "floor_thr": 0.0})
+        return settings
     if not (libra and arch == "rpn"):
         settings["rpn_box_loss"] = l1
     if not (libra and arch in ("faster_rcnn", "fast_rcnn")):
@@ -276,7 +328,7 @@ def _libra_parts(arch: str) -> dict[str, Any]:
     balanced_sampler = SamplerConfig(num=512, pos_fraction=0.25, add_gt_as_proposals=True,
                                      pos_balance=True, neg_balance=True, num_bins=3,
                                      floor_thr=-1.0, floor_fraction=0.0)
-    if arch == "faster_rcnn":
+    if arch in ("faster_rcnn", "cascade_rcnn"):
         return {"bfp": BalancedFeaturePyramidConfig(enabled=True, refine_level=2, refine_type="non_local"),
                 "roi_sampler": balanced_sampler, "box_loss": balanced_l1, "rpn_neg_pos_ub": 5.0}
     if arch == "fast_rcnn":
@@ -310,8 +362,8 @@ def build_model(cfg: ModelConfig, *, generator: Optional[torch.Generator] = None
         generator: optional ``torch.Generator`` for the RPN / RoI samplers (``None``: global RNG).
 
     Returns:
-        :class:`LibraFasterRCNN`, :class:`LibraRetinaNet`, :class:`LibraRPN` or
-        :class:`LibraFastRCNN`, following torchvision's images/targets/losses contract, with the
+        :class:`LibraFasterRCNN`, :class:`LibraRetinaNet`, :class:`LibraRPN`,
+        :class:`LibraFastRCNN` or :class:`LibraCascadeRCNN`, following torchvision's images/targets/losses contract, with the
         parts of ``cfg.convention`` (:mod:`.conventions`).
     """
     check_model_config(cfg)
@@ -336,6 +388,9 @@ def build_model(cfg: ModelConfig, *, generator: Optional[torch.Generator] = None
         model = LibraRPN(backbone, _rpn(cfg, parts, generator), transform, num_classes=cfg.num_classes)
     elif cfg.arch == "fast_rcnn":
         model = LibraFastRCNN(backbone, _roi_heads(cfg, parts, generator), transform)
+    elif cfg.arch == "cascade_rcnn":
+        model = LibraCascadeRCNN(backbone, _rpn(cfg, parts, generator),
+                                 _cascade_roi_heads(cfg, parts, generator), transform)
     else:
         model = LibraFasterRCNN(backbone, _rpn(cfg, parts, generator),
                                 _roi_heads(cfg, parts, generator), transform)
@@ -356,6 +411,7 @@ def _rpn(cfg: ModelConfig, parts: TorchvisionConvention,
         batch_size_per_image=cfg.rpn_batch_size_per_image,
         positive_fraction=cfg.rpn_positive_fraction,
         neg_pos_ub=float(cfg.rpn_neg_pos_ub),
+        allowed_border=float(cfg.rpn_allowed_border),
         box_loss=dataclasses.replace(cfg.rpn_box_loss),
         proposal_matcher=parts.rpn_matcher(),
         box_coder=parts.box_coder((1.0, 1.0, 1.0, 1.0)),
@@ -366,9 +422,12 @@ def _rpn(cfg: ModelConfig, parts: TorchvisionConvention,
 
 
 def _roi_heads(cfg: ModelConfig, parts: TorchvisionConvention,
-               generator: Optional[torch.Generator]) -> LibraRoIHeads:
+               generator: Optional[torch.Generator], *, iou_threshold: float = 0.5,
+               box_coder_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0),
+               class_agnostic: bool = False) -> LibraRoIHeads:
     box_head, box_predictor = box_head_and_predictor(cfg.fpn_channels, cfg.num_classes,
-                                                     cfg.representation_size)
+                                                     cfg.representation_size,
+                                                     class_agnostic=class_agnostic)
     return LibraRoIHeads(
         parts.box_roi_pool(),
         box_head,
@@ -378,11 +437,22 @@ def _roi_heads(cfg: ModelConfig, parts: TorchvisionConvention,
         score_thresh=cfg.box_score_thresh,
         nms_thresh=cfg.box_nms_thresh,
         detections_per_img=cfg.box_detections_per_img,
-        box_coder=parts.box_coder((10.0, 10.0, 5.0, 5.0)),
+        proposal_matcher=Matcher(iou_threshold, iou_threshold, allow_low_quality_matches=False),
+        box_coder=parts.box_coder(box_coder_weights),
         box_filter=parts.roi_box_filter(),
         batched_nms=parts.batched_nms,
         generator=generator,
     )
+
+
+def _cascade_roi_heads(cfg: ModelConfig, parts: TorchvisionConvention,
+                       generator: Optional[torch.Generator]) -> CascadeRoIHeads:
+    """One :class:`LibraRoIHeads` per stage, with the stage's IoU threshold and box coder
+    (torchvision weights ``1 / std``) and the shared sampler and box loss settings."""
+    stages = [_roi_heads(cfg, parts, generator, iou_threshold=float(threshold),
+                         box_coder_weights=tuple(1.0 / s for s in stds), class_agnostic=True)
+              for threshold, stds in zip(cfg.cascade.iou_thresholds, cfg.cascade.box_coder_stds)]
+    return CascadeRoIHeads(stages, cfg.cascade.stage_loss_weights)
 
 
 def _retinanet(cfg: ModelConfig, parts: TorchvisionConvention, backbone: nn.Module,
@@ -530,3 +600,18 @@ def libra_fast_rcnn_resnet50_fpn(*, num_classes: int = 81, weights_backbone: Wei
     """Libra Fast R-CNN on precomputed proposals, ResNet-50-FPN (mmdetection: 38.5 AP val)."""
     return _build("fast_rcnn", "resnet50", True, num_classes, weights_backbone, overrides,
                   "libra_fast_rcnn_resnet50_fpn")
+
+
+def cascade_rcnn_resnet50_fpn(*, num_classes: int = 81, weights_backbone: WeightsArg = None,
+                              **overrides: Any) -> LibraCascadeRCNN:
+    """Cascade R-CNN, ResNet-50-FPN: three stages at IoU 0.5 / 0.6 / 0.7, no Libra component."""
+    return _build("cascade_rcnn", "resnet50", False, num_classes, weights_backbone, overrides,
+                  "cascade_rcnn_resnet50_fpn")
+
+
+def libra_cascade_rcnn_resnet50_fpn(*, num_classes: int = 81, weights_backbone: WeightsArg = None,
+                                    **overrides: Any) -> LibraCascadeRCNN:
+    """Libra Cascade R-CNN, ResNet-50-FPN: BFP under the three stages, IoU-balanced sampling and
+    balanced L1 loss in each stage."""
+    return _build("cascade_rcnn", "resnet50", True, num_classes, weights_backbone, overrides,
+                  "libra_cascade_rcnn_resnet50_fpn")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-Arch = Literal["faster_rcnn", "retinanet", "rpn", "fast_rcnn"]
+Arch = Literal["faster_rcnn", "retinanet", "rpn", "fast_rcnn", "cascade_rcnn"]
 BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d",
                        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 NormKind = Literal["frozen_bn", "frozen_stats_bn", "bn", "gn"]
@@ -20,6 +20,7 @@ NeckKind = Literal["fpn", "pafpn"]
 RefineKind = Literal["none", "conv", "non_local"]
 BoxLossKind = Literal["smooth_l1", "l1", "balanced_l1"]
 Convention = Literal["torchvision", "mmdet"]
+BoxStds = tuple[float, float, float, float]
 # "paper": as the paper describes it; "mmdet": as mmdetection (the reference implementation) does it
 Rule = Literal["paper", "mmdet"]
 
@@ -69,6 +70,24 @@ class BoxLossConfig:
 
 
 @dataclass
+class CascadeConfig:
+    """Cascade R-CNN's stages (``arch: cascade_rcnn``; Cai & Vasconcelos, mmdetection's
+    ``CascadeRoIHead``). Stage ``k`` takes the boxes refined by stage ``k - 1`` (the RPN's
+    proposals for stage 0), labels RoIs of IoU ``>= iou_thresholds[k]`` with a ground truth as
+    positives and the rest as negatives, weights its two losses by ``stage_loss_weights[k]`` and
+    codes box deltas with ``box_coder_stds[k]`` (mmdetection's ``target_stds``: deltas are divided
+    by them, i.e. torchvision ``BoxCoder`` weights ``1 / std``). Every list has ``num_stages``
+    entries. The RoI sampler and box loss settings (``roi_sampler``, ``box_loss``) apply to every
+    stage."""
+
+    num_stages: int = 3
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7])
+    stage_loss_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+    box_coder_stds: list[BoxStds] = field(default_factory=lambda: [
+        (0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067)])
+
+
+@dataclass
 class ModelConfig:
     arch: Arch = "faster_rcnn"
     # classes *including* background for two-stage models (torchvision convention: 91 for COCO
@@ -107,6 +126,10 @@ class ModelConfig:
     # at most this many sampled negative anchors per sampled positive (-1: no cap);
     # mmdetection's Libra Faster R-CNN uses 5 (added by the models helper)
     rpn_neg_pos_ub: float = -1.0
+    # anchors reaching more than this many pixels beyond the image take no part in the RPN's
+    # training targets (mmdetection's allowed_border: 0 in its Cascade R-CNN); -1: every anchor
+    # does (torchvision, mmdetection's Faster R-CNN)
+    rpn_allowed_border: float = -1.0
     rpn_box_loss: BoxLossConfig = field(
         default_factory=lambda: BoxLossConfig(kind="smooth_l1", beta=1.0 / 9.0)
     )
@@ -118,6 +141,9 @@ class ModelConfig:
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
+
+    # Cascade R-CNN (cascade_rcnn)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     # RetinaNet
     retina_box_loss: BoxLossConfig = field(

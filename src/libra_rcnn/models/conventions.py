@@ -159,18 +159,19 @@ class MMDetConvention(TorchvisionConvention):
     def init_weights(self, model: nn.Module) -> None:
         """mmdetection's initialisation of what is not pretrained and differs from torchvision's:
         FPN / PAFPN / P6-P7 convolutions Xavier-uniform; box head FCs Xavier-uniform, class scores
-        N(0, 0.01^2), box deltas N(0, 0.001^2); biases 0. (RPN, RetinaNet head and balanced
+        N(0, 0.01^2), box deltas N(0, 0.001^2) (every stage of a cascade); biases 0. (RPN, RetinaNet head and balanced
         feature pyramid initialise as mmdetection's already.)"""
         fpn = getattr(getattr(model, "backbone", None), "fpn", None)
         for module in [] if fpn is None else fpn.modules():
             if isinstance(module, nn.Conv2d):
                 _init(module, nn.init.xavier_uniform_)
         roi_heads = getattr(model, "roi_heads", None)
-        if roi_heads is not None:
-            for fc in roi_heads.box_head.children():
+        # a cascade's stages initialise as Faster R-CNN's box head
+        for heads in [] if roi_heads is None else getattr(roi_heads, "stages", [roi_heads]):
+            for fc in heads.box_head.children():
                 _init(fc, nn.init.xavier_uniform_)
-            _init(roi_heads.box_predictor.cls_score, lambda w: nn.init.normal_(w, std=0.01))
-            _init(roi_heads.box_predictor.bbox_pred, lambda w: nn.init.normal_(w, std=0.001))
+            _init(heads.box_predictor.cls_score, lambda w: nn.init.normal_(w, std=0.01))
+            _init(heads.box_predictor.bbox_pred, lambda w: nn.init.normal_(w, std=0.001))
 
 
 def _init(module: nn.Module, init_weight) -> None:

@@ -25,26 +25,39 @@ from .roi_heads import LibraRoIHeads
 from .rpn import LibraRegionProposalNetwork
 from .validation import validate_inputs, validate_proposals
 
-__all__ = ["LibraFasterRCNN", "LibraFastRCNN", "box_head_and_predictor"]
+__all__ = ["ClassAgnosticPredictor", "LibraFasterRCNN", "LibraFastRCNN", "box_head_and_predictor"]
 
 ROI_RESOLUTION = 7
 
 
-def box_head_and_predictor(out_channels: int, num_classes: int, representation_size: int
-                           ) -> tuple[TwoMLPHead, FastRCNNPredictor]:
+class ClassAgnosticPredictor(FastRCNNPredictor):
+    """torchvision's ``FastRCNNPredictor`` with one set of box deltas shared by every class
+    (mmdetection's ``reg_class_agnostic=True``): ``cls_score [C]``, ``bbox_pred [4]``."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, 4)
+
+
+def box_head_and_predictor(out_channels: int, num_classes: int, representation_size: int, *,
+                           class_agnostic: bool = False) -> tuple[TwoMLPHead, FastRCNNPredictor]:
     """Two shared FC layers of ``representation_size`` on ``7 x 7`` RoI features
-    (mmdetection's ``Shared2FCBBoxHead``) and class-specific box deltas for ``num_classes``
-    classes, background included."""
+    (mmdetection's ``Shared2FCBBoxHead``) and box deltas for ``num_classes`` classes, background
+    included: class-specific, or shared by every class with ``class_agnostic``."""
     if isinstance(representation_size, bool) or not isinstance(representation_size, int) \
             or representation_size < 1:
         raise ValueError(f"representation_size must be a positive int, got {representation_size!r}")
     box_head = TwoMLPHead(out_channels * ROI_RESOLUTION**2, representation_size)
-    return box_head, FastRCNNPredictor(representation_size, num_classes)
+    predictor = ClassAgnosticPredictor if class_agnostic else FastRCNNPredictor
+    return box_head, predictor(representation_size, num_classes)
 
 
-def _num_classes(roi_heads: LibraRoIHeads) -> Optional[int]:
-    """Classes (background included) of the RoI heads' predictor, if it says."""
-    return getattr(getattr(roi_heads.box_predictor, "cls_score", None), "out_features", None)
+def _num_classes(roi_heads: nn.Module) -> Optional[int]:
+    """Classes (background included) of the RoI heads' predictor (a cascade's last stage's),
+    if it says."""
+    stages = getattr(roi_heads, "stages", None)
+    predictor = (stages[-1] if stages else roi_heads).box_predictor
+    return getattr(getattr(predictor, "cls_score", None), "out_features", None)
 
 
 class LibraFasterRCNN(GeneralizedRCNN):

@@ -69,5 +69,8 @@ class MMDetMultiScaleRoIAlign(MultiScaleRoIAlign):
             index = torch.where(levels == level)[0]
             pooled = roi_align(feature, rois[index], self.output_size, spatial_scale=1.0 / stride,
                                sampling_ratio=self.sampling_ratio, aligned=True)
-            result = result.index_put((index,), pooled.to(result.dtype))
+            if torch.jit.is_tracing():  # out of place: the exported graph keeps the writes
+                result = result.index_put((index,), pooled.to(result.dtype))
+            else:  # in place: no copy of all RoIs' features per level
+                result[index] = pooled.to(result.dtype)
         return result

@@ -102,7 +102,8 @@ def fastrcnn_loss(
 
     Args:
         class_logits: ``[R, num_classes]`` for the ``R`` sampled RoIs of the batch.
-        box_regression: ``[R, num_classes * 4]`` class-specific deltas.
+        box_regression: ``[R, num_classes * 4]`` class-specific deltas, or ``[R, 4]`` deltas
+            shared by every class (class-agnostic regression, as Cascade R-CNN's stages).
         labels: per image int64 ``[R_i]`` (0 background).
         regression_targets: per image ``[R_i, 4]`` encoded targets.
         box_loss: the localisation loss.
@@ -119,7 +120,8 @@ def fastrcnn_loss(
         return zero, zero.clone()
     loss_classifier = F.cross_entropy(class_logits, all_labels)
     pos = torch.where(all_labels > 0)[0]
-    deltas = box_regression.reshape(num_rois, -1, 4)[pos, all_labels[pos]]
+    per_class = box_regression.reshape(num_rois, -1, 4)
+    deltas = per_class[pos, all_labels[pos] if per_class.shape[1] > 1 else 0]
     loss_box_reg = box_regression_loss_sum(deltas, all_targets[pos], box_loss) / num_rois
     return loss_classifier, loss_box_reg
 
@@ -204,26 +206,44 @@ class LibraRoIHeads(RoIHeads):
             torchvision's tuple ``(proposals, matched_idxs, labels, regression_targets)`` of the
             sampled RoIs: ``[R_i, 4]``, int64 ``[R_i]``, int64 ``[R_i]``, ``[R_i, 4]``.
         """
+        return self.sample_training_rois(proposals, targets)[:4]
+
+    def sample_training_rois(
+        self, proposals: list[Tensor], targets: Optional[list[dict[str, Tensor]]]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """:meth:`select_training_samples` plus, per image, bool ``[R_i]``: which sampled RoIs
+        are ground-truth boxes added as proposals (a cascade's next stage leaves them out)."""
         self.check_targets(targets)
         assert targets is not None  # for type checkers; check_targets raised otherwise
         dtype, device = proposals[0].dtype, proposals[0].device
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
+        num_proposals = [p.shape[0] for p in proposals]
         if self.sampler.add_gt_as_proposals:
-            proposals = self.add_gt_proposals(proposals, gt_boxes)
+            proposals = self.add_gt_proposals(proposals, gt_boxes)  # appended after the proposals
 
         sampled_proposals, sampled_matched, sampled_labels, matched_gt_boxes = [], [], [], []
-        for props, boxes, classes in zip(proposals, gt_boxes, gt_labels):
+        from_gt = []
+        for props, boxes, classes, n in zip(proposals, gt_boxes, gt_labels, num_proposals):
             labels, max_overlaps, matched = match_proposals(props, boxes, classes, self.proposal_matcher)
             keep = self.sample_image(labels, max_overlaps, matched)
             sampled_proposals.append(props[keep])
             sampled_labels.append(labels[keep])
             sampled_matched.append(matched[keep])
+            from_gt.append(keep >= n)
             if boxes.numel() == 0:  # background-only image: targets of negatives are never read
                 boxes = torch.zeros((1, 4), dtype=dtype, device=device)
             matched_gt_boxes.append(boxes[matched[keep]])
         regression_targets = self.box_coder.encode(matched_gt_boxes, sampled_proposals)
-        return sampled_proposals, sampled_matched, sampled_labels, list(regression_targets)
+        return sampled_proposals, sampled_matched, sampled_labels, list(regression_targets), from_gt
+
+    def box_outputs(self, features: dict[str, Tensor], proposals: list[Tensor],
+                    image_shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """RoI features -> box head -> predictor: ``class_logits [R, C]`` and
+        ``box_regression [R, C * 4]`` (``[R, 4]`` for a class-agnostic predictor) for the
+        ``R`` boxes of ``proposals`` (per image ``[R_i, 4]``)."""
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        return self.box_predictor(box_features)
 
     def postprocess_detections(
         self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
@@ -272,8 +292,7 @@ class LibraRoIHeads(RoIHeads):
         if self.training:
             proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
 
-        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_features)
+        class_logits, box_regression = self.box_outputs(features, proposals, image_shapes)
 
         if self.training:
             loss_classifier, loss_box_reg = fastrcnn_loss(

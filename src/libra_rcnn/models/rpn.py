@@ -5,6 +5,8 @@
 * the anchor sampler of :func:`libra_rcnn.ops.sample_positives_negatives` (random, as
   torchvision's, plus mmdetection's ``neg_pos_ub``: at most ``neg_pos_ub`` negatives per sampled
   positive, 5 in mmdetection's Libra Faster R-CNN) drawing from a generator the module owns;
+* mmdetection's ``allowed_border`` (``>= 0``): only anchors inside the image, up to that many
+  pixels beyond it, are matched and sampled in training (``-1``: every anchor, as torchvision);
 * a configurable box loss (``smooth_l1`` with ``beta = 1/9`` as torchvision, ``l1`` as
   mmdetection, or the balanced L1 loss of Sec. 3.3), normalised as both do: the sum over the
   coordinates of the sampled positive anchors divided by the number of sampled anchors;
@@ -59,6 +61,10 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         batch_size_per_image, positive_fraction: anchors sampled per image (256 / 0.5).
         neg_pos_ub: when ``>= 0``, sample at most ``int(neg_pos_ub * max(num_pos, 1))``
             negatives per image; ``-1`` disables the cap (torchvision's behaviour).
+        allowed_border: when ``>= 0``, training matches and samples only the anchors with
+            ``x1, y1 >= -allowed_border`` and ``x2 < width + allowed_border``, ``y2 < height +
+            allowed_border`` (the resized image's size); the others are ignored. ``-1``: every
+            anchor (torchvision's behaviour).
         nms_thresh, score_thresh: proposal post-processing.
         box_loss: :class:`BoxLossConfig` of the anchor regression loss (default smooth L1, 1/9).
         proposal_matcher: anchor-to-ground-truth matcher (default torchvision's
@@ -80,6 +86,7 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         batch_size_per_image: int = 256,
         positive_fraction: float = 0.5,
         neg_pos_ub: float = -1.0,
+        allowed_border: float = -1.0,
         nms_thresh: float = 0.7,
         score_thresh: float = 0.0,
         box_loss: Optional[BoxLossConfig] = None,
@@ -94,6 +101,9 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
             raise ValueError(f"rpn_positive_fraction must lie in [0, 1], got {positive_fraction!r}")
         if not math.isfinite(neg_pos_ub) or (neg_pos_ub < 0 and neg_pos_ub != -1):
             raise ValueError(f"rpn_neg_pos_ub must be -1 (no cap) or a finite number >= 0, got {neg_pos_ub!r}")
+        if not math.isfinite(allowed_border) or (allowed_border < 0 and allowed_border != -1):
+            raise ValueError(f"rpn_allowed_border must be -1 (every anchor) or a finite number "
+                             f">= 0, got {allowed_border!r}")
         for key in ("training", "testing"):
             _check_positive_int(pre_nms_top_n.get(key), f"rpn_pre_nms_top_n[{key!r}]")
             _check_positive_int(post_nms_top_n.get(key), f"rpn_post_nms_top_n[{key!r}]")
@@ -110,7 +120,34 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
         self.neg_pos_ub = float(neg_pos_ub)
+        self.allowed_border = float(allowed_border)
         self.generator = generator
+
+    def assign_anchors_inside(
+        self, anchors: list[Tensor], targets: list[dict[str, Tensor]],
+        image_sizes: list[tuple[int, int]],
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's ``assign_targets_to_anchors`` over the anchors inside each image (see
+        ``allowed_border``); the others get label ``-1`` (ignored) and a zero box.
+
+        Shapes: per image ``anchors [A, 4]``, ``image_sizes (h, w)``; returns per image labels
+        ``[A]`` (1, 0, -1, float) and matched ground-truth boxes ``[A, 4]``.
+        """
+        if self.allowed_border < 0:
+            return self.assign_targets_to_anchors(anchors, targets)
+        border = self.allowed_border
+        labels, matched_boxes = [], []
+        for anchors_i, target, (height, width) in zip(anchors, targets, image_sizes):
+            inside = ((anchors_i[:, 0] >= -border) & (anchors_i[:, 1] >= -border)
+                      & (anchors_i[:, 2] < width + border) & (anchors_i[:, 3] < height + border))
+            inside_labels, inside_boxes = self.assign_targets_to_anchors([anchors_i[inside]], [target])
+            labels_i = anchors_i.new_full((anchors_i.shape[0],), -1.0)
+            labels_i[inside] = inside_labels[0]
+            boxes_i = anchors_i.new_zeros(anchors_i.shape)
+            boxes_i[inside] = inside_boxes[0]
+            labels.append(labels_i)
+            matched_boxes.append(boxes_i)
+        return labels, matched_boxes
 
     def subsample(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Sample anchors per image.
@@ -232,7 +269,7 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
-            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+            labels, matched_gt_boxes = self.assign_anchors_inside(anchors, targets, images.image_sizes)
             regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
             loss_objectness, loss_rpn_box_reg = self.compute_loss(
                 objectness, pred_bbox_deltas, labels, regression_targets
