@@ -27,6 +27,9 @@ Rows (paper layout, COCO bbox metrics on the test split, x100):
 ``iou_sampling_own_bins``       ``iou_sampling`` with the IoU bins over the negatives' own IoU
                                 range (``binning: paper``) instead of the reference's
 ``libra_faster_rcnn_own_bins``  ``libra_faster_rcnn`` with the negatives' own range
+``cascade_rcnn``                Cascade R-CNN (three stages at IoU 0.5 / 0.6 / 0.7), every Libra
+                                part off; pretrained ``bccd`` only
+``libra_cascade_rcnn``          + the three parts in every stage = Libra Cascade R-CNN
 ``retinanet``                   RetinaNet, every Libra part off
 ``libra_retinanet``             + balanced feature pyramid + balanced L1 loss = Libra RetinaNet
 ==============================  ================================================================
@@ -35,13 +38,15 @@ The Faster R-CNN rows are :data:`libra_rcnn.analysis.ABLATION_TABLES` ``["table2
 starts from :data:`~libra_rcnn.analysis.BASELINE_OVERRIDES`, so a row means the same whatever
 the base config switches on); the RetinaNet rows switch the pyramid and the loss in the same
 way. Within a family the rows share everything else: seeds, schedule, image size, batch, data
-pipeline. Each row is compared, seed by seed, with its family's baseline, and each own-range
-row also with its partner of the reference's bins.
+pipeline. Each row is compared, seed by seed, with its family's baseline, each own-range
+row also with its partner of the reference's bins, and each cascade with the Faster R-CNN of
+its kind.
 
 Seeds: ``--seeds`` for every row; ``--more-seeds`` for the headline pairs only (baseline and
 Libra Faster R-CNN; the reference's bins and the negatives' own range: :data:`HEADLINE_ROWS`).
-Pretrained: seeds 0 1 and more seeds 2-7, so the headline rows get eight; scratch: 0 1, and
-for ``bccd`` 2 3 more.
+Pretrained: seeds 0 1 and more seeds 2-7, so the headline rows get eight and the cascade pair
+(which trains the first :data:`CASCADE_MORE_SEEDS` of them) four; scratch: 0 1, and for ``bccd``
+2 3 more.
 
 Every (row, seed) pair is trained and evaluated by :func:`libra_rcnn.analysis.run_ablation` in
 its own folder, seed by seed (all rows of the first seed, then the next seed), so a partial run
@@ -98,6 +103,8 @@ from benchmarks._common import relative_paths  # noqa: E402
 __all__ = [
     "DATASETS",
     "GPU_RECIPE",
+    "CASCADE_MORE_SEEDS",
+    "CASCADE_ROWS",
     "HEADLINE_ROWS",
     "ROWS",
     "ROW_KEYS",
@@ -115,6 +122,7 @@ __all__ = [
     "parse_args",
     "row_config",
     "run_benchmark",
+    "seed_plan",
     "seed_process_command",
     "subset_coco",
 ]
@@ -191,12 +199,13 @@ GPU_RECIPE: tuple[str, ...] = (
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One row of the table: its family (which base config), the variant's overrides, the row
-    it is compared with (its family's baseline; itself for a baseline) and, for a one-switch
-    pair, its partner."""
+    it is compared with (its family's baseline; itself for a baseline) and the row it is also
+    compared with (its partner: the other side of a one-switch pair, or a cascade's Faster
+    R-CNN)."""
 
     key: str
     name: str
-    family: str  # "faster_rcnn" or "retinanet"
+    family: str  # "faster_rcnn", "cascade_rcnn" or "retinanet"
     overrides: tuple[str, ...]
     baseline: str
     partner: Optional[str] = None
@@ -235,6 +244,10 @@ def _rows() -> Dict[str, Row]:
                     "Libra Faster R-CNN, bins over the negatives' own IoU range",
                     "faster_rcnn", (*table2[3], own_bins), "faster_rcnn",
                     partner="libra_faster_rcnn"))
+    rows.append(Row("cascade_rcnn", "Cascade R-CNN (baseline)", "cascade_rcnn", table2[0],
+                    "cascade_rcnn", partner="faster_rcnn"))
+    rows.append(Row("libra_cascade_rcnn", "Libra Cascade R-CNN", "cascade_rcnn", table2[3],
+                    "cascade_rcnn", partner="libra_faster_rcnn"))
     rows.append(Row("retinanet", "RetinaNet (baseline)", "retinanet", _RETINA_BASELINE,
                     "retinanet"))
     rows.append(Row("libra_retinanet", "Libra RetinaNet", "retinanet", _RETINA_LIBRA,
@@ -249,10 +262,15 @@ ROW_KEYS: tuple[str, ...] = tuple(ROWS)
 #: reference's IoU bins and the negatives' own range.
 HEADLINE_ROWS: tuple[str, ...] = ("faster_rcnn", "libra_faster_rcnn", "iou_sampling",
                                   "iou_sampling_own_bins")
+#: Cascade R-CNN and Libra Cascade R-CNN: they train the first ``CASCADE_MORE_SEEDS`` of
+#: ``--more-seeds`` (a cascade step costs about 1.4 Faster R-CNN steps on the CPU).
+CASCADE_ROWS: tuple[str, ...] = ("cascade_rcnn", "libra_cascade_rcnn")
+CASCADE_MORE_SEEDS = 2
 #: How the detectors start: ``pretrained`` (ImageNet EfficientNet-Lite0, the configs for your
 #: own photos on a CPU) or ``scratch`` (the data set's from-scratch configs).
 REGIMES = ("pretrained", "scratch")
 _PRETRAINED_CONFIGS = {"faster_rcnn": "faster_rcnn_lite0_fpn_cpu",
+                       "cascade_rcnn": "cascade_rcnn_lite0_fpn_cpu",
                        "retinanet": "retinanet_lite0_fpn_cpu"}
 
 
@@ -289,13 +307,14 @@ _SCRATCH_FRUIT_ROWS = ("faster_rcnn", "iou_sampling", "bfp", "libra_faster_rcnn"
 _SCRATCH_BCCD_ROWS = ("faster_rcnn", "iou_sampling", "bfp", "libra_faster_rcnn",
                       "iou_sampling_own_bins", "retinanet", "libra_retinanet")
 _PRETRAINED_SEEDS = {"seeds": (0, 1), "more_seeds": (2, 3, 4, 5, 6, 7)}
+_PRETRAINED_FRUIT_ROWS = tuple(key for key in ROW_KEYS if key not in CASCADE_ROWS)
 #: The data sets, by ``--dataset`` key.
 DATASETS: Dict[str, Dataset] = {
     "fruit": Dataset(
         "fruit", "fruit",
         {"pretrained": _PRETRAINED_CONFIGS,
          "scratch": {"faster_rcnn": "fruit_faster_rcnn", "retinanet": "fruit_retinanet"}},
-        {"pretrained": ROW_KEYS, "scratch": _SCRATCH_FRUIT_ROWS},
+        {"pretrained": _PRETRAINED_FRUIT_ROWS, "scratch": _SCRATCH_FRUIT_ROWS},
         image_sets=False, class_names=None, spread="std",
         seeds={"pretrained": _PRETRAINED_SEEDS["seeds"], "scratch": (0, 1)},
         more_seeds={"pretrained": _PRETRAINED_SEEDS["more_seeds"], "scratch": ()},
@@ -523,6 +542,20 @@ def _torch_threads(num: Optional[int]) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------
 # The benchmark
+
+
+def seed_plan(rows: Sequence[Row], seeds: Sequence[int],
+              more_seeds: Sequence[int]) -> Dict[int, List[str]]:
+    """Seed -> the keys of the rows it trains, in table order: every row for ``seeds``; for
+    ``more_seeds`` the headline rows, and the cascade rows for the first
+    :data:`CASCADE_MORE_SEEDS` of them."""
+    plan = {seed: [row.key for row in rows] for seed in seeds}
+    for index, seed in enumerate(more_seeds):
+        keys = [row.key for row in rows if row.key in HEADLINE_ROWS
+                or (row.key in CASCADE_ROWS and index < CASCADE_MORE_SEEDS)]
+        if keys:
+            plan[seed] = keys
+    return plan
 
 
 def row_config(row: Row, shared: Sequence[str] = (), dataset: str = "fruit",
@@ -888,12 +921,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                               image_set=test_set)
 
     rows = [ROWS[key] for key in args.rows]
-    # seed -> the rows it trains: every row for --seeds, the headline pair for --more-seeds
-    plan = {seed: [row.key for row in rows] for seed in args.seeds}
-    for seed in args.more_seeds:
-        headline = [row.key for row in rows if row.key in HEADLINE_ROWS]
-        if headline:
-            plan[seed] = headline
+    plan = seed_plan(rows, args.seeds, args.more_seeds)
     shared = _shared_overrides(train_json, train_folder, test_json, test_folder,
                                num_classes=len(class_names) + 1,
                                recipe=dataset.recipes[args.recipe], smoke=smoke,

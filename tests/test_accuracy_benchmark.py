@@ -369,7 +369,11 @@ def test_rows_differ_from_their_baseline_only_in_libra_switches(acc, dataset, re
                 continue
             base = configs[other]
             changed = {k for k in base if configs[key][k] != base[k]}
-            assert changed <= LIBRA_KEYS, (key, changed - LIBRA_KEYS)
+            allowed = LIBRA_KEYS
+            if acc.ROWS[other].family != row.family:  # a cascade against its Faster R-CNN
+                allowed = LIBRA_KEYS | {"model.arch", "output_dir"} | {k for k in base
+                                                         if k.startswith("model.cascade.")}
+            assert changed <= allowed, (key, changed - allowed)
     fr, libra = configs["faster_rcnn"], configs["libra_faster_rcnn"]
     assert (fr["model.roi_sampler.pos_balance"], fr["model.roi_sampler.neg_balance"],
             fr["model.bfp.enabled"], fr["model.box_loss.kind"]) == (False, False, False, "smooth_l1")
@@ -523,7 +527,8 @@ def test_convert_split_is_done_once(acc, tiny_fruit, tmp_path):
 def test_arguments(acc, tmp_path):
     args = acc.parse_args([])
     assert args.regime == "pretrained" and args.seeds == [0, 1]
-    assert args.rows == list(acc.DATASETS["fruit"].rows["pretrained"]) == list(acc.ROW_KEYS)
+    assert args.rows == list(acc.DATASETS["fruit"].rows["pretrained"])
+    assert args.rows == [k for k in acc.ROW_KEYS if k not in acc.CASCADE_ROWS]
     assert args.device == "cpu"
     assert Path(args.data_root).resolve() == (REPO_ROOT.parent / "shared" / "data" / "fruit").resolve()
     assert Path(args.output_dir) == REPO_ROOT / "work_dirs" / "accuracy_fruit_pretrained"
@@ -556,7 +561,7 @@ def test_arguments_bccd(acc, tmp_path):
     # pretrained: the headline pairs (more_seeds) at 8 seeds, every other row at 2
     assert args.seeds == [0, 1] and args.more_seeds == [2, 3, 4, 5, 6, 7]
     assert args.recipe == "cpu" and args.regime == "pretrained"
-    assert args.rows == list(acc.ROW_KEYS) and len(args.rows) == 8
+    assert args.rows == list(acc.ROW_KEYS) and len(args.rows) == 10
     assert Path(args.data_root).resolve() == (REPO_ROOT.parent / "shared" / "data" / "bccd").resolve()
     assert Path(args.output_dir) == REPO_ROOT / "work_dirs" / "accuracy_bccd_pretrained"
     assert Path(acc.parse_args(["--dataset", "bccd", "--recipe", "gpu"]).output_dir) == (
@@ -599,3 +604,35 @@ def test_git_commit_names_the_checked_out_commit_and_tracked_changes(acc, tmp_pa
     assert acc.git_commit(tmp_path)["dirty"] is False
     (tmp_path / "a.txt").write_text("two\n")
     assert acc.git_commit(tmp_path) == {"commit": head, "dirty": True}
+
+
+def test_seed_plan_gives_the_headline_pairs_every_seed_and_the_cascades_four(acc):
+    rows = [acc.ROWS[k] for k in acc.ROW_KEYS]
+    plan = acc.seed_plan(rows, [0, 1], [2, 3, 4, 5, 6, 7])
+    assert plan[0] == plan[1] == list(acc.ROW_KEYS)
+    assert plan[2] == plan[3]
+    assert sorted(plan[2]) == sorted(["faster_rcnn", "iou_sampling", "libra_faster_rcnn",
+                                      "iou_sampling_own_bins", "cascade_rcnn",
+                                      "libra_cascade_rcnn"])
+    assert [k for k in acc.ROW_KEYS if k in plan[2]] == plan[2]  # table order
+    for seed in (4, 5, 6, 7):
+        assert sorted(plan[seed]) == sorted(acc.HEADLINE_ROWS)
+    counts = {k: sum(k in keys for keys in plan.values()) for k in acc.ROW_KEYS}
+    assert counts["libra_cascade_rcnn"] == counts["cascade_rcnn"] == 4
+    assert counts["faster_rcnn"] == counts["libra_faster_rcnn"] == 8
+    assert counts["bfp"] == counts["retinanet"] == 2
+    # rows not asked for are never planned; a plan without any of its rows leaves the seed out
+    only_bfp = acc.seed_plan([acc.ROWS["bfp"]], [0], [2, 3])
+    assert only_bfp == {0: ["bfp"]}
+
+
+def test_cascade_rows_compare_with_the_faster_rcnn_of_their_kind(acc):
+    cascade, libra = acc.ROWS["cascade_rcnn"], acc.ROWS["libra_cascade_rcnn"]
+    assert (cascade.baseline, cascade.partner) == ("cascade_rcnn", "faster_rcnn")
+    assert (libra.baseline, libra.partner) == ("cascade_rcnn", "libra_faster_rcnn")
+    # the same switches as the Faster R-CNN rows of their kind
+    assert cascade.overrides == acc.ROWS["faster_rcnn"].overrides
+    assert libra.overrides == acc.ROWS["libra_faster_rcnn"].overrides
+    cfg = acc.row_config(libra, (), "bccd", "pretrained")
+    assert cfg.model.arch == "cascade_rcnn" and cfg.model.bfp.enabled
+    assert cfg.model.box_loss.kind == "balanced_l1" and cfg.model.roi_sampler.neg_balance

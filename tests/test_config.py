@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -49,6 +51,21 @@ def test_every_shipped_config_loads_and_has_a_valid_model():
         cfg = load_config(name)
         check_model_config(cfg.model)
         assert cfg.output_dir.endswith(name.split("/")[-1])
+
+
+@pytest.mark.parametrize("libra", [False, True])
+def test_lite0_cascade_configs_are_the_faster_rcnn_ones_with_three_stages(libra):
+    prefix = "libra_" if libra else ""
+    cascade = load_config(f"{prefix}cascade_rcnn_lite0_fpn_cpu")
+    faster = load_config(f"{prefix}faster_rcnn_lite0_fpn_cpu")
+    assert cascade.train == faster.train and cascade.data == faster.data
+    assert cascade.model.arch == "cascade_rcnn" and cascade.model.cascade.num_stages == 3
+    assert cascade.model.roi_sampler.binning == "paper"
+    # apart from the stages and their bins, the same detector
+    expected = dataclasses.replace(
+        faster.model, arch="cascade_rcnn", cascade=cascade.model.cascade,
+        roi_sampler=dataclasses.replace(faster.model.roi_sampler, binning="paper"))
+    assert cascade.model == expected
 
 
 @pytest.mark.parametrize("name, arch, backbone", [

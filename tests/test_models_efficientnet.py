@@ -159,7 +159,8 @@ def test_detectors_normalise_inputs_as_the_network_was_trained(convention, mean,
 @pytest.mark.parametrize("arch, convention, neck", [
     ("faster_rcnn", "torchvision", "fpn"), ("faster_rcnn", "mmdet", "pafpn"),
     ("retinanet", "mmdet", "fpn"), ("retinanet", "torchvision", "pafpn"),
-    ("rpn", "torchvision", "fpn"), ("rpn", "mmdet", "pafpn")])
+    ("rpn", "torchvision", "fpn"), ("rpn", "mmdet", "pafpn"),
+    ("cascade_rcnn", "torchvision", "fpn"), ("cascade_rcnn", "mmdet", "pafpn")])
 def test_every_detector_trains_and_detects_on_lite0(arch, convention, neck):
     torch.manual_seed(0)
     cfg = libra_model_config(arch, "efficientnet_lite0", settings=convention, neck=neck,
