@@ -182,8 +182,7 @@ SMOKE_ITERS = 2
 #: the smallest anchor), 8 epochs (4x the CPU recipe's photos) with the 1x schedule's steps
 #: scaled (after 5 and 7 of 8 epochs, as 8 and 11 of 12), 8 images per batch (the learning rate
 #: scales with the batch: base_batch_size stays 2), data loaded in 4 workers. Sized by
-#: arithmetic to finish in about 6 minutes on one H200 with ``--jobs 4``, not run
-#: (docs/benchmarks.md, GPU recipe).
+#: arithmetic to finish in about 6 minutes on one H200 with ``--jobs 4``; not yet run.
 GPU_RECIPE: tuple[str, ...] = (
     "model.min_size=800",
     "model.max_size=1333",
@@ -802,8 +801,8 @@ def _train_seeds_in_processes(args: argparse.Namespace, plan: Mapping[int, Seque
     ``args.jobs`` at once, in ``plan`` order, each with ``--threads`` torch threads (default:
     the CPU count divided by the jobs). Each process's output goes to
     ``<output-dir>/seed_<s>.log``. On 2 cores, two 1-thread processes finish the table about
-    twice as fast as one 2-thread process (docs/benchmarks.md, Timing): the small detector's
-    kernels do not keep two threads busy.
+    twice as fast as one 2-thread process: the small detector's kernels do not keep two
+    threads busy.
 
     Raises:
         AblationInterrupted: Ctrl-C (SIGINT); every running process is interrupted too and
