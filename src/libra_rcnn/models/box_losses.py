@@ -8,8 +8,8 @@ only in how they normalise that sum. This module provides the sum, for the three
 * ``"smooth_l1"`` -- ``0.5 x^2 / beta`` for ``|x| < beta``, ``|x| - 0.5 beta`` beyond;
 * ``"l1"`` -- ``|x|`` (``beta`` unused);
 * ``"balanced_l1"`` -- Libra R-CNN's balanced L1 loss (Sec. 3.3, Eq. 7-9), with ``alpha``,
-  ``gamma``, inlier threshold ``beta`` and ``formula`` (``"paper"`` or mmdetection's
-  ``"mmdet"``, which differ when ``beta != 1``); see :func:`libra_rcnn.ops.balanced_l1_loss`.
+  ``gamma``, inlier threshold ``beta`` and ``formula`` (``"scaled"``, Eq. 7 moved to ``beta``, or
+  mmdetection's ``"beta_in_log"``, which differ when ``beta != 1``); see :func:`libra_rcnn.ops.balanced_l1_loss`.
 
 ``loss_weight`` (the paper's lambda in Eq. 4) multiplies the result.
 """

@@ -28,7 +28,7 @@ cascade_rcnn   as faster_rcnn, in every stage: the RoI sampler and box loss of e
 The Libra RPN and Libra Cascade R-CNN rows are not in mmdetection's configs; they combine the
 paper's components with the settings of mmdetection's Libra Faster R-CNN and, for the cascade,
 of its Cascade R-CNN (``ModelConfig.cascade``). With ``settings="mmdet"`` a cascade's
-IoU-balanced sampler bins each stage's negatives over their own IoU range (``binning="paper"``),
+IoU-balanced sampler bins each stage's negatives over their own IoU range (``binning="negatives"``),
 which lies below that stage's threshold.
 """
 
@@ -281,21 +281,21 @@ def _mmdet_settings(arch: str, libra: bool) -> dict[str, Any]:
         "norm": "frozen_stats_bn",
         "rpn_post_nms_top_n_train": 1000,
         # floor_thr 0: mmdetection's sampler replaces its configured -1 by 0 after its first image
-        "roi_sampler": {"binning": "mmdet", "floor_thr": 0.0},
+        "roi_sampler": {"binning": "all_candidates", "floor_thr": 0.0},
     }
     if arch == "cascade_rcnn":
         # mmdetection's Cascade R-CNN: 2000 proposals per training image, RPN training on the
         # anchors inside the image, smooth L1 box losses (the ModelConfig defaults); IoU bins
         # over each stage's own negatives, which lie below that stage's threshold
         settings.update(rpn_post_nms_top_n_train=2000, rpn_allowed_border=0.0,
-                        roi_sampler={"binning": "paper", "floor_thr": 0.0})
+                        roi_sampler={"binning": "negatives", "floor_thr": 0.0})
         return settings
     if not (libra and arch == "rpn"):
         settings["rpn_box_loss"] = l1
     if not (libra and arch in ("faster_rcnn", "fast_rcnn")):
         settings["box_loss"] = dataclasses.replace(l1)
     if libra and arch == "retinanet":  # the two balanced L1 formulas differ at beta 0.11
-        settings["retina_box_loss"] = {"formula": "mmdet"}
+        settings["retina_box_loss"] = {"formula": "beta_in_log"}
     return settings
 
 

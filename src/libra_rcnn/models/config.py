@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from ..ops.balanced_l1_loss import BalancedL1Formula
+from ..ops.iou_balanced_sampler import Binning
+
 Arch = Literal["faster_rcnn", "retinanet", "rpn", "fast_rcnn", "cascade_rcnn"]
 BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d",
                        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
@@ -21,8 +24,6 @@ RefineKind = Literal["none", "conv", "non_local"]
 BoxLossKind = Literal["smooth_l1", "l1", "balanced_l1"]
 Convention = Literal["torchvision", "mmdet"]
 BoxStds = tuple[float, float, float, float]
-# "paper": as the paper describes it; "mmdet": as mmdetection (the reference implementation) does it
-Rule = Literal["paper", "mmdet"]
 
 
 @dataclass
@@ -49,9 +50,10 @@ class SamplerConfig:
     num_bins: int = 3
     floor_thr: float = -1.0
     floor_fraction: float = 0.0
-    # IoU bins: "paper" spans the negatives' own IoU range; "mmdet" spans [floor, highest IoU of
-    # all candidates) with int(num / num_bins) per bin, as mmdetection's IoUBalancedNegSampler
-    binning: Rule = "paper"
+    # IoU bins: "negatives" spans the binned negatives' own IoU range (the paper's Eq. 2);
+    # "all_candidates" spans [floor, highest IoU of all candidates) with int(num / num_bins) per
+    # bin, as mmdetection's IoUBalancedNegSampler
+    binning: Binning = "negatives"
 
 
 @dataclass
@@ -64,9 +66,10 @@ class BoxLossConfig:
     alpha: float = 0.5
     gamma: float = 1.5
     loss_weight: float = 1.0
-    # balanced L1 at beta != 1: "paper" is Eq. 7 with the boundary at beta; "mmdet" is
-    # mmdetection's formula (the two agree at beta = 1)
-    formula: Rule = "paper"
+    # balanced L1 at beta != 1: "scaled" is beta * L_b(|x| / beta), Eq. 7 with the boundary at
+    # beta; "beta_in_log" is mmdetection's expression, beta only inside the logarithm (the two
+    # agree at beta = 1)
+    formula: BalancedL1Formula = "scaled"
 
 
 @dataclass

@@ -35,16 +35,17 @@ ranking and selection run in NumPy on the host; results are the same on every de
 Choices (mmdetection's ``IoUBalancedNegSampler`` / ``InstanceBalancedPosSampler`` /
 ``CombinedSampler`` semantics unless stated):
 
-* ``binning="paper"`` (default): the bins span ``[floor, max IoU among the sampled-by-bins
-  negatives]`` with ``floor = max(floor_thr, 0)``, so every bin is usable, as Eq. 2 intends. Bins
-  are half-open ``[start, end)`` (up to float rounding exactly at an edge) except the last, which
-  also holds the maximum itself. ``num // K`` samples per bin; the remainder ``num % K`` goes one
-  each to the highest-IoU bins (the hard end, the point of the method).
-* ``binning="mmdet"``: as mmdetection 3.3. The bins span ``[floor, max IoU over ALL candidates)``
-  (positives and ground truths added as proposals included, so usually 1.0, which leaves the top
-  bins nearly empty of negatives), every bin half-open with edges computed in the IoUs' precision
-  (the maximum itself is in no bin), ``int(num / K)`` per bin, and the remainder filled uniformly
-  from all not-yet-chosen binned negatives (those outside every bin included).
+* ``binning="negatives"`` (default; the paper's Eq. 2): the bins span ``[floor, max IoU among
+  the negatives being binned]`` with ``floor = max(floor_thr, 0)``, so every bin is usable, as
+  Eq. 2 intends. Bins are half-open ``[start, end)`` (up to float rounding exactly at an edge)
+  except the last, which also holds the maximum itself. ``num // K`` samples per bin; the
+  remainder ``num % K`` goes one each to the highest-IoU bins (the hard end, the point of the
+  method).
+* ``binning="all_candidates"``: as mmdetection 3.3. The bins span ``[floor, max IoU over ALL
+  candidates)`` (positives and ground truths added as proposals included, so usually 1.0, which
+  leaves the top bins nearly empty of negatives), every bin half-open with edges computed in the
+  IoUs' precision (the maximum itself is in no bin), ``int(num / K)`` per bin, and the remainder
+  filled uniformly from all not-yet-chosen binned negatives (those outside every bin included).
 * Either way a bin with too few candidates gives all of them and the shortfall is filled at
   random from the not-yet-chosen negatives.
 * Floor variant (``floor_thr >= 0``): negatives with IoU ``< floor_thr`` (exactly ``== 0`` when
@@ -70,7 +71,8 @@ Choices (mmdetection's ``IoUBalancedNegSampler`` / ``InstanceBalancedPosSampler`
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+import typing
+from typing import Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -78,14 +80,17 @@ from torch import Tensor
 
 __all__ = [
     "BINNINGS",
+    "Binning",
     "random_choice",
     "iou_balanced_negative_sample",
     "instance_balanced_positive_sample",
     "sample_positives_negatives",
 ]
 
-#: How the IoU bins of Eq. 2 are laid out (see the module docstring).
-BINNINGS = ("paper", "mmdet")
+#: How the IoU bins of Eq. 2 are laid out (see the module docstring): over the IoU range of the
+#: negatives being binned, or up to the highest IoU of all candidates (mmdetection's rule).
+Binning = Literal["negatives", "all_candidates"]
+BINNINGS: tuple[str, ...] = typing.get_args(Binning)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +385,7 @@ def iou_balanced_negative_sample(
     num_bins: int = 3,
     floor_thr: float = -1.0,
     floor_fraction: float = 0.0,
-    binning: str = "paper",
+    binning: Binning = "negatives",
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """IoU-balanced sampling of negatives (Sec. 3.1, Eq. 2), with mmdetection's floor variant.
@@ -394,8 +399,9 @@ def iou_balanced_negative_sample(
             negatives with IoU below it (``== 0`` exactly when it is 0) in a floor set sampled at
             random, and bins span ``[floor_thr, max]`` over the others.
         floor_fraction: share of ``num`` drawn from the floor set, in ``[0, 1]``.
-        binning: ``"paper"`` or ``"mmdet"``, the bins' layout (see the module docstring);
-            ``"mmdet"`` spans the bins up to the largest of *all* ``max_overlaps``.
+        binning: the bins' layout (see the module docstring): ``"negatives"`` spans them over
+            the binned negatives' own IoU range; ``"all_candidates"`` up to the largest of *all*
+            ``max_overlaps``.
         generator: optional ``torch.Generator``.
     Returns:
         LongTensor[min(num, M)] of distinct entries of ``neg_inds``; all of them when ``M <= num``.
@@ -408,7 +414,7 @@ def iou_balanced_negative_sample(
     neg_inds = neg_inds.long()
     if neg_inds.numel() <= num:
         return neg_inds.clone()
-    range_max = _host(max_overlaps).max() if binning == "mmdet" else None
+    range_max = _host(max_overlaps).max() if binning == "all_candidates" else None
     picked = _np_iou_balanced_negative(
         _host(neg_inds), _host(max_overlaps[neg_inds]), num, num_bins, floor_thr,
         floor_fraction, generator, neg_inds.device, range_max,
@@ -468,7 +474,7 @@ def sample_positives_negatives(
     num_bins: int = 3,
     floor_thr: float = -1.0,
     floor_fraction: float = 0.0,
-    binning: str = "paper",
+    binning: Binning = "negatives",
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Sample the RoI minibatch of one image (Libra R-CNN's combined sampler).
@@ -532,7 +538,7 @@ def sample_positives_negatives(
     num_neg = _negative_count(num, pos_pick.size, neg_pos_ub)
     if neg_balance and neg_candidates.size > num_neg:
         host_overlaps = _host(max_overlaps)
-        range_max = host_overlaps.max() if binning == "mmdet" else None
+        range_max = host_overlaps.max() if binning == "all_candidates" else None
         neg_pick = _np_iou_balanced_negative(
             neg_candidates, host_overlaps[neg_candidates], num_neg, num_bins, floor_thr,
             floor_fraction, generator, device, range_max,
