@@ -22,6 +22,7 @@ from torchvision.ops import box_iou
 from libra_rcnn.models.config import SamplerConfig
 from libra_rcnn.models.roi_heads import LibraRoIHeads, check_sampler_config
 from libra_rcnn.ops.iou_balanced_sampler import (
+    SamplingSettings,
     _mmdet_bin_ids,
     instance_balanced_positive_sample,
     iou_balanced_negative_sample,
@@ -221,9 +222,11 @@ def test_bin_quota_and_fill_match_mmdetection(mmdet, floor_thr, case, seed, num)
                 floor_thr=floor_thr, binning="all_candidates", generator=gen).numpy())
             labels = (gt_inds > 0).long()
             _, neg_pick = sample_positives_negatives(
-                labels, max_overlaps, (gt_inds - 1).clamp(min=0), num=num, pos_fraction=0.0,
-                neg_balance=True, num_bins=NUM_BINS, floor_thr=floor_thr, binning="all_candidates",
-                generator=gen)
+                labels, max_overlaps, (gt_inds - 1).clamp(min=0),
+                SamplingSettings(num=num, pos_fraction=0.0, neg_balance=True, num_bins=NUM_BINS,
+                                 floor_thr=floor_thr, binning="all_candidates"),
+                generator=gen
+            )
             ours_combined.append(neg_pick.numpy())
 
     tolerance = 5 * np.sqrt(var / TRIALS) + 1e-9
@@ -394,9 +397,11 @@ def test_sampler_config_binning_reaches_the_sampler():
                           generator=torch.Generator().manual_seed(7))
     gt_inds, max_overlaps = _realistic_image(seed=1)
     labels, matched = (gt_inds > 0).long(), (gt_inds - 1).clamp(min=0)
-    pos, neg = sample_positives_negatives(labels, max_overlaps, matched, num=512,
-                                          pos_balance=True, neg_balance=True, binning="all_candidates",
-                                          generator=torch.Generator().manual_seed(7))
+    pos, neg = sample_positives_negatives(
+        labels, max_overlaps, matched,
+        SamplingSettings(num=512, pos_balance=True, neg_balance=True, binning="all_candidates"),
+        generator=torch.Generator().manual_seed(7)
+    )
     assert torch.equal(heads.sample_image(labels, max_overlaps, matched), torch.cat([pos, neg]))
     with pytest.raises(ValueError, match="roi_sampler.binning"):
         check_sampler_config(SamplerConfig(binning="mmdet"))

@@ -72,6 +72,17 @@ class BoxLossConfig:
     formula: BalancedL1Formula = "scaled"
 
 
+def default_rpn_box_loss() -> BoxLossConfig:
+    """The RPN's box loss unless configured: torchvision's smooth L1 with ``beta = 1/9``."""
+    return BoxLossConfig(kind="smooth_l1", beta=1.0 / 9.0)
+
+
+def default_retina_box_loss() -> BoxLossConfig:
+    """RetinaNet's box loss unless configured: L1 (torchvision's and mmdetection's); ``beta``
+    is the inlier threshold the balanced L1 loss takes when switched on (Libra RetinaNet)."""
+    return BoxLossConfig(kind="l1", beta=0.11)
+
+
 @dataclass
 class CascadeConfig:
     """Cascade R-CNN's stages (``arch: cascade_rcnn``; Cai & Vasconcelos, mmdetection's
@@ -133,9 +144,7 @@ class ModelConfig:
     # training targets (mmdetection's allowed_border: 0 in its Cascade R-CNN); -1: every anchor
     # does (torchvision, mmdetection's Faster R-CNN)
     rpn_allowed_border: float = -1.0
-    rpn_box_loss: BoxLossConfig = field(
-        default_factory=lambda: BoxLossConfig(kind="smooth_l1", beta=1.0 / 9.0)
-    )
+    rpn_box_loss: BoxLossConfig = field(default_factory=default_rpn_box_loss)
 
     # RoI heads (faster_rcnn / fast_rcnn)
     roi_sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -149,9 +158,7 @@ class ModelConfig:
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     # RetinaNet
-    retina_box_loss: BoxLossConfig = field(
-        default_factory=lambda: BoxLossConfig(kind="l1", beta=0.11)
-    )
+    retina_box_loss: BoxLossConfig = field(default_factory=default_retina_box_loss)
     # P6 from C5 (mmdetection; torchvision's retinanet_resnet50_fpn_v2) or from P5 (torchvision's
     # retinanet_resnet50_fpn); "gn": group norm in the head's convolutions (torchvision's v2)
     retina_p6_input: Literal["c5", "p5"] = "c5"

@@ -62,6 +62,8 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_one_of
+
 __all__ = ["BalancedL1Formula", "FORMULAS", "balanced_l1_loss", "BalancedL1Loss"]
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -94,11 +96,6 @@ def _check_hyperparameters(*, alpha: float, gamma: float, beta: float) -> float:
 def _check_reduction(reduction: str, name: str = "reduction") -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{name} must be one of {_REDUCTIONS}, got {reduction!r}")
-
-
-def _check_formula(formula: str) -> None:
-    if formula not in FORMULAS:
-        raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
 
 
 def _check_shapes(pred: Tensor, target: Tensor) -> None:
@@ -191,7 +188,7 @@ def balanced_l1_loss(pred: Tensor, target: Tensor, *, beta: float = 1.0, alpha: 
     """
     b = _check_hyperparameters(alpha=alpha, gamma=gamma, beta=beta)
     _check_reduction(reduction)
-    _check_formula(formula)
+    check_one_of(formula, FORMULAS, "formula")
     _check_shapes(pred, target)
     loss = _elementwise_balanced_l1(pred, target, b=b, alpha=alpha, gamma=gamma, beta=beta,
                                     formula=formula)
@@ -234,7 +231,7 @@ class BalancedL1Loss(nn.Module):
         super().__init__()
         self._b = _check_hyperparameters(alpha=alpha, gamma=gamma, beta=beta)
         _check_reduction(reduction)
-        _check_formula(formula)
+        check_one_of(formula, FORMULAS, "formula")
         if not math.isfinite(loss_weight):
             raise ValueError(f"loss_weight must be finite, got {loss_weight}")
         self.alpha = float(alpha)
