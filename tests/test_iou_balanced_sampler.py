@@ -561,3 +561,21 @@ def test_cuda_inputs_with_cpu_generator():
     assert cuda[0].numel() == 64 and cuda[1].numel() == 192
     assert torch.equal(cuda[0].cpu().sort().values, cpu[0].sort().values)
     assert torch.equal(cuda[1].cpu().sort().values, cpu[1].sort().values)
+
+
+def test_settings_are_checked_once_when_made_and_match_the_config_defaults():
+    from dataclasses import FrozenInstanceError, fields
+
+    from libra_rcnn.models.config import SamplerConfig
+    from libra_rcnn.models.roi_heads import sampling_settings
+
+    assert sampling_settings(SamplerConfig()) == SamplingSettings()
+    assert {f.name for f in fields(SamplingSettings)} < {f.name for f in fields(SamplerConfig)}
+    with pytest.raises(FrozenInstanceError):
+        SamplingSettings().num_bins = 0
+    with pytest.raises(ValueError, match=r"^roi_sampler.num_bins must be a positive int, got 0$"):
+        sampling_settings(SamplerConfig(num_bins=0))
+    with pytest.raises(ValueError, match=r"^binning must be one of \('negatives', 'all_candidates'\)"):
+        SamplingSettings(binning="paper")
+    with pytest.raises(ValueError, match=r"^neg_pos_ub must be -1 \(no cap\) or a number >= 0"):
+        SamplingSettings(neg_pos_ub=-2.0)

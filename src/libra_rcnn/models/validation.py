@@ -52,11 +52,16 @@ def _check_box_tensor(boxes: Any, index: int, what: str, *, allow_score: bool = 
         raise ValueError(f"image {index}: {what} must be a floating-point tensor, got dtype {boxes.dtype}")
 
 
-def _bad_boxes(boxes: Tensor) -> Tensor:
-    """bool ``[N]``: the rows with a NaN or infinite value or a zero or negative size."""
+def _box_faults(boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """bool ``[N]`` each: rows with a NaN or infinite value; rows of zero or negative size."""
     coords = boxes[:, :4]
-    return (~torch.isfinite(boxes).all(dim=1) | (coords[:, 2] <= coords[:, 0])
-            | (coords[:, 3] <= coords[:, 1]))
+    return (~torch.isfinite(boxes).all(dim=1),
+            (coords[:, 2] <= coords[:, 0]) | (coords[:, 3] <= coords[:, 1]))
+
+
+def _bad_boxes(boxes: Tensor) -> Tensor:
+    nonfinite, empty = _box_faults(boxes)
+    return nonfinite | empty
 
 
 def _bad_labels(labels: Tensor, num_classes: Optional[int]) -> Tensor:
@@ -76,20 +81,14 @@ def _any(flags: list[Tensor]) -> bool:
 
 def _raise_box_problem(boxes: Tensor, index: int, what: str) -> None:
     """The ``ValueError`` for the first bad row of ``boxes``, if any."""
-    if boxes.numel() == 0:
-        return
-    bad = ~torch.isfinite(boxes).all(dim=1)
-    if bad.any():
-        row = int(torch.nonzero(bad)[0])
+    nonfinite, empty = _box_faults(boxes)
+    if nonfinite.any():
+        row = int(torch.nonzero(nonfinite)[0])
         raise ValueError(f"image {index}: {what} {row} has a NaN or infinite value: {boxes[row].tolist()}")
-    coords = boxes[:, :4]
-    degenerate = (coords[:, 2] <= coords[:, 0]) | (coords[:, 3] <= coords[:, 1])
-    if degenerate.any():
-        row = int(torch.nonzero(degenerate)[0])
-        raise ValueError(
-            f"image {index}: {what} {row} has zero or negative width/height "
-            f"(need x2 > x1 and y2 > y1): {coords[row].tolist()}"
-        )
+    if empty.any():
+        row = int(torch.nonzero(empty)[0])
+        raise ValueError(f"image {index}: {what} {row} has zero or negative width/height "
+                         f"(need x2 > x1 and y2 > y1): {boxes[row, :4].tolist()}")
 
 
 def _raise_label_problem(labels: Tensor, index: int, num_classes: Optional[int]) -> None:
