@@ -25,7 +25,7 @@ Rows (paper layout, COCO bbox metrics on the test split, x100):
 ``bfp``                         + balanced feature pyramid
 ``libra_faster_rcnn``           + balanced L1 loss = Libra Faster R-CNN
 ``iou_sampling_own_bins``       ``iou_sampling`` with the IoU bins over the negatives' own IoU
-                                range (``binning: paper``) instead of the reference's
+                                range (``binning: negatives``) instead of the reference's
 ``libra_faster_rcnn_own_bins``  ``libra_faster_rcnn`` with the negatives' own range
 ``cascade_rcnn``                Cascade R-CNN (three stages at IoU 0.5 / 0.6 / 0.7), every Libra
                                 part off; pretrained ``bccd`` only
@@ -135,7 +135,7 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 # RetinaNet's Libra switches, mirroring libra_retinanet_r50_fpn_1x_coco.yaml; the baseline sets
 # them off explicitly for the same reason BASELINE_OVERRIDES does. The balanced L1 formula
-# (paper / mmdet) is the base config's: the convention it follows.
+# (scaled / beta_in_log) is the base config's: the convention it follows.
 _RETINA_BASELINE = (
     "model.neck=fpn",
     "model.bfp.enabled=false",
@@ -234,7 +234,7 @@ def _rows() -> Dict[str, Row]:
               ("libra_faster_rcnn", "+ balanced L1 loss = Libra Faster R-CNN")]
     rows = [Row(key, name, "faster_rcnn", tuple(overrides), "faster_rcnn")
             for (key, name), overrides in zip(faster, table2, strict=True)]
-    own_bins = "model.roi_sampler.binning=paper"
+    own_bins = "model.roi_sampler.binning=negatives"
     rows.append(Row("iou_sampling_own_bins",
                     "+ IoU-balanced sampling, bins over the negatives' own IoU range",
                     "faster_rcnn", (*table2[1], own_bins), "faster_rcnn",
@@ -759,7 +759,7 @@ def _markdown(report: dict) -> str:
             f"IoU of sampled negatives (Figure 3), seed-{hist['seed']} Libra Faster R-CNN on "
             f"`{report['dataset']['key']}/train` ({len(hist['image_ids'])} images, "
             f"{hist['num_sampled']['random']} negatives per selection, IoU-balanced bins "
-            f"'{hist.get('binning', 'paper')}'): share above IoU {hist['share_threshold']:g}: "
+            f"'{hist.get('binning', 'negatives')}'): share above IoU {hist['share_threshold']:g}: "
             f"{shares}. ![IoU histogram](iou_histogram.png) (`iou_histogram.csv`)",
             "",
         ]

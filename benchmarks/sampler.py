@@ -37,7 +37,7 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.ops import box_iou
 
 from benchmarks import _common as common
-from libra_rcnn.ops import sample_positives_negatives
+from libra_rcnn.ops import SamplingSettings, sample_positives_negatives
 
 NAME = "sampler"
 IMAGE_HW = (800, 1333)
@@ -96,9 +96,10 @@ def make_cases(image: Dict[str, torch.Tensor], generator: torch.Generator
         def call():
             return sample_positives_negatives(
                 image["labels"], image["max_overlaps"], image["matched_gt_inds"],
-                num=NUM_SAMPLES, pos_fraction=POS_FRACTION, pos_balance=pos_balance,
-                neg_balance=neg_balance, num_bins=3, floor_thr=-1.0, floor_fraction=0.0,
-                generator=generator,
+                SamplingSettings(num=NUM_SAMPLES, pos_fraction=POS_FRACTION,
+                                 pos_balance=pos_balance, neg_balance=neg_balance, num_bins=3,
+                                 floor_thr=-1.0, floor_fraction=0.0),
+                generator=generator
             )
         return call
 

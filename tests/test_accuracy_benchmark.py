@@ -286,10 +286,10 @@ def test_bccd_smoke_run_with_more_seeds_and_the_gpu_recipe(tiny_bccd, tmp_path):
     assert set(own["delta_AP_per_class"]) == {"RBC", "WBC", "Platelets"}
     run_config = yaml.safe_load(next((out / "runs" / "iou_sampling_own_bins" / "seed_0").glob(
         "*/config.yaml")).read_text())
-    assert run_config["model"]["roi_sampler"]["binning"] == "paper"
+    assert run_config["model"]["roi_sampler"]["binning"] == "negatives"
     assert run_config["data"]["num_workers"] == 4
     # Figure 3 with the model's own bins (mmdetection's)
-    assert report["iou_histogram"]["binning"] == "mmdet"
+    assert report["iou_histogram"]["binning"] == "all_candidates"
     table = (out / "accuracy.md").read_text()
     assert "BCCD" in table and "sample standard deviation" in table
     assert "1 degenerate box(es) (at most 1 px wide or high) dropped" in table
@@ -407,13 +407,13 @@ def test_bccd_rows_bin_as_the_reference(acc, regime, convention):
         assert config["model.convention"] == convention
         assert config["model.roi_sampler.floor_thr"] == 0.0
         assert (config["model.min_size"], config["model.max_size"]) == (480, 640)  # scale 1
-    assert configs["iou_sampling"]["model.roi_sampler.binning"] == "mmdet"
+    assert configs["iou_sampling"]["model.roi_sampler.binning"] == "all_candidates"
     own = configs["iou_sampling_own_bins"]
-    assert own["model.roi_sampler.binning"] == "paper"
+    assert own["model.roi_sampler.binning"] == "negatives"
     # the pair differs in the bins' range only
     assert {k for k in own if own[k] != configs["iou_sampling"][k]} == {
         "model.roi_sampler.binning"}
-    assert configs["libra_retinanet"]["model.retina_box_loss.formula"] == "mmdet"
+    assert configs["libra_retinanet"]["model.retina_box_loss.formula"] == "beta_in_log"
     assert acc.ROWS["iou_sampling_own_bins"].partner == "iou_sampling"
     assert "iou_sampling_own_bins" not in acc.DATASETS["fruit"].rows["scratch"]
 

@@ -150,7 +150,7 @@ def test_iou_histograms_bin_as_the_models_sampler(model_cfg, dataset, sample_wit
     one_image = torch.utils.data.Subset(dataset, [next(
         i for i in range(len(dataset)) if dataset[i][1]["boxes"].numel())])
     counts = {}
-    for binning in ("paper", "mmdet"):
+    for binning in ("negatives", "all_candidates"):
         cfg = dataclasses.replace(model_cfg, roi_sampler=dataclasses.replace(
             model_cfg.roi_sampler, binning=binning, floor_thr=0.0))
         model = _build(cfg)
@@ -165,7 +165,7 @@ def test_iou_histograms_bin_as_the_models_sampler(model_cfg, dataset, sample_wit
         expected, _ = np.histogram(cand.max_overlaps[picked].numpy(), bins=50, range=(0.0, 0.5))
         assert result["counts"]["iou_balanced"] == expected.tolist()
         counts[binning] = result["counts"]["iou_balanced"]
-    assert counts["paper"] != counts["mmdet"]  # the two layouts choose differently here
+    assert counts["negatives"] != counts["all_candidates"]  # the two layouts choose differently here
 
 
 def test_hard_negatives_are_the_highest_background_loss(model, dataset, sample_with_gt):

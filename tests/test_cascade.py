@@ -96,11 +96,11 @@ def test_cascade_stages_differ_from_faster_rcnn_only_where_cascade_settings_say(
     assert (mmdet.rpn_post_nms_top_n_train, mmdet.rpn_allowed_border) == (2000, 0.0)
     assert (mmdet.box_loss.kind, mmdet.box_loss.beta) == ("smooth_l1", 1.0)
     assert (mmdet.rpn_box_loss.kind, mmdet.rpn_box_loss.beta) == ("smooth_l1", 1.0 / 9.0)
-    assert mmdet.roi_sampler.binning == "paper"  # per-stage bins (see the configs)
+    assert mmdet.roi_sampler.binning == "negatives"  # per-stage bins (see the configs)
     libra = libra_model_config("cascade_rcnn", settings="mmdet")
     faster = libra_model_config("faster_rcnn", settings="mmdet")
     assert (libra.bfp, libra.box_loss, libra.rpn_neg_pos_ub) == (faster.bfp, faster.box_loss, 5.0)
-    assert dataclasses.replace(libra.roi_sampler, binning="mmdet") == faster.roi_sampler
+    assert dataclasses.replace(libra.roi_sampler, binning="all_candidates") == faster.roi_sampler
 
 
 @pytest.mark.parametrize("settings", ["torchvision", "mmdet"])
@@ -194,7 +194,7 @@ def test_each_stage_bins_its_own_negatives_below_its_threshold(stage_index, thre
     # the libra cascade config's sampler: K = 3 bins over each stage's negative IoU range
     model = _model(libra=True, settings="mmdet", roi_sampler={"num": 48})
     stage = model.roi_heads.stages[stage_index]
-    assert (stage.sampler.binning, stage.sampler.num_bins, stage.sampler.floor_thr) == ("paper", 3, 0.0)
+    assert (stage.sampler.binning, stage.sampler.num_bins, stage.sampler.floor_thr) == ("negatives", 3, 0.0)
     top = threshold - 0.01  # the hardest negative
     width = top / 3
     # plenty of easy negatives, 30 in each higher third of [0, top], 4 positives (+ the ground truth)

@@ -29,8 +29,8 @@ def test_rows_mean_the_same_on_either_cascade_config_and_end_at_libra_cascade():
     assert rows[-1] == load_config(CONFIGS[1]).model
     assert [(m.roi_sampler.neg_balance, m.roi_sampler.binning, m.rpn_neg_pos_ub, m.bfp.enabled,
              m.box_loss.kind) for m in rows] == [
-        (False, "paper", -1.0, False, "smooth_l1"), (True, "paper", 5.0, False, "smooth_l1"),
-        (True, "paper", 5.0, True, "smooth_l1"), (True, "paper", 5.0, True, "balanced_l1")]
+        (False, "negatives", -1.0, False, "smooth_l1"), (True, "negatives", 5.0, False, "smooth_l1"),
+        (True, "negatives", 5.0, True, "smooth_l1"), (True, "negatives", 5.0, True, "balanced_l1")]
 
 
 def test_the_runner_trains_and_evaluates_every_row(tmp_path):

@@ -60,11 +60,11 @@ def test_lite0_cascade_configs_are_the_faster_rcnn_ones_with_three_stages(libra)
     faster = load_config(f"{prefix}faster_rcnn_lite0_fpn_cpu")
     assert cascade.train == faster.train and cascade.data == faster.data
     assert cascade.model.arch == "cascade_rcnn" and cascade.model.cascade.num_stages == 3
-    assert cascade.model.roi_sampler.binning == "paper"
+    assert cascade.model.roi_sampler.binning == "negatives"
     # apart from the stages and their bins, the same detector
     expected = dataclasses.replace(
         faster.model, arch="cascade_rcnn", cascade=cascade.model.cascade,
-        roi_sampler=dataclasses.replace(faster.model.roi_sampler, binning="paper"))
+        roi_sampler=dataclasses.replace(faster.model.roi_sampler, binning="negatives"))
     assert cascade.model == expected
 
 
@@ -321,6 +321,23 @@ def test_cross_field_checks_apply_to_the_merged_result():
 def test_bad_overrides_name_the_override(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("faster_rcnn_r50_fpn_1x_coco", [override])
+
+
+@pytest.mark.parametrize("override, choices", [
+    ("model.roi_sampler.binning=paper", "'negatives', 'all_candidates'"),
+    ("model.roi_sampler.binning=mmdet", "'negatives', 'all_candidates'"),
+    ("model.box_loss.formula=paper", "'scaled', 'beta_in_log'"),
+    ("model.retina_box_loss.formula=mmdet", "'scaled', 'beta_in_log'"),
+])
+def test_the_sampler_binning_and_balanced_l1_formula_name_what_they_do(tmp_path, override, choices):
+    key, _, value = override.partition("=")
+    message = rf"^--set {override}: {key}: '{value}' is not one of {choices}$"
+    with pytest.raises(ConfigError, match=message):
+        load_config("libra_faster_rcnn_r50_fpn_1x_coco", [override])
+    section, name = key.split(".")[1:]
+    path = _write(tmp_path / "old.yaml", f"model:\n  {section}:\n    {name}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: {key}: '{value}' is not one of {choices}$"):
+        load_config(path)
 
 
 def test_dump_and_reload_round_trip(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from libra_rcnn.ops.iou_balanced_sampler import (
+    SamplingSettings,
     instance_balanced_positive_sample,
     iou_balanced_negative_sample,
     random_choice,
@@ -357,7 +358,8 @@ BALANCE_MODES = [
 def test_combined_counts_disjoint_and_no_ignored(mode):
     labels, max_overlaps, matched = _image()
     pos, neg = sample_positives_negatives(
-        labels, max_overlaps, matched, num=512, pos_fraction=0.25, generator=_gen(0), **mode
+        labels, max_overlaps, matched, SamplingSettings(num=512, pos_fraction=0.25, **mode),
+        generator=_gen(0)
     )
     assert pos.numel() == 100  # fewer than 128 positives: all of them
     assert neg.numel() == 412
@@ -370,7 +372,8 @@ def test_combined_counts_disjoint_and_no_ignored(mode):
 def test_combined_positive_cap(mode):
     labels, max_overlaps, matched = _image(num_pos=400)
     pos, neg = sample_positives_negatives(
-        labels, max_overlaps, matched, num=256, pos_fraction=0.25, generator=_gen(0), **mode
+        labels, max_overlaps, matched, SamplingSettings(num=256, pos_fraction=0.25, **mode),
+        generator=_gen(0)
     )
     assert pos.numel() == 64 and neg.numel() == 192
 
@@ -378,17 +381,19 @@ def test_combined_positive_cap(mode):
 def test_combined_neg_pos_upper_bound():
     labels, max_overlaps, matched = _image(num_pos=5)
     pos, neg = sample_positives_negatives(
-        labels, max_overlaps, matched, num=512, neg_pos_ub=3.0, neg_balance=True,
-        generator=_gen(0),
+        labels, max_overlaps, matched,
+        SamplingSettings(num=512, neg_pos_ub=3.0, neg_balance=True), generator=_gen(0)
     )
     assert pos.numel() == 5 and neg.numel() == 15
     labels, max_overlaps, matched = _image(num_pos=0)
     pos, neg = sample_positives_negatives(
-        labels, max_overlaps, matched, num=512, neg_pos_ub=3.0, generator=_gen(0)
+        labels, max_overlaps, matched, SamplingSettings(num=512, neg_pos_ub=3.0),
+        generator=_gen(0)
     )
     assert pos.numel() == 0 and neg.numel() == 3  # max(num_pos, 1) * 3
     pos, neg = sample_positives_negatives(
-        labels, max_overlaps, matched, num=512, neg_pos_ub=float("inf"), generator=_gen(0)
+        labels, max_overlaps, matched, SamplingSettings(num=512, neg_pos_ub=float("inf")),
+        generator=_gen(0)
     )
     assert neg.numel() == 512
 
@@ -400,7 +405,7 @@ def test_combined_no_ground_truth():
     matched = torch.zeros(n, dtype=torch.long)
     for mode in BALANCE_MODES:
         pos, neg = sample_positives_negatives(
-            labels, max_overlaps, matched, num=256, generator=_gen(0), **mode
+            labels, max_overlaps, matched, SamplingSettings(num=256, **mode), generator=_gen(0)
         )
         assert pos.numel() == 0 and neg.numel() == 256
         assert neg.unique().numel() == 256
@@ -409,17 +414,23 @@ def test_combined_no_ground_truth():
 def test_combined_no_negatives_no_positives_and_empty():
     labels, max_overlaps, matched = _image(num_pos=30, num_neg=0, num_ign=10)
     for mode in BALANCE_MODES:
-        pos, neg = sample_positives_negatives(labels, max_overlaps, matched, num=64, **mode)
+        pos, neg = sample_positives_negatives(
+            labels, max_overlaps, matched, SamplingSettings(num=64, **mode)
+        )
         assert pos.numel() == 16 and neg.numel() == 0
         assert (labels[pos] >= 1).all()
     labels, max_overlaps, matched = _image(num_pos=0, num_neg=40, num_ign=10)
     for mode in BALANCE_MODES:
-        pos, neg = sample_positives_negatives(labels, max_overlaps, matched, num=64, **mode)
+        pos, neg = sample_positives_negatives(
+            labels, max_overlaps, matched, SamplingSettings(num=64, **mode)
+        )
         assert pos.numel() == 0 and neg.numel() == 40
         assert sorted(neg.tolist()) == torch.nonzero(labels == 0).squeeze(1).tolist()
     empty_l = torch.zeros(0, dtype=torch.long)
     for mode in BALANCE_MODES:
-        pos, neg = sample_positives_negatives(empty_l, torch.zeros(0), empty_l, **mode)
+        pos, neg = sample_positives_negatives(
+            empty_l, torch.zeros(0), empty_l, SamplingSettings(**mode)
+        )
         assert pos.numel() == 0 and neg.numel() == 0
         assert pos.dtype == torch.int64 and neg.dtype == torch.int64
 
@@ -427,8 +438,8 @@ def test_combined_no_negatives_no_positives_and_empty():
 def test_combined_few_candidates_take_all():
     labels, max_overlaps, matched = _image(num_pos=10, num_neg=30, num_ign=5)
     pos, neg = sample_positives_negatives(
-        labels, max_overlaps, matched, num=512, pos_balance=True, neg_balance=True,
-        generator=_gen(0),
+        labels, max_overlaps, matched,
+        SamplingSettings(num=512, pos_balance=True, neg_balance=True), generator=_gen(0)
     )
     assert sorted(pos.tolist()) == torch.nonzero(labels >= 1).squeeze(1).tolist()
     assert sorted(neg.tolist()) == torch.nonzero(labels == 0).squeeze(1).tolist()
@@ -437,8 +448,8 @@ def test_combined_few_candidates_take_all():
 def test_int32_inputs_accepted():
     labels, max_overlaps, matched = _image(seed=3)
     pos, neg = sample_positives_negatives(
-        labels.int(), max_overlaps, matched.int(), num=128, pos_balance=True, neg_balance=True,
-        generator=_gen(0),
+        labels.int(), max_overlaps, matched.int(),
+        SamplingSettings(num=128, pos_balance=True, neg_balance=True), generator=_gen(0)
     )
     assert pos.dtype == torch.int64 and neg.dtype == torch.int64
     assert pos.numel() + neg.numel() == 128
@@ -448,9 +459,15 @@ def test_int32_inputs_accepted():
 def test_reproducible_with_generator(mode):
     labels, max_overlaps, matched = _image(num_pos=300, seed=4)
     kwargs = dict(num=256, **mode)
-    a = sample_positives_negatives(labels, max_overlaps, matched, generator=_gen(123), **kwargs)
-    b = sample_positives_negatives(labels, max_overlaps, matched, generator=_gen(123), **kwargs)
-    c = sample_positives_negatives(labels, max_overlaps, matched, generator=_gen(124), **kwargs)
+    a = sample_positives_negatives(
+        labels, max_overlaps, matched, SamplingSettings(**kwargs), generator=_gen(123)
+    )
+    b = sample_positives_negatives(
+        labels, max_overlaps, matched, SamplingSettings(**kwargs), generator=_gen(123)
+    )
+    c = sample_positives_negatives(
+        labels, max_overlaps, matched, SamplingSettings(**kwargs), generator=_gen(124)
+    )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not (torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]))
     assert not torch.equal(a[1].sort().values, c[1].sort().values)
@@ -481,13 +498,17 @@ def test_value_errors_name_the_argument():
     with pytest.raises(ValueError, match="num"):
         instance_balanced_positive_sample(neg_inds, matched, -1)
     with pytest.raises(ValueError, match="pos_fraction"):
-        sample_positives_negatives(labels, max_overlaps, matched, pos_fraction=1.5)
+        sample_positives_negatives(
+            labels, max_overlaps, matched, SamplingSettings(pos_fraction=1.5)
+        )
     with pytest.raises(ValueError, match="num_bins"):
-        sample_positives_negatives(labels, max_overlaps, matched, num_bins=0)
+        sample_positives_negatives(labels, max_overlaps, matched, SamplingSettings(num_bins=0))
     with pytest.raises(ValueError, match="floor_fraction"):
-        sample_positives_negatives(labels, max_overlaps, matched, floor_fraction=2.0)
+        sample_positives_negatives(
+            labels, max_overlaps, matched, SamplingSettings(floor_fraction=2.0)
+        )
     with pytest.raises(ValueError, match="num"):
-        sample_positives_negatives(labels, max_overlaps, matched, num=-1)
+        sample_positives_negatives(labels, max_overlaps, matched, SamplingSettings(num=-1))
     with pytest.raises(ValueError, match="same length"):
         sample_positives_negatives(labels, max_overlaps[:-1], matched)
     with pytest.raises(ValueError, match="labels"):
@@ -509,7 +530,9 @@ def test_half_precision_overlaps_match_float32():
 def test_combined_integer_overlaps_rejected_when_binning():
     labels, max_overlaps, matched = _image(num_pos=10, num_neg=20, num_ign=0)
     with pytest.raises(ValueError, match="max_overlaps"):
-        sample_positives_negatives(labels, matched, matched, num=8, neg_balance=True)
+        sample_positives_negatives(
+            labels, matched, matched, SamplingSettings(num=8, neg_balance=True)
+        )
 
 
 def test_all_taken_result_does_not_alias_input():
@@ -527,11 +550,32 @@ def test_all_taken_result_does_not_alias_input():
 def test_cuda_inputs_with_cpu_generator():
     labels, max_overlaps, matched = _image(num_pos=300, seed=5)
     kwargs = dict(num=256, pos_balance=True, neg_balance=True)
-    cpu = sample_positives_negatives(labels, max_overlaps, matched, generator=_gen(1), **kwargs)
+    cpu = sample_positives_negatives(
+        labels, max_overlaps, matched, SamplingSettings(**kwargs), generator=_gen(1)
+    )
     cuda = sample_positives_negatives(
-        labels.cuda(), max_overlaps.cuda(), matched.cuda(), generator=_gen(1), **kwargs
+        labels.cuda(), max_overlaps.cuda(), matched.cuda(), SamplingSettings(**kwargs),
+        generator=_gen(1)
     )
     assert cuda[0].is_cuda and cuda[1].is_cuda
     assert cuda[0].numel() == 64 and cuda[1].numel() == 192
     assert torch.equal(cuda[0].cpu().sort().values, cpu[0].sort().values)
     assert torch.equal(cuda[1].cpu().sort().values, cpu[1].sort().values)
+
+
+def test_settings_are_checked_once_when_made_and_match_the_config_defaults():
+    from dataclasses import FrozenInstanceError, fields
+
+    from libra_rcnn.models.config import SamplerConfig
+    from libra_rcnn.models.roi_heads import sampling_settings
+
+    assert sampling_settings(SamplerConfig()) == SamplingSettings()
+    assert {f.name for f in fields(SamplingSettings)} < {f.name for f in fields(SamplerConfig)}
+    with pytest.raises(FrozenInstanceError):
+        SamplingSettings().num_bins = 0
+    with pytest.raises(ValueError, match=r"^roi_sampler.num_bins must be a positive int, got 0$"):
+        sampling_settings(SamplerConfig(num_bins=0))
+    with pytest.raises(ValueError, match=r"^binning must be one of \('negatives', 'all_candidates'\)"):
+        SamplingSettings(binning="paper")
+    with pytest.raises(ValueError, match=r"^neg_pos_ub must be -1 \(no cap\) or a number >= 0"):
+        SamplingSettings(neg_pos_ub=-2.0)

@@ -196,7 +196,7 @@ NAMED_BUILDERS = {
 def test_named_builders_use_the_matching_config(name, monkeypatch):
     arch, backbone, libra = NAMED_BUILDERS[name]
     seen = []
-    monkeypatch.setattr(builders, "build_model", lambda cfg: seen.append(cfg) or cfg)
+    monkeypatch.setattr(builders, "_assemble", lambda cfg: seen.append(cfg) or cfg)
     cfg = getattr(builders, name)(num_classes=21, weights_backbone=None, min_size=512)
     make_config = libra_model_config if libra else baseline_model_config
     assert seen == [cfg]
@@ -209,7 +209,7 @@ def test_named_builders_use_the_matching_config(name, monkeypatch):
 
 
 def test_named_builder_weights_become_a_config_string(monkeypatch):
-    monkeypatch.setattr(builders, "build_model", lambda cfg: cfg)
+    monkeypatch.setattr(builders, "_assemble", lambda cfg: cfg)
     cfg = builders.libra_faster_rcnn_resnet50_fpn(
         weights_backbone=torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
     assert cfg.backbone_weights == "ResNet50_Weights.IMAGENET1K_V1"

@@ -1,4 +1,4 @@
-"""Balanced L1 loss, ``formula="mmdet"``, against mmdetection's own ``balanced_l1_loss`` and
+"""Balanced L1 loss, ``formula="beta_in_log"``, against mmdetection's own ``balanced_l1_loss`` and
 ``BalancedL1Loss`` (values and gradients), and the paper formula against both."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_elementwise_values_and_gradients_match_mmdetection(mmdet, alpha, gamma,
     pred, target = _errors(beta)
     kwargs = dict(alpha=alpha, gamma=gamma, beta=beta, reduction="none")
     theirs = _value_and_grad(mmdet_balanced_l1_loss, pred, target, **kwargs)
-    ours = _value_and_grad(balanced_l1_loss, pred, target, formula="mmdet", **kwargs)
+    ours = _value_and_grad(balanced_l1_loss, pred, target, formula="beta_in_log", **kwargs)
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-10, atol=1e-12)
 
@@ -57,7 +57,7 @@ def test_float32_matches_mmdetection(mmdet, beta):
     pred, target = _errors(beta, torch.float32)
     theirs = _value_and_grad(mmdet_balanced_l1_loss, pred, target, beta=beta, reduction="none")
     ours = _value_and_grad(balanced_l1_loss, pred, target, beta=beta, reduction="none",
-                           formula="mmdet")
+                           formula="beta_in_log")
     torch.testing.assert_close(ours[0], theirs[0], rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(ours[1], theirs[1], rtol=2e-5, atol=1e-5)
 
@@ -72,7 +72,7 @@ def test_module_weight_avg_factor_reduction_match_mmdetection(mmdet, beta, reduc
     weight = (torch.rand(64, 4, generator=torch.Generator().manual_seed(1)) > 0.3).double()
     theirs_module = MMDetBalancedL1Loss(alpha=0.5, gamma=1.5, beta=beta, loss_weight=2.0)
     ours_module = BalancedL1Loss(alpha=0.5, gamma=1.5, beta=beta, loss_weight=2.0,
-                                 formula="mmdet")
+                                 formula="beta_in_log")
     kwargs = dict(weight=weight, avg_factor=avg_factor, reduction_override=reduction)
     theirs = _value_and_grad(theirs_module, pred, target, **kwargs)
     ours = _value_and_grad(ours_module, pred, target, **kwargs)
@@ -88,7 +88,7 @@ def test_empty_input_matches_mmdetection(mmdet):
     pred, target = torch.zeros(0, 4, requires_grad=True), torch.zeros(0, 4)
     for avg_factor in (None, 3.0):
         theirs = MMDetBalancedL1Loss(beta=0.11)(pred, target, avg_factor=avg_factor)
-        ours = BalancedL1Loss(beta=0.11, formula="mmdet")(pred, target, avg_factor=avg_factor)
+        ours = BalancedL1Loss(beta=0.11, formula="beta_in_log")(pred, target, avg_factor=avg_factor)
         assert theirs.item() == ours.item() == 0.0
         ours.backward()
 
@@ -97,16 +97,16 @@ def test_box_loss_config_formula_reaches_the_loss(mmdet):
     from mmdet.models.losses import balanced_l1_loss as mmdet_balanced_l1_loss
 
     pred, target = _errors(0.11)
-    cfg = BoxLossConfig(kind="balanced_l1", beta=0.11, loss_weight=1.5, formula="mmdet")
+    cfg = BoxLossConfig(kind="balanced_l1", beta=0.11, loss_weight=1.5, formula="beta_in_log")
     expected = 1.5 * mmdet_balanced_l1_loss(pred, target, beta=0.11, reduction="sum")
     torch.testing.assert_close(box_regression_loss_sum(pred, target, check_box_loss_config(cfg)),
                                expected, rtol=1e-10, atol=0)
     paper = box_regression_loss_sum(pred, target, BoxLossConfig(kind="balanced_l1", beta=0.11))
     assert not torch.isclose(paper, expected)
     with pytest.raises(ValueError, match="box_loss.formula"):
-        check_box_loss_config(BoxLossConfig(kind="balanced_l1", formula="mmdetection"))
+        check_box_loss_config(BoxLossConfig(kind="balanced_l1", formula="mmdet"))
     with pytest.raises(ValueError, match="formula"):
-        balanced_l1_loss(pred, target, formula="Paper")
+        balanced_l1_loss(pred, target, formula="paper")
 
 
 def test_paper_equals_mmdetection_at_beta_1_and_differs_at_0_11(mmdet):
@@ -126,7 +126,7 @@ def test_paper_equals_mmdetection_at_beta_1_and_differs_at_0_11(mmdet):
                                      reduction="none")
     _, grad_paper = _value_and_grad(balanced_l1_loss, pred, target, beta=beta, reduction="none")
     _, grad_ours = _value_and_grad(balanced_l1_loss, pred, target, beta=beta, reduction="none",
-                                   formula="mmdet")
+                                   formula="beta_in_log")
     assert abs(float(grad_paper)) < 1e-6
     assert float(grad_theirs) == pytest.approx(alpha * (1 / beta - 1), rel=1e-6)
     assert float(grad_ours) == pytest.approx(float(grad_theirs), rel=1e-12)

@@ -1,6 +1,6 @@
 """IoU-balanced / instance-balanced sampling against mmdetection's own samplers.
 
-``binning="mmdet"`` must lay out the bins, the per-bin quota and the random fill as mmdetection
+``binning="all_candidates"`` must lay out the bins, the per-bin quota and the random fill as mmdetection
 3.3's ``IoUBalancedNegSampler``; the instance-balanced positives must use the quota of its
 ``InstanceBalancedPosSampler`` (but not its duplicate-drawing fill). mmdetection draws with
 ``torch.randperm`` on the global RNG, we with a ``torch.Generator``, so the draws differ; what is
@@ -22,6 +22,7 @@ from torchvision.ops import box_iou
 from libra_rcnn.models.config import SamplerConfig
 from libra_rcnn.models.roi_heads import LibraRoIHeads, check_sampler_config
 from libra_rcnn.ops.iou_balanced_sampler import (
+    SamplingSettings,
     _mmdet_bin_ids,
     instance_balanced_positive_sample,
     iou_balanced_negative_sample,
@@ -218,12 +219,14 @@ def test_bin_quota_and_fill_match_mmdetection(mmdet, floor_thr, case, seed, num)
             theirs.append(sampler._sample_neg(assign_result, num).numpy())
             ours.append(iou_balanced_negative_sample(
                 torch.from_numpy(neg), max_overlaps, num, num_bins=NUM_BINS,
-                floor_thr=floor_thr, binning="mmdet", generator=gen).numpy())
+                floor_thr=floor_thr, binning="all_candidates", generator=gen).numpy())
             labels = (gt_inds > 0).long()
             _, neg_pick = sample_positives_negatives(
-                labels, max_overlaps, (gt_inds - 1).clamp(min=0), num=num, pos_fraction=0.0,
-                neg_balance=True, num_bins=NUM_BINS, floor_thr=floor_thr, binning="mmdet",
-                generator=gen)
+                labels, max_overlaps, (gt_inds - 1).clamp(min=0),
+                SamplingSettings(num=num, pos_fraction=0.0, neg_balance=True, num_bins=NUM_BINS,
+                                 floor_thr=floor_thr, binning="all_candidates"),
+                generator=gen
+            )
             ours_combined.append(neg_pick.numpy())
 
     tolerance = 5 * np.sqrt(var / TRIALS) + 1e-9
@@ -249,9 +252,9 @@ def test_first_call_quirk_steady_state_skips_zero_iou(mmdet):
         second = sampler._sample_neg(assign_result, num).numpy()
     gen = torch.Generator().manual_seed(0)
     ours_first = iou_balanced_negative_sample(torch.from_numpy(neg), max_overlaps, num,
-                                              floor_thr=-1, binning="mmdet", generator=gen)
+                                              floor_thr=-1, binning="all_candidates", generator=gen)
     ours_steady = iou_balanced_negative_sample(torch.from_numpy(neg), max_overlaps, num,
-                                               floor_thr=0, binning="mmdet", generator=gen)
+                                               floor_thr=0, binning="all_candidates", generator=gen)
     assert (host[first] == 0).any() and (host[ours_first.numpy()] == 0).any()
     assert (host[second] > 0).all() and (host[ours_steady.numpy()] > 0).all()
 
@@ -269,7 +272,7 @@ def test_few_overlapping_negatives_take_all_then_floor(mmdet):
         assign_result = _assign_result(mmdet, gt_inds, max_overlaps)
         theirs = set(sampler._sample_neg(assign_result, num).tolist())
     ours = set(iou_balanced_negative_sample(torch.from_numpy(neg), max_overlaps, num, floor_thr=0,
-                                            binning="mmdet", generator=torch.Generator()).tolist())
+                                            binning="all_candidates", generator=torch.Generator()).tolist())
     for picked in (theirs, ours):
         assert len(picked) == num and overlapping <= picked
 
@@ -285,7 +288,7 @@ def test_floor_variant_split_matches_mmdetection(mmdet, num):
         torch.manual_seed(0)
         theirs = sampler._sample_neg(_assign_result(mmdet, gt_inds, max_overlaps), num)
     ours = iou_balanced_negative_sample(torch.from_numpy(neg), max_overlaps, num, floor_thr=0.1,
-                                        floor_fraction=0.5, binning="mmdet",
+                                        floor_fraction=0.5, binning="all_candidates",
                                         generator=torch.Generator())
     for picked in (theirs, ours):
         assert picked.numel() == num == picked.unique().numel()
@@ -301,7 +304,7 @@ def test_one_bin_is_random_sampling_as_mmdetection(mmdet):
         torch.manual_seed(0)
         theirs = sampler._sample_neg(_assign_result(mmdet, gt_inds, max_overlaps), 10)
     ours = iou_balanced_negative_sample(torch.arange(20), max_overlaps, 10, num_bins=1,
-                                        binning="mmdet", generator=torch.Generator())
+                                        binning="all_candidates", generator=torch.Generator())
     for picked in (theirs, ours):
         assert picked.numel() == 10 and (max_overlaps[picked] == 0.3).any()
 
@@ -311,7 +314,7 @@ def test_paper_and_mmdet_binnings_differ():
     neg = torch.from_numpy(np.flatnonzero(gt_inds.numpy() == 0))
     top = max_overlaps[neg].max()
     middle = []
-    for binning in ("paper", "mmdet"):
+    for binning in ("negatives", "all_candidates"):
         counts = 0
         for seed in range(20):
             picked = iou_balanced_negative_sample(neg, max_overlaps, 384, binning=binning,
@@ -389,19 +392,21 @@ def test_positive_fill_mmdetection_repeats_ours_does_not(mmdet):
 
 
 def test_sampler_config_binning_reaches_the_sampler():
-    cfg = SamplerConfig(neg_balance=True, pos_balance=True, binning="mmdet")
+    cfg = SamplerConfig(neg_balance=True, pos_balance=True, binning="all_candidates")
     heads = LibraRoIHeads(nn.Identity(), nn.Identity(), nn.Identity(), sampler=cfg,
                           generator=torch.Generator().manual_seed(7))
     gt_inds, max_overlaps = _realistic_image(seed=1)
     labels, matched = (gt_inds > 0).long(), (gt_inds - 1).clamp(min=0)
-    pos, neg = sample_positives_negatives(labels, max_overlaps, matched, num=512,
-                                          pos_balance=True, neg_balance=True, binning="mmdet",
-                                          generator=torch.Generator().manual_seed(7))
+    pos, neg = sample_positives_negatives(
+        labels, max_overlaps, matched,
+        SamplingSettings(num=512, pos_balance=True, neg_balance=True, binning="all_candidates"),
+        generator=torch.Generator().manual_seed(7)
+    )
     assert torch.equal(heads.sample_image(labels, max_overlaps, matched), torch.cat([pos, neg]))
     with pytest.raises(ValueError, match="roi_sampler.binning"):
-        check_sampler_config(SamplerConfig(binning="mmdetection"))
+        check_sampler_config(SamplerConfig(binning="mmdet"))
     with pytest.raises(ValueError, match="binning"):
-        iou_balanced_negative_sample(torch.arange(3), torch.zeros(3), 1, binning="Paper")
+        iou_balanced_negative_sample(torch.arange(3), torch.zeros(3), 1, binning="paper")
 
 
 def test_tolerance_is_meaningful():

@@ -32,6 +32,7 @@ from libra_rcnn.ops.balanced_feature_pyramid import (
 )
 from libra_rcnn.ops.balanced_l1_loss import BalancedL1Loss, balanced_l1_loss
 from libra_rcnn.ops.iou_balanced_sampler import (
+    SamplingSettings,
     instance_balanced_positive_sample,
     iou_balanced_negative_sample,
     random_choice,
@@ -339,7 +340,9 @@ def test_combined_sampler_invariants(pool, cfg, seed):
     counts = min(quota, available) with the documented quota rule, deterministic per seed."""
     labels, ious, matched = pool
     n = labels.numel()
-    pos, neg = sample_positives_negatives(labels, ious, matched, generator=_gen(seed), **cfg)
+    pos, neg = sample_positives_negatives(
+        labels, ious, matched, SamplingSettings(**cfg), generator=_gen(seed)
+    )
     _assert_distinct_subset(pos, labels >= 1, n)
     _assert_distinct_subset(neg, labels == 0, n)
     assert not torch.isin(pos, neg).any()
@@ -353,7 +356,9 @@ def test_combined_sampler_invariants(pool, cfg, seed):
     assert pos.numel() == expected_pos
     assert neg.numel() == min(num_neg_available, int(neg_quota))
 
-    again = sample_positives_negatives(labels, ious, matched, generator=_gen(seed), **cfg)
+    again = sample_positives_negatives(
+        labels, ious, matched, SamplingSettings(**cfg), generator=_gen(seed)
+    )
     assert torch.equal(again[0], pos) and torch.equal(again[1], neg)
 
 
@@ -364,14 +369,16 @@ def test_combined_sampler_ignores_unread_fields(pool, cfg, seed):
     non-negatives (bins span the negatives' own IoUs) or the matched ids of non-positives
     (read for positives only) are replaced by other values."""
     labels, ious, matched = pool
-    pos, neg = sample_positives_negatives(labels, ious, matched, generator=_gen(seed), **cfg)
+    pos, neg = sample_positives_negatives(
+        labels, ious, matched, SamplingSettings(**cfg), generator=_gen(seed)
+    )
     g = _gen(seed + 1)
     other_ious = torch.where(labels == 0, ious, torch.rand(ious.shape, generator=g))
     other_matched = torch.where(
         labels >= 1, matched, torch.randint(-1, 50, matched.shape, generator=g)
     )
     pos2, neg2 = sample_positives_negatives(
-        labels, other_ious, other_matched, generator=_gen(seed), **cfg
+        labels, other_ious, other_matched, SamplingSettings(**cfg), generator=_gen(seed)
     )
     assert torch.equal(pos, pos2) and torch.equal(neg, neg2)
 

@@ -198,7 +198,7 @@ def sampler_settings(model: nn.Module) -> dict:
         "num_bins": int(getattr(sampler, "num_bins", 3)),
         "floor_thr": float(getattr(sampler, "floor_thr", -1.0)),
         "floor_fraction": float(getattr(sampler, "floor_fraction", 0.0)),
-        "binning": str(getattr(sampler, "binning", "paper")),
+        "binning": str(getattr(sampler, "binning", "negatives")),
     }
 
 

@@ -75,7 +75,7 @@ _BALANCED_L1 = ("model.box_loss.kind=balanced_l1", "model.box_loss.alpha=0.5",
 
 # Cascade R-CNN: IoU-balanced negatives binned over each stage's own IoU range (below the
 # stage's threshold) and the RPN's negatives capped as in Libra Faster R-CNN
-_CASCADE_SAMPLING = (*_IOU_BALANCED, "model.roi_sampler.binning=paper", "model.rpn_neg_pos_ub=5.0")
+_CASCADE_SAMPLING = (*_IOU_BALANCED, "model.roi_sampler.binning=negatives", "model.rpn_neg_pos_ub=5.0")
 _CASCADE_BASELINE = ("model.rpn_neg_pos_ub=-1",)
 
 

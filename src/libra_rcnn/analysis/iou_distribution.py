@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from libra_rcnn.checks import check_positive_int
 from libra_rcnn.ops.iou_balanced_sampler import iou_balanced_negative_sample, random_choice
 
 from ..data.coco import SkippedImage
@@ -159,23 +160,18 @@ def iou_histograms(
     return result
 
 
-def _check_count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
 def _resolve_arguments(model: nn.Module, *, num_images: int, num_neg: Optional[int],
                        num_bins: Optional[int], bins: int, share_threshold: float
                        ) -> tuple[int, int, dict]:
     """``(num_neg, num_bins, the model's sampler settings)``, defaults taken from the model;
     ``ValueError`` naming the first bad argument."""
-    _check_count("num_images", num_images)
+    check_positive_int(num_images, "num_images")
     settings = sampler_settings(model)
     num_neg = settings["num_neg"] if num_neg is None else num_neg
-    _check_count("num_neg", num_neg)
+    check_positive_int(num_neg, "num_neg")
     num_bins = settings["num_bins"] if num_bins is None else num_bins
-    _check_count("num_bins", num_bins)
-    _check_count("bins", bins)
+    check_positive_int(num_bins, "num_bins")
+    check_positive_int(bins, "bins")
     if not 0.0 <= share_threshold < 1.0:
         raise ValueError(f"share_threshold must lie in [0, 1), got {share_threshold!r}")
     return num_neg, num_bins, settings

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from libra_rcnn.checks import check_positive_int
 from libra_rcnn.ops.iou_balanced_sampler import iou_balanced_negative_sample, random_choice
 
 from ._common import (
@@ -56,12 +57,10 @@ def sample_visualization(
         {...}, "gt_boxes": FloatTensor[G, 4], "num_candidates": M, "files": {...}}`` with boxes in
         the original image's pixels.
     """
-    if isinstance(num_neg, bool) or not isinstance(num_neg, int) or num_neg < 1:
-        raise ValueError(f"num_neg must be an int >= 1, got {num_neg!r}")
+    check_positive_int(num_neg, "num_neg")
     settings = sampler_settings(model)
     num_bins = settings["num_bins"] if num_bins is None else num_bins
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}")
+    check_positive_int(num_bins, "num_bins")
     from torchvision.models.detection.transform import resize_boxes
 
     cand = roi_candidates(model, image, target)

@@ -223,12 +223,12 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
 
 def model_config_from_checkpoint(state: dict, *, path: PathLike = "checkpoint"):
     """The ``ModelConfig`` stored in a loaded checkpoint."""
-    from libra_rcnn.config import dataclass_from_dict
-    from libra_rcnn.models import check_model_config
+    from libra_rcnn.checks import dataclass_from_dict
+    from libra_rcnn.models import check_model_values
     from libra_rcnn.models.config import ModelConfig
 
     try:
-        return check_model_config(dataclass_from_dict(ModelConfig, state["model_config"]))
+        return check_model_values(dataclass_from_dict(ModelConfig, state["model_config"]))
     except ValueError as exc:
         raise CheckpointError(f"{path}: stored model config is not valid here: {exc}") from None
 

@@ -19,7 +19,7 @@ from .backbone import (
     resolve_backbone_weights,
 )
 from .box_coder import MMDetBoxCoder, keep_all_boxes, keep_boxes_at_least, keep_nonempty_boxes, mmdet_batched_nms
-from .box_losses import box_regression_loss_sum, check_box_loss_config
+from .box_losses import box_regression_loss_sum, check_box_loss_config, check_box_loss_values
 from .builders import (
     ARCHS,
     apply_overrides,
@@ -28,6 +28,7 @@ from .builders import (
     cascade_rcnn_resnet50_fpn,
     check_cascade_config,
     check_model_config,
+    check_model_values,
     fast_rcnn_resnet50_fpn,
     faster_rcnn_resnet50_fpn,
     faster_rcnn_resnet101_fpn,
@@ -54,7 +55,8 @@ from .proposals import dump_proposals, load_proposals, select_proposals
 from .matcher import MaxIoUMatcher
 from .retinanet import LibraRetinaNet, LibraRetinaNetHead, LibraRetinaNetRegressionHead, MMDetRetinaNetHead
 from .roi_align import MMDetMultiScaleRoIAlign
-from .roi_heads import LibraRoIHeads, check_sampler_config, fastrcnn_loss, match_proposals
+from .roi_heads import (LibraRoIHeads, check_sampler_config, fastrcnn_loss, match_proposals,
+                        sampling_settings)
 from .rpn import LibraRegionProposalNetwork, LibraRPN
 from .transform import MMDetTransform
 from .validation import validate_images, validate_inputs, validate_proposals, validate_targets
@@ -100,8 +102,10 @@ __all__ = [
     "build_resnet",
     "cascade_rcnn_resnet50_fpn",
     "check_box_loss_config",
+    "check_box_loss_values",
     "check_cascade_config",
     "check_model_config",
+    "check_model_values",
     "check_sampler_config",
     "dump_proposals",
     "fast_rcnn_resnet50_fpn",
@@ -129,6 +133,7 @@ __all__ = [
     "rpn_resnet50_fpn",
     "rpn_resnet101_fpn",
     "rpn_resnext101_64x4d_fpn",
+    "sampling_settings",
     "select_proposals",
     "used_settings",
     "validate_images",

@@ -23,6 +23,7 @@ holding the state dict of the plain torchvision classification model. An Efficie
 from __future__ import annotations
 
 import os
+import typing
 from collections import OrderedDict
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -35,10 +36,11 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
+from ..checks import check_int_between, check_one_of, check_positive_int
 from ..errors import UserInputError
 from ..ops.balanced_feature_pyramid import BalancedFeaturePyramid
 from ..ops.pafpn import PAFPN
-from .config import BalancedFeaturePyramidConfig
+from .config import BalancedFeaturePyramidConfig, NeckKind, NormKind
 from .efficientnet import EFFICIENTNET_NAMES, INPUT_MEAN, INPUT_STD, EfficientNetBody
 
 __all__ = [
@@ -66,8 +68,8 @@ BACKBONE_NAMES = RESNET_NAMES + EFFICIENTNET_NAMES
 #: torchvision's ImageNet statistics (RGB in 0-1), the ResNets' input normalisation.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORM_KINDS = ("frozen_bn", "frozen_stats_bn", "bn", "gn")
-NECK_KINDS = ("fpn", "pafpn")
+NORM_KINDS: tuple[str, ...] = typing.get_args(NormKind)
+NECK_KINDS: tuple[str, ...] = typing.get_args(NeckKind)
 NUM_LEVELS = 5  # P2-P6 (two-stage) or P3-P7 (RetinaNet)
 _GN_GROUPS = 32
 # Layers from the top down; the first ``trainable_layers`` of them stay trainable.
@@ -92,15 +94,11 @@ def norm_layer_factory(norm: str) -> Callable[[int], nn.Module]:
     default); ``frozen_stats_bn``: :class:`FrozenStatsBatchNorm2d` (fixed statistics, trainable
     affine, mmdetection's); ``bn``: trainable ``BatchNorm2d``; ``gn``: ``GroupNorm``, 32 groups.
     """
-    if norm == "frozen_bn":
-        return FrozenBatchNorm2d
-    if norm == "frozen_stats_bn":
-        return FrozenStatsBatchNorm2d
-    if norm == "bn":
-        return nn.BatchNorm2d
-    if norm == "gn":
-        return _group_norm
-    raise ValueError(f"norm must be one of {NORM_KINDS}, got {norm!r}")
+    check_one_of(norm, NORM_KINDS, "norm")
+    layers: dict[str, Callable[[int], nn.Module]] = {
+        "frozen_bn": FrozenBatchNorm2d, "frozen_stats_bn": FrozenStatsBatchNorm2d,
+        "bn": nn.BatchNorm2d, "gn": _group_norm}
+    return layers[norm]
 
 
 def _group_norm(num_channels: int) -> nn.GroupNorm:
@@ -177,8 +175,7 @@ def resolve_backbone_weights(source: WeightsSource, backbone_name: str
     Raises:
         ValueError: a weight of another model, or a string that is neither a file nor a name.
     """
-    if backbone_name not in RESNET_NAMES:
-        raise ValueError(f"backbone must be one of {RESNET_NAMES}, got {backbone_name!r}")
+    check_one_of(backbone_name, RESNET_NAMES, "backbone")
     if source is None:
         return None
     if isinstance(source, WeightsEnum):
@@ -232,9 +229,7 @@ def freeze_backbone_layers(model: nn.Module, trainable_layers: int) -> None:
     (torchvision's default, mmdetection's ``frozen_stages=1``); 5 trains everything, stem
     included. Only ``requires_grad`` changes; norm layers' statistics are the norm's business.
     """
-    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) \
-            or not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable_backbone_layers must be an int in [0, 5], got {trainable_layers!r}")
+    check_int_between(trainable_layers, "trainable_backbone_layers", 0, 5)
     trainable = list(_LAYERS_TOP_DOWN[:trainable_layers])
     if trainable_layers == 5:
         trainable.append("bn1")
@@ -246,8 +241,7 @@ def freeze_backbone_layers(model: nn.Module, trainable_layers: int) -> None:
 def build_resnet(backbone_name: str, *, norm: str = "frozen_bn", weights: WeightsSource = None,
                  trainable_layers: int = 3, progress: bool = True) -> nn.Module:
     """A torchvision classification ResNet/ResNeXt with ``norm``, ``weights`` and freezing."""
-    if backbone_name not in RESNET_NAMES:
-        raise ValueError(f"backbone must be one of {RESNET_NAMES}, got {backbone_name!r}")
+    check_one_of(backbone_name, RESNET_NAMES, "backbone")
     norm_layer = norm_layer_factory(norm)
     if norm == "gn" and weights is not None:
         raise ValueError("norm='gn' cannot take ImageNet BatchNorm weights (backbone_weights); "
@@ -370,14 +364,10 @@ def fpn_backbone(
     Returns:
         :class:`LibraBackboneWithFPN` with ``out_channels`` and five output levels.
     """
-    if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
-        raise ValueError(f"fpn_channels must be a positive int, got {out_channels!r}")
-    if neck not in NECK_KINDS:
-        raise ValueError(f"neck must be one of {NECK_KINDS}, got {neck!r}")
-    if layout not in ("two_stage", "retinanet"):
-        raise ValueError(f"layout must be 'two_stage' or 'retinanet', got {layout!r}")
-    if retina_p6_input not in ("c5", "p5"):
-        raise ValueError(f"retina_p6_input must be 'c5' or 'p5', got {retina_p6_input!r}")
+    check_positive_int(out_channels, "fpn_channels")
+    check_one_of(neck, NECK_KINDS, "neck")
+    check_one_of(layout, ("two_stage", "retinanet"), "layout")
+    check_one_of(retina_p6_input, ("c5", "p5"), "retina_p6_input")
     levels = (2, 3, 4, 5) if layout == "two_stage" else (3, 4, 5)
     body, in_channels_list = backbone_body(backbone_name, levels=levels, weights=weights,
                                            norm=norm, trainable_layers=trainable_layers,

@@ -25,6 +25,8 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import boxes as box_ops
 
 __all__ = [
+    "MIN_DETECTION_SIZE",
+    "MIN_PROPOSAL_SIZE",
     "BoxFilter",
     "MMDetBoxCoder",
     "BatchedNMS",
@@ -38,6 +40,11 @@ BoxFilter = Callable[[Tensor], Tensor]
 BatchedNMS = Callable[[Tensor, Tensor, Tensor, float], Tensor]
 
 _MMDET_SPLIT_THRESHOLD = 10000
+
+#: torchvision's small-box rules (pixels): its RPN drops narrower or lower proposals, its RoI
+#: heads narrower or lower detections.
+MIN_PROPOSAL_SIZE = 1e-3
+MIN_DETECTION_SIZE = 1e-2
 
 
 class MMDetBoxCoder(BoxCoder):

@@ -8,40 +8,43 @@ only in how they normalise that sum. This module provides the sum, for the three
 * ``"smooth_l1"`` -- ``0.5 x^2 / beta`` for ``|x| < beta``, ``|x| - 0.5 beta`` beyond;
 * ``"l1"`` -- ``|x|`` (``beta`` unused);
 * ``"balanced_l1"`` -- Libra R-CNN's balanced L1 loss (Sec. 3.3, Eq. 7-9), with ``alpha``,
-  ``gamma``, inlier threshold ``beta`` and ``formula`` (``"paper"`` or mmdetection's
-  ``"mmdet"``, which differ when ``beta != 1``); see :func:`libra_rcnn.ops.balanced_l1_loss`.
+  ``gamma``, inlier threshold ``beta`` and ``formula`` (``"scaled"``, Eq. 7 moved to ``beta``, or
+  mmdetection's ``"beta_in_log"``, which differ when ``beta != 1``); see :func:`libra_rcnn.ops.balanced_l1_loss`.
 
 ``loss_weight`` (the paper's lambda in Eq. 4) multiplies the result.
 """
 
 from __future__ import annotations
 
-import math
+import typing
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.balanced_l1_loss import FORMULAS, BalancedL1Loss, balanced_l1_loss
-from .config import BoxLossConfig
+from ..checks import check_field_types, check_finite_non_negative
+from ..ops.balanced_l1_loss import BalancedL1Loss, balanced_l1_loss
+from .config import BoxLossConfig, BoxLossKind
 
-__all__ = ["BOX_LOSS_KINDS", "check_box_loss_config", "box_regression_loss_sum"]
+__all__ = ["BOX_LOSS_KINDS", "box_regression_loss_sum", "check_box_loss_config",
+           "check_box_loss_values"]
 
-BOX_LOSS_KINDS = ("smooth_l1", "l1", "balanced_l1")
+BOX_LOSS_KINDS: tuple[str, ...] = typing.get_args(BoxLossKind)
 
 
 def check_box_loss_config(cfg: BoxLossConfig, name: str = "box_loss") -> BoxLossConfig:
-    """Validate ``cfg`` (raises ``ValueError`` naming ``name``) and return it unchanged."""
+    """Validate ``cfg``'s field types and choices, then its values (``ValueError`` naming
+    ``name`` and the field); return it unchanged."""
     if not isinstance(cfg, BoxLossConfig):
         raise ValueError(f"{name} must be a BoxLossConfig, got {type(cfg).__name__}")
-    if cfg.kind not in BOX_LOSS_KINDS:
-        raise ValueError(f"{name}.kind must be one of {BOX_LOSS_KINDS}, got {cfg.kind!r}")
-    if not (isinstance(cfg.loss_weight, (int, float)) and math.isfinite(cfg.loss_weight)
-            and cfg.loss_weight >= 0):
-        raise ValueError(f"{name}.loss_weight must be a finite number >= 0, got {cfg.loss_weight!r}")
-    if cfg.formula not in FORMULAS:
-        raise ValueError(f"{name}.formula must be one of {FORMULAS}, got {cfg.formula!r}")
-    if cfg.kind == "smooth_l1" and not (math.isfinite(cfg.beta) and cfg.beta >= 0):
-        raise ValueError(f"{name}.beta must be a finite number >= 0 for smooth_l1, got {cfg.beta!r}")
+    check_field_types(cfg, f"{name}.")
+    return check_box_loss_values(cfg, name)
+
+
+def check_box_loss_values(cfg: BoxLossConfig, name: str = "box_loss") -> BoxLossConfig:
+    """Validate the values of ``cfg``, whose field types are checked already."""
+    check_finite_non_negative(cfg.loss_weight, f"{name}.loss_weight")
+    if cfg.kind == "smooth_l1":
+        check_finite_non_negative(cfg.beta, f"{name}.beta")
     if cfg.kind == "balanced_l1":
         try:  # the loss module owns the rules for alpha, gamma, beta and formula
             BalancedL1Loss(alpha=cfg.alpha, gamma=cfg.gamma, beta=cfg.beta, formula=cfg.formula)

@@ -28,7 +28,7 @@ cascade_rcnn   as faster_rcnn, in every stage: the RoI sampler and box loss of e
 The Libra RPN and Libra Cascade R-CNN rows are not in mmdetection's configs; they combine the
 paper's components with the settings of mmdetection's Libra Faster R-CNN and, for the cascade,
 of its Cascade R-CNN (``ModelConfig.cascade``). With ``settings="mmdet"`` a cascade's
-IoU-balanced sampler bins each stage's negatives over their own IoU range (``binning="paper"``),
+IoU-balanced sampler bins each stage's negatives over their own IoU range (``binning="negatives"``),
 which lies below that stage's threshold.
 """
 
@@ -47,23 +47,24 @@ from torchvision.models import WeightsEnum
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.rpn import RPNHead
 
-from .backbone import (BACKBONE_NAMES, NECK_KINDS, NORM_KINDS, NUM_LEVELS, fpn_backbone,
-                       input_normalization)
+from ..checks import (check_field_types, check_int_between, check_minus_one_or_non_negative,
+                      check_one_of, check_positive_int, check_unit_interval)
+from .backbone import NUM_LEVELS, fpn_backbone, input_normalization
 from .efficientnet import EFFICIENTNET_NAMES, IMAGENET, NORMS as EFFICIENTNET_NORMS
-from .box_losses import check_box_loss_config
+from .box_losses import check_box_loss_values
 from .cascade import CascadeRoIHeads, LibraCascadeRCNN
 from .config import (
+    Arch,
     BalancedFeaturePyramidConfig,
     BoxLossConfig,
     CascadeConfig,
     ModelConfig,
-    RefineKind,
     SamplerConfig,
 )
 from .conventions import CONVENTIONS, TorchvisionConvention, convention_parts
 from .faster_rcnn import LibraFastRCNN, LibraFasterRCNN, box_head_and_predictor
 from .retinanet import LibraRetinaNet
-from .roi_heads import LibraRoIHeads, check_sampler_config
+from .roi_heads import LibraRoIHeads, sampling_settings
 from .rpn import LibraRegionProposalNetwork, LibraRPN
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "baseline_model_config",
     "build_model",
     "check_model_config",
+    "check_model_values",
     "libra_model_config",
     "used_settings",
     "faster_rcnn_resnet50_fpn",
@@ -93,8 +95,7 @@ __all__ = [
     "libra_cascade_rcnn_resnet50_fpn",
 ]
 
-ARCHS = ("faster_rcnn", "retinanet", "rpn", "fast_rcnn", "cascade_rcnn")
-REFINE_KINDS = typing.get_args(RefineKind)
+ARCHS: tuple[str, ...] = typing.get_args(Arch)
 
 WeightsArg = Union[None, str, os.PathLike, WeightsEnum]
 
@@ -164,70 +165,41 @@ def _check_overrides_apply(arch: str, overrides: Mapping[str, Any]) -> None:
         raise ValueError(f"{arch} does not use {unused}: these settings would have no effect")
 
 
-def _check_choice(value: Any, choices: tuple, name: str) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_unit_interval(value: Any, name: str) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-
-
 def check_model_config(cfg: ModelConfig) -> ModelConfig:
-    """Validate every field ``build_model`` reads; ``ValueError`` names the field."""
+    """Validate every field ``build_model`` reads: its type and choices, as a config file's are
+    checked when loaded, then its value (:func:`check_model_values`); ``ValueError`` names the
+    field. Returns ``cfg`` unchanged."""
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
-    _check_choice(cfg.arch, ARCHS, "arch")
-    _check_choice(cfg.convention, CONVENTIONS, "convention")
-    _check_choice(cfg.backbone, BACKBONE_NAMES, "backbone")
-    _check_choice(cfg.norm, NORM_KINDS, "norm")
-    _check_choice(cfg.retina_p6_input, ("c5", "p5"), "retina_p6_input")
-    _check_choice(cfg.retina_head_norm, ("none", "gn"), "retina_head_norm")
-    _check_choice(cfg.neck, NECK_KINDS, "neck")
-    if isinstance(cfg.num_classes, bool) or not isinstance(cfg.num_classes, int) or cfg.num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2 (background included), got {cfg.num_classes!r}")
-    if cfg.backbone_weights is not None and not isinstance(cfg.backbone_weights, str):
-        raise ValueError(f"backbone_weights must be None, a weight name or a file path, "
-                         f"got {cfg.backbone_weights!r}")
+    check_field_types(cfg)
+    return check_model_values(cfg)
+
+
+_POSITIVE_INTS = ("fpn_channels", "min_size", "max_size", "rpn_pre_nms_top_n_train",
+                  "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
+                  "rpn_batch_size_per_image", "representation_size", "box_detections_per_img")
+
+
+def check_model_values(cfg: ModelConfig) -> ModelConfig:
+    """The rules a field's type cannot state (ranges, settings that must fit together), for a
+    ``cfg`` whose field types are checked already; ``ValueError`` names the field."""
+    if cfg.num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 (background included), "
+                         f"got {cfg.num_classes!r}")
     _check_backbone_fits(cfg.backbone, cfg.backbone_weights, cfg.norm)
-    tbl = cfg.trainable_backbone_layers
-    if isinstance(tbl, bool) or not isinstance(tbl, int) or not 0 <= tbl <= 5:
-        raise ValueError(f"trainable_backbone_layers must be an int in [0, 5], got {tbl!r}")
-    _check_positive_int(cfg.fpn_channels, "fpn_channels")
-    if not isinstance(cfg.bfp, BalancedFeaturePyramidConfig):
-        raise ValueError(f"bfp must be a BalancedFeaturePyramidConfig, got {type(cfg.bfp).__name__}")
+    check_int_between(cfg.trainable_backbone_layers, "trainable_backbone_layers", 0, 5)
     if cfg.bfp.enabled:
-        rl = cfg.bfp.refine_level
-        if isinstance(rl, bool) or not isinstance(rl, int) or not 0 <= rl < NUM_LEVELS:
-            raise ValueError(f"bfp.refine_level must be an int in [0, {NUM_LEVELS}), got {rl!r}")
-        _check_choice(cfg.bfp.refine_type, REFINE_KINDS, "bfp.refine_type")
-    _check_positive_int(cfg.min_size, "min_size")
-    _check_positive_int(cfg.max_size, "max_size")
-    for name in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
-                 "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "representation_size",
-                 "box_detections_per_img"):
-        _check_positive_int(getattr(cfg, name), name)
-    _check_unit_interval(cfg.rpn_positive_fraction, "rpn_positive_fraction")
-    ub = cfg.rpn_neg_pos_ub
-    if not isinstance(ub, (int, float)) or not math.isfinite(ub) or (ub < 0 and ub != -1):
-        raise ValueError(f"rpn_neg_pos_ub must be -1 (no cap) or a finite number >= 0, got {ub!r}")
-    border = cfg.rpn_allowed_border
-    if not isinstance(border, (int, float)) or not math.isfinite(border) or (border < 0 and border != -1):
-        raise ValueError(f"rpn_allowed_border must be -1 (every anchor) or a finite number >= 0, "
-                         f"got {border!r}")
-    _check_unit_interval(cfg.box_score_thresh, "box_score_thresh")
-    _check_unit_interval(cfg.box_nms_thresh, "box_nms_thresh")
-    check_box_loss_config(cfg.rpn_box_loss, "rpn_box_loss")
-    check_box_loss_config(cfg.box_loss, "box_loss")
-    check_box_loss_config(cfg.retina_box_loss, "retina_box_loss")
-    check_sampler_config(cfg.roi_sampler, "roi_sampler")
-    check_cascade_config(cfg.cascade)
+        check_int_between(cfg.bfp.refine_level, "bfp.refine_level", 0, NUM_LEVELS - 1)
+    for name in _POSITIVE_INTS:
+        check_positive_int(getattr(cfg, name), name)
+    for name in ("rpn_positive_fraction", "box_score_thresh", "box_nms_thresh"):
+        check_unit_interval(getattr(cfg, name), name)
+    check_minus_one_or_non_negative(cfg.rpn_neg_pos_ub, "rpn_neg_pos_ub", "no cap")
+    check_minus_one_or_non_negative(cfg.rpn_allowed_border, "rpn_allowed_border", "every anchor")
+    for name in ("rpn_box_loss", "box_loss", "retina_box_loss"):
+        check_box_loss_values(getattr(cfg, name), name)
+    sampling_settings(cfg.roi_sampler, "roi_sampler")
+    _check_cascade_values(cfg.cascade)
     return cfg
 
 
@@ -236,24 +208,24 @@ def check_cascade_config(cascade: CascadeConfig) -> CascadeConfig:
     ``(0, 1)``, weights ``>= 0``, coder stds ``> 0``; ``ValueError`` names the setting."""
     if not isinstance(cascade, CascadeConfig):
         raise ValueError(f"cascade must be a CascadeConfig, got {type(cascade).__name__}")
-    _check_positive_int(cascade.num_stages, "cascade.num_stages")
+    check_field_types(cascade, "cascade.")
+    return _check_cascade_values(cascade)
+
+
+def _check_cascade_values(cascade: CascadeConfig) -> CascadeConfig:
+    check_positive_int(cascade.num_stages, "cascade.num_stages")
     for name in ("iou_thresholds", "stage_loss_weights", "box_coder_stds"):
         values = getattr(cascade, name)
-        if not isinstance(values, (list, tuple)) or len(values) != cascade.num_stages:
-            count = f"{len(values)} entries" if isinstance(values, (list, tuple)) else repr(values)
-            raise ValueError(f"cascade.{name} has {count} but cascade.num_stages is "
-                             f"{cascade.num_stages}: give one per stage")
-    for t in cascade.iou_thresholds:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
-            raise ValueError(f"cascade.iou_thresholds must lie in (0, 1), got {cascade.iou_thresholds!r}")
-    for w in cascade.stage_loss_weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"cascade.stage_loss_weights must be finite numbers >= 0, "
-                             f"got {cascade.stage_loss_weights!r}")
+        if len(values) != cascade.num_stages:
+            raise ValueError(f"cascade.{name} has {len(values)} entries but cascade.num_stages "
+                             f"is {cascade.num_stages}: give one per stage")
+    if not all(0.0 < t < 1.0 for t in cascade.iou_thresholds):
+        raise ValueError(f"cascade.iou_thresholds must lie in (0, 1), got {cascade.iou_thresholds!r}")
+    if not all(math.isfinite(w) and w >= 0 for w in cascade.stage_loss_weights):
+        raise ValueError(f"cascade.stage_loss_weights must be finite numbers >= 0, "
+                         f"got {cascade.stage_loss_weights!r}")
     for stds in cascade.box_coder_stds:
-        if not isinstance(stds, (list, tuple)) or len(stds) != 4 or not all(
-                isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0
-                for s in stds):
+        if not all(math.isfinite(s) and s > 0 for s in stds):
             raise ValueError(f"cascade.box_coder_stds must be four numbers > 0 per stage, "
                              f"got {stds!r}")
     return cascade
@@ -281,29 +253,28 @@ def _mmdet_settings(arch: str, libra: bool) -> dict[str, Any]:
         "norm": "frozen_stats_bn",
         "rpn_post_nms_top_n_train": 1000,
         # floor_thr 0: mmdetection's sampler replaces its configured -1 by 0 after its first image
-        "roi_sampler": {"binning": "mmdet", "floor_thr": 0.0},
+        "roi_sampler": {"binning": "all_candidates", "floor_thr": 0.0},
     }
     if arch == "cascade_rcnn":
         # mmdetection's Cascade R-CNN: 2000 proposals per training image, RPN training on the
         # anchors inside the image, smooth L1 box losses (the ModelConfig defaults); IoU bins
         # over each stage's own negatives, which lie below that stage's threshold
         settings.update(rpn_post_nms_top_n_train=2000, rpn_allowed_border=0.0,
-                        roi_sampler={"binning": "paper", "floor_thr": 0.0})
+                        roi_sampler={"binning": "negatives", "floor_thr": 0.0})
         return settings
     if not (libra and arch == "rpn"):
         settings["rpn_box_loss"] = l1
     if not (libra and arch in ("faster_rcnn", "fast_rcnn")):
         settings["box_loss"] = dataclasses.replace(l1)
     if libra and arch == "retinanet":  # the two balanced L1 formulas differ at beta 0.11
-        settings["retina_box_loss"] = {"formula": "mmdet"}
+        settings["retina_box_loss"] = {"formula": "beta_in_log"}
     return settings
 
 
 def _model_config(arch: str, backbone: str, libra: bool, settings: str,
                   overrides: Mapping[str, Any]) -> ModelConfig:
-    _check_choice(arch, ARCHS, "arch")
-    _check_choice(backbone, BACKBONE_NAMES, "backbone")
-    _check_choice(settings, CONVENTIONS, "settings")
+    check_one_of(arch, ARCHS, "arch")
+    check_one_of(settings, CONVENTIONS, "settings")
     _check_overrides_apply(arch, overrides)
     cfg = ModelConfig(arch=arch, backbone=backbone)
     if libra:
@@ -366,7 +337,11 @@ def build_model(cfg: ModelConfig, *, generator: Optional[torch.Generator] = None
         :class:`LibraFastRCNN` or :class:`LibraCascadeRCNN`, following torchvision's images/targets/losses contract, with the
         parts of ``cfg.convention`` (:mod:`.conventions`).
     """
-    check_model_config(cfg)
+    return _assemble(check_model_config(cfg), generator)
+
+
+def _assemble(cfg: ModelConfig, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """:func:`build_model` for a checked ``cfg``."""
     parts = convention_parts(cfg.convention)
     backbone = fpn_backbone(
         backbone_name=cfg.backbone,
@@ -501,7 +476,7 @@ def _build(arch: str, backbone: str, libra: bool, num_classes: int, weights_back
     make_config = libra_model_config if libra else baseline_model_config
     cfg = make_config(arch, backbone, num_classes=num_classes,
                       backbone_weights=_weights_to_config(weights_backbone), **overrides)
-    return build_model(cfg)
+    return _assemble(cfg)  # checked by make_config
 
 
 def faster_rcnn_resnet50_fpn(*, num_classes: int = 81, weights_backbone: WeightsArg = None,

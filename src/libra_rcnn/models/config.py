@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from ..ops.balanced_l1_loss import BalancedL1Formula
+from ..ops.iou_balanced_sampler import Binning
+
 Arch = Literal["faster_rcnn", "retinanet", "rpn", "fast_rcnn", "cascade_rcnn"]
 BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d",
                        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
@@ -21,8 +24,6 @@ RefineKind = Literal["none", "conv", "non_local"]
 BoxLossKind = Literal["smooth_l1", "l1", "balanced_l1"]
 Convention = Literal["torchvision", "mmdet"]
 BoxStds = tuple[float, float, float, float]
-# "paper": as the paper describes it; "mmdet": as mmdetection (the reference implementation) does it
-Rule = Literal["paper", "mmdet"]
 
 
 @dataclass
@@ -49,9 +50,10 @@ class SamplerConfig:
     num_bins: int = 3
     floor_thr: float = -1.0
     floor_fraction: float = 0.0
-    # IoU bins: "paper" spans the negatives' own IoU range; "mmdet" spans [floor, highest IoU of
-    # all candidates) with int(num / num_bins) per bin, as mmdetection's IoUBalancedNegSampler
-    binning: Rule = "paper"
+    # IoU bins: "negatives" spans the binned negatives' own IoU range (the paper's Eq. 2);
+    # "all_candidates" spans [floor, highest IoU of all candidates) with int(num / num_bins) per
+    # bin, as mmdetection's IoUBalancedNegSampler
+    binning: Binning = "negatives"
 
 
 @dataclass
@@ -64,9 +66,21 @@ class BoxLossConfig:
     alpha: float = 0.5
     gamma: float = 1.5
     loss_weight: float = 1.0
-    # balanced L1 at beta != 1: "paper" is Eq. 7 with the boundary at beta; "mmdet" is
-    # mmdetection's formula (the two agree at beta = 1)
-    formula: Rule = "paper"
+    # balanced L1 at beta != 1: "scaled" is beta * L_b(|x| / beta), Eq. 7 with the boundary at
+    # beta; "beta_in_log" is mmdetection's expression, beta only inside the logarithm (the two
+    # agree at beta = 1)
+    formula: BalancedL1Formula = "scaled"
+
+
+def default_rpn_box_loss() -> BoxLossConfig:
+    """The RPN's box loss unless configured: torchvision's smooth L1 with ``beta = 1/9``."""
+    return BoxLossConfig(kind="smooth_l1", beta=1.0 / 9.0)
+
+
+def default_retina_box_loss() -> BoxLossConfig:
+    """RetinaNet's box loss unless configured: L1 (torchvision's and mmdetection's); ``beta``
+    is the inlier threshold the balanced L1 loss takes when switched on (Libra RetinaNet)."""
+    return BoxLossConfig(kind="l1", beta=0.11)
 
 
 @dataclass
@@ -130,9 +144,7 @@ class ModelConfig:
     # training targets (mmdetection's allowed_border: 0 in its Cascade R-CNN); -1: every anchor
     # does (torchvision, mmdetection's Faster R-CNN)
     rpn_allowed_border: float = -1.0
-    rpn_box_loss: BoxLossConfig = field(
-        default_factory=lambda: BoxLossConfig(kind="smooth_l1", beta=1.0 / 9.0)
-    )
+    rpn_box_loss: BoxLossConfig = field(default_factory=default_rpn_box_loss)
 
     # RoI heads (faster_rcnn / fast_rcnn)
     roi_sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -146,9 +158,7 @@ class ModelConfig:
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     # RetinaNet
-    retina_box_loss: BoxLossConfig = field(
-        default_factory=lambda: BoxLossConfig(kind="l1", beta=0.11)
-    )
+    retina_box_loss: BoxLossConfig = field(default_factory=default_retina_box_loss)
     # P6 from C5 (mmdetection; torchvision's retinanet_resnet50_fpn_v2) or from P5 (torchvision's
     # retinanet_resnet50_fpn); "gn": group norm in the head's convolutions (torchvision's v2)
     retina_p6_input: Literal["c5", "p5"] = "c5"

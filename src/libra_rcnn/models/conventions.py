@@ -50,6 +50,8 @@ from .anchors import (
     torchvision_rpn_anchor_generator,
 )
 from .box_coder import (
+    MIN_DETECTION_SIZE,
+    MIN_PROPOSAL_SIZE,
     BatchedNMS,
     BoxFilter,
     MMDetBoxCoder,
@@ -102,10 +104,10 @@ class TorchvisionConvention:
         return Matcher(0.5, 0.4, allow_low_quality_matches=True)
 
     def rpn_box_filter(self) -> BoxFilter:
-        return keep_boxes_at_least(1e-3)
+        return keep_boxes_at_least(MIN_PROPOSAL_SIZE)
 
     def roi_box_filter(self) -> BoxFilter:
-        return keep_boxes_at_least(1e-2)
+        return keep_boxes_at_least(MIN_DETECTION_SIZE)
 
     def retinanet_box_filter(self) -> Optional[BoxFilter]:
         return None

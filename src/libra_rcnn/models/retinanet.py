@@ -38,7 +38,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from .box_coder import BatchedNMS, BoxFilter
 from .box_losses import box_regression_loss_sum, check_box_loss_config
-from .config import BoxLossConfig
+from .config import BoxLossConfig, default_retina_box_loss
 from .validation import validate_inputs
 
 __all__ = [
@@ -67,14 +67,14 @@ class LibraRetinaNetRegressionHead(RetinaNetRegressionHead):
 
     Args:
         in_channels, num_anchors, norm_layer: as torchvision's.
-        box_loss: :class:`BoxLossConfig` (default: L1, torchvision's).
+        box_loss: :class:`BoxLossConfig` (default: L1, torchvision's; ``ModelConfig``'s).
     """
 
     def __init__(self, in_channels: int, num_anchors: int, *, box_loss: Optional[BoxLossConfig] = None,
                  norm_layer: NormLayer = None) -> None:
         super().__init__(in_channels, num_anchors, norm_layer=norm_layer)
         self.box_loss = check_box_loss_config(
-            BoxLossConfig(kind="l1") if box_loss is None else box_loss, "retina_box_loss")
+            default_retina_box_loss() if box_loss is None else box_loss, "retina_box_loss")
 
     def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
                      anchors: list[Tensor], matched_idxs: list[Tensor]) -> Tensor:

@@ -19,7 +19,7 @@ batched NMS handed in (:mod:`.box_coder`). Targets are checked once, by the dete
 
 from __future__ import annotations
 
-import math
+from dataclasses import fields
 from typing import Optional
 
 import torch
@@ -29,37 +29,31 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
-from ..ops.iou_balanced_sampler import BINNINGS, sample_positives_negatives
-from .box_coder import BatchedNMS, BoxFilter, keep_boxes_at_least
+from ..checks import check_positive_int
+from ..ops.iou_balanced_sampler import SamplingSettings, sample_positives_negatives
+from .box_coder import MIN_DETECTION_SIZE, BatchedNMS, BoxFilter, keep_boxes_at_least
 from .box_losses import box_regression_loss_sum, check_box_loss_config
 from .config import BoxLossConfig, SamplerConfig
 
-__all__ = ["LibraRoIHeads", "check_sampler_config", "match_proposals", "fastrcnn_loss"]
+__all__ = ["LibraRoIHeads", "check_sampler_config", "fastrcnn_loss", "match_proposals",
+           "sampling_settings"]
+
+
+def sampling_settings(cfg: SamplerConfig, name: str = "roi_sampler") -> SamplingSettings:
+    """The sampler op's settings for ``cfg``, checked (``ValueError`` naming ``name`` and the
+    field): a config samples at least one RoI per image."""
+    if not isinstance(cfg, SamplerConfig):
+        raise ValueError(f"{name} must be a SamplerConfig, got {type(cfg).__name__}")
+    check_positive_int(cfg.num, f"{name}.num")
+    try:
+        return SamplingSettings(**{f.name: getattr(cfg, f.name) for f in fields(SamplingSettings)})
+    except ValueError as err:
+        raise ValueError(f"{name}.{err}") from None
 
 
 def check_sampler_config(cfg: SamplerConfig, name: str = "roi_sampler") -> SamplerConfig:
     """Validate ``cfg`` (``ValueError`` naming ``name`` and the field) and return it."""
-    if not isinstance(cfg, SamplerConfig):
-        raise ValueError(f"{name} must be a SamplerConfig, got {type(cfg).__name__}")
-    if isinstance(cfg.num, bool) or not isinstance(cfg.num, int) or cfg.num < 1:
-        raise ValueError(f"{name}.num must be a positive int, got {cfg.num!r}")
-    if not 0.0 <= cfg.pos_fraction <= 1.0:
-        raise ValueError(f"{name}.pos_fraction must lie in [0, 1], got {cfg.pos_fraction!r}")
-    if not math.isfinite(cfg.neg_pos_ub) or (cfg.neg_pos_ub < 0 and cfg.neg_pos_ub != -1):
-        raise ValueError(f"{name}.neg_pos_ub must be -1 (no cap) or a finite number >= 0, "
-                         f"got {cfg.neg_pos_ub!r}")
-    if isinstance(cfg.num_bins, bool) or not isinstance(cfg.num_bins, int) or cfg.num_bins < 1:
-        raise ValueError(f"{name}.num_bins must be an int >= 1, got {cfg.num_bins!r}")
-    if math.isnan(cfg.floor_thr) or cfg.floor_thr >= 1.0:
-        raise ValueError(f"{name}.floor_thr must be < 1 (negative disables the floor set), "
-                         f"got {cfg.floor_thr!r}")
-    if not 0.0 <= cfg.floor_fraction <= 1.0:
-        raise ValueError(f"{name}.floor_fraction must lie in [0, 1], got {cfg.floor_fraction!r}")
-    if cfg.binning not in BINNINGS:
-        raise ValueError(f"{name}.binning must be one of {BINNINGS}, got {cfg.binning!r}")
-    for flag in ("add_gt_as_proposals", "pos_balance", "neg_balance"):
-        if not isinstance(getattr(cfg, flag), bool):
-            raise ValueError(f"{name}.{flag} must be a bool, got {getattr(cfg, flag)!r}")
+    sampling_settings(cfg, name)
     return cfg
 
 
@@ -138,7 +132,7 @@ class LibraRoIHeads(RoIHeads):
             rule as mmdetection's R-CNN assigner).
         box_coder: delta coder (default torchvision's ``BoxCoder((10, 10, 5, 5))``).
         box_filter: ``boxes [N, 4] -> kept indices`` applied to the scored detections before NMS
-            (default torchvision's: width and height ``>= 1e-2``).
+            (default torchvision's: width and height ``>= MIN_DETECTION_SIZE``, 1e-2 px).
         batched_nms: ``(boxes, scores, labels, iou) -> kept indices`` (default torchvision's).
         generator: optional ``torch.Generator`` for the RoI sampling.
     """
@@ -160,37 +154,25 @@ class LibraRoIHeads(RoIHeads):
         batched_nms: Optional[BatchedNMS] = None,
         generator: Optional[torch.Generator] = None,
     ) -> None:
-        sampler = check_sampler_config(SamplerConfig() if sampler is None else sampler)
+        sampler = SamplerConfig() if sampler is None else sampler
+        sampling = sampling_settings(sampler)
         super().__init__(box_roi_pool, box_head, box_predictor, 0.5, 0.5, sampler.num,
                          sampler.pos_fraction, None, score_thresh, nms_thresh, detections_per_img)
         if proposal_matcher is not None:
             self.proposal_matcher = proposal_matcher
         if box_coder is not None:
             self.box_coder = box_coder
-        self.box_filter = keep_boxes_at_least(1e-2) if box_filter is None else box_filter
+        self.box_filter = keep_boxes_at_least(MIN_DETECTION_SIZE) if box_filter is None else box_filter
         self.batched_nms = box_ops.batched_nms if batched_nms is None else batched_nms
         self.sampler = sampler
+        self.sampling = sampling
         self.box_loss = check_box_loss_config(BoxLossConfig() if box_loss is None else box_loss, "box_loss")
         self.generator = generator
 
     def sample_image(self, labels: Tensor, max_overlaps: Tensor, matched_gt_inds: Tensor) -> Tensor:
         """Indices of the RoIs sampled in one image: positives first, then negatives."""
-        cfg = self.sampler
-        pos, neg = sample_positives_negatives(
-            labels,
-            max_overlaps,
-            matched_gt_inds,
-            num=cfg.num,
-            pos_fraction=cfg.pos_fraction,
-            neg_pos_ub=cfg.neg_pos_ub,
-            pos_balance=cfg.pos_balance,
-            neg_balance=cfg.neg_balance,
-            num_bins=cfg.num_bins,
-            floor_thr=cfg.floor_thr,
-            floor_fraction=cfg.floor_fraction,
-            binning=cfg.binning,
-            generator=self.generator,
-        )
+        pos, neg = sample_positives_negatives(labels, max_overlaps, matched_gt_inds, self.sampling,
+                                              generator=self.generator)
         return torch.cat([pos, neg])
 
     def select_training_samples(

@@ -21,7 +21,6 @@ returning losses in training and per-image ``{"boxes", "scores"}`` at inference.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -34,22 +33,14 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_p
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 
-from ..ops.iou_balanced_sampler import sample_positives_negatives
-from .box_coder import BatchedNMS, BoxFilter, keep_boxes_at_least
+from ..checks import check_minus_one_or_non_negative, check_positive_int, check_unit_interval
+from ..ops.iou_balanced_sampler import SamplingSettings, sample_positives_negatives
+from .box_coder import MIN_PROPOSAL_SIZE, BatchedNMS, BoxFilter, keep_boxes_at_least
 from .box_losses import box_regression_loss_sum, check_box_loss_config
-from .config import BoxLossConfig
+from .config import BoxLossConfig, default_rpn_box_loss
 from .validation import validate_inputs
 
 __all__ = ["LibraRegionProposalNetwork", "LibraRPN"]
-
-
-def _default_rpn_box_loss() -> BoxLossConfig:
-    return BoxLossConfig(kind="smooth_l1", beta=1.0 / 9.0)
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class LibraRegionProposalNetwork(RegionProposalNetwork):
@@ -96,32 +87,40 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         batched_nms: Optional[BatchedNMS] = None,
         generator: Optional[torch.Generator] = None,
     ) -> None:
-        _check_positive_int(batch_size_per_image, "rpn_batch_size_per_image")
-        if not 0.0 <= positive_fraction <= 1.0:
-            raise ValueError(f"rpn_positive_fraction must lie in [0, 1], got {positive_fraction!r}")
-        if not math.isfinite(neg_pos_ub) or (neg_pos_ub < 0 and neg_pos_ub != -1):
-            raise ValueError(f"rpn_neg_pos_ub must be -1 (no cap) or a finite number >= 0, got {neg_pos_ub!r}")
-        if not math.isfinite(allowed_border) or (allowed_border < 0 and allowed_border != -1):
-            raise ValueError(f"rpn_allowed_border must be -1 (every anchor) or a finite number "
-                             f">= 0, got {allowed_border!r}")
+        check_positive_int(batch_size_per_image, "rpn_batch_size_per_image")
+        check_unit_interval(positive_fraction, "rpn_positive_fraction")
+        check_minus_one_or_non_negative(neg_pos_ub, "rpn_neg_pos_ub", "no cap")
+        check_minus_one_or_non_negative(allowed_border, "rpn_allowed_border", "every anchor")
         for key in ("training", "testing"):
-            _check_positive_int(pre_nms_top_n.get(key), f"rpn_pre_nms_top_n[{key!r}]")
-            _check_positive_int(post_nms_top_n.get(key), f"rpn_post_nms_top_n[{key!r}]")
+            check_positive_int(pre_nms_top_n.get(key), f"rpn_pre_nms_top_n[{key!r}]")
+            check_positive_int(post_nms_top_n.get(key), f"rpn_post_nms_top_n[{key!r}]")
         super().__init__(anchor_generator, head, 0.7, 0.3, batch_size_per_image, positive_fraction,
                          pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh=score_thresh)
         if proposal_matcher is not None:
             self.proposal_matcher = proposal_matcher
         if box_coder is not None:
             self.box_coder = box_coder
-        self.box_filter = keep_boxes_at_least(self.min_size) if box_filter is None else box_filter
+        self.box_filter = keep_boxes_at_least(MIN_PROPOSAL_SIZE) if box_filter is None else box_filter
         self.batched_nms = box_ops.batched_nms if batched_nms is None else batched_nms
         self.box_loss = check_box_loss_config(
-            _default_rpn_box_loss() if box_loss is None else box_loss, "rpn_box_loss")
-        self.batch_size_per_image = batch_size_per_image
-        self.positive_fraction = positive_fraction
-        self.neg_pos_ub = float(neg_pos_ub)
+            default_rpn_box_loss() if box_loss is None else box_loss, "rpn_box_loss")
+        # random anchors (the IoU-balanced parts are off), checked above
+        self.sampling = SamplingSettings(num=batch_size_per_image, pos_fraction=positive_fraction,
+                                         neg_pos_ub=float(neg_pos_ub))
         self.allowed_border = float(allowed_border)
         self.generator = generator
+
+    @property
+    def batch_size_per_image(self) -> int:
+        return self.sampling.num
+
+    @property
+    def positive_fraction(self) -> float:
+        return self.sampling.pos_fraction
+
+    @property
+    def neg_pos_ub(self) -> float:
+        return self.sampling.neg_pos_ub
 
     def assign_anchors_inside(
         self, anchors: list[Tensor], targets: list[dict[str, Tensor]],
@@ -163,15 +162,8 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
             int_labels = labels_per_image.to(torch.int64)
             # IoU-balanced parts are off here, so the overlaps are never read
             unused = torch.zeros_like(int_labels)
-            pos, neg = sample_positives_negatives(
-                int_labels,
-                unused.to(torch.float32),
-                unused,
-                num=self.batch_size_per_image,
-                pos_fraction=self.positive_fraction,
-                neg_pos_ub=self.neg_pos_ub,
-                generator=self.generator,
-            )
+            pos, neg = sample_positives_negatives(int_labels, unused.to(torch.float32), unused,
+                                                  self.sampling, generator=self.generator)
             pos_per_image.append(pos)
             neg_per_image.append(neg)
         return pos_per_image, neg_per_image

@@ -8,6 +8,7 @@
 from .balanced_feature_pyramid import BalancedFeaturePyramid
 from .balanced_l1_loss import BalancedL1Loss, balanced_l1_loss
 from .iou_balanced_sampler import (
+    SamplingSettings,
     instance_balanced_positive_sample,
     iou_balanced_negative_sample,
     random_choice,
@@ -21,6 +22,7 @@ __all__ = [
     "BalancedL1Loss",
     "NonLocal2d",
     "PAFPN",
+    "SamplingSettings",
     "balanced_l1_loss",
     "instance_balanced_positive_sample",
     "iou_balanced_negative_sample",

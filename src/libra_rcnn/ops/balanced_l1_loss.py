@@ -56,17 +56,23 @@ back to ``pred``'s dtype, so float16/bfloat16 inputs stay finite.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+import typing
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FORMULAS", "balanced_l1_loss", "BalancedL1Loss"]
+from ..checks import check_one_of
+
+__all__ = ["BalancedL1Formula", "FORMULAS", "balanced_l1_loss", "BalancedL1Loss"]
 
 _REDUCTIONS = ("none", "mean", "sum")
-#: ``"paper"``: Eq. 7 with the boundary moved to ``beta`` (above); ``"mmdet"``: mmdetection's
-#: expression, equal to the paper's at ``beta = 1`` (see :func:`balanced_l1_loss`).
-FORMULAS = ("paper", "mmdet")
+#: How ``beta`` enters the loss. ``"scaled"``: ``beta * L_b(|x| / beta)``, Eq. 7 with the
+#: boundary moved to ``beta`` (above); ``"beta_in_log"``: mmdetection's expression, where ``beta``
+#: divides ``|x|`` only inside the logarithm; the two agree at ``beta = 1`` (see
+#: :func:`balanced_l1_loss`).
+BalancedL1Formula = Literal["scaled", "beta_in_log"]
+FORMULAS: tuple[str, ...] = typing.get_args(BalancedL1Formula)
 
 
 def _check_hyperparameters(*, alpha: float, gamma: float, beta: float) -> float:
@@ -92,11 +98,6 @@ def _check_reduction(reduction: str, name: str = "reduction") -> None:
         raise ValueError(f"{name} must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def _check_formula(formula: str) -> None:
-    if formula not in FORMULAS:
-        raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
-
-
 def _check_shapes(pred: Tensor, target: Tensor) -> None:
     if pred.shape != target.shape:
         raise ValueError(
@@ -106,12 +107,12 @@ def _check_shapes(pred: Tensor, target: Tensor) -> None:
 
 
 def _elementwise_balanced_l1(pred: Tensor, target: Tensor, *, b: float, alpha: float,
-                             gamma: float, beta: float, formula: str = "paper") -> Tensor:
+                             gamma: float, beta: float, formula: BalancedL1Formula = "scaled") -> Tensor:
     """Elementwise balanced L1 loss in float32 (float64 if ``pred`` is float64), shape ``(*)``."""
     compute_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
     abs_err = (pred.to(compute_dtype) - target.to(compute_dtype)).abs()
-    if formula == "mmdet":
-        return _mmdet_elementwise(abs_err, b=b, alpha=alpha, gamma=gamma, beta=beta)
+    if formula == "beta_in_log":
+        return _beta_in_log_elementwise(abs_err, b=b, alpha=alpha, gamma=gamma, beta=beta)
     u = abs_err / beta
     # Evaluate the inlier branch on min(u, 1) so its (discarded) value and gradient stay finite
     # for huge errors; torch.where would otherwise propagate 0 * inf = NaN into the gradient.
@@ -123,7 +124,7 @@ def _elementwise_balanced_l1(pred: Tensor, target: Tensor, *, b: float, alpha: f
     return beta * torch.where(u < 1.0, inlier, outlier)
 
 
-def _mmdet_elementwise(abs_err: Tensor, *, b: float, alpha: float, gamma: float,
+def _beta_in_log_elementwise(abs_err: Tensor, *, b: float, alpha: float, gamma: float,
                        beta: float) -> Tensor:
     """mmdetection's expression of the loss, on ``|x|`` of shape ``(*)``::
 
@@ -148,7 +149,7 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 
 def balanced_l1_loss(pred: Tensor, target: Tensor, *, beta: float = 1.0, alpha: float = 0.5,
                      gamma: float = 1.5, reduction: str = "mean",
-                     formula: str = "paper") -> Tensor:
+                     formula: BalancedL1Formula = "scaled") -> Tensor:
     r"""Balanced L1 loss (Eq. 7-9), generalised to inlier threshold ``beta``.
 
     Args:
@@ -158,7 +159,8 @@ def balanced_l1_loss(pred: Tensor, target: Tensor, *, beta: float = 1.0, alpha: 
         alpha: inlier gradient promotion factor of Eq. 7 (paper: 0.5). Must be > 0.
         gamma: outlier gradient bound of Eq. 7 (paper: 1.5). Must be > 0.
         reduction: ``"none"`` (shape ``(*)``), ``"mean"`` or ``"sum"`` (0-dim).
-        formula: ``"paper"`` (below) or ``"mmdet"`` (mmdetection's expression, see the note).
+        formula: ``"scaled"`` (below) or ``"beta_in_log"`` (mmdetection's expression, see the
+            note).
 
     Returns:
         The loss in ``pred``'s dtype. An empty input gives 0 for ``"mean"``/``"sum"``, connected
@@ -177,8 +179,8 @@ def balanced_l1_loss(pred: Tensor, target: Tensor, *, beta: float = 1.0, alpha: 
         as :math:`\gamma|x| + \gamma/b - \alpha\beta`, whose gradient at zero error is
         :math:`\alpha(1/\beta - 1)` instead of 0 (and whose inlier gradient is not
         :math:`\alpha\ln(b|x|/\beta + 1)`; for ``beta > 1`` the loss is negative near 0).
-        ``formula="paper"`` keeps Eq. 7 exact for every ``beta``; ``formula="mmdet"`` computes
-        mmdetection's expression (e.g. Libra RetinaNet's ``beta = 0.11``), as is.
+        ``formula="scaled"`` keeps Eq. 7 exact for every ``beta``; ``formula="beta_in_log"``
+        computes mmdetection's expression (e.g. Libra RetinaNet's ``beta = 0.11``), as is.
 
     Raises:
         ValueError: if ``alpha``, ``gamma`` or ``beta`` is not > 0, ``reduction`` is unknown, or
@@ -186,7 +188,7 @@ def balanced_l1_loss(pred: Tensor, target: Tensor, *, beta: float = 1.0, alpha: 
     """
     b = _check_hyperparameters(alpha=alpha, gamma=gamma, beta=beta)
     _check_reduction(reduction)
-    _check_formula(formula)
+    check_one_of(formula, FORMULAS, "formula")
     _check_shapes(pred, target)
     loss = _elementwise_balanced_l1(pred, target, b=b, alpha=alpha, gamma=gamma, beta=beta,
                                     formula=formula)
@@ -207,7 +209,7 @@ class BalancedL1Loss(nn.Module):
         alpha, gamma, beta: see :func:`balanced_l1_loss` (paper: 0.5, 1.5, 1.0).
         reduction: default reduction, ``"none"``, ``"mean"`` or ``"sum"``.
         loss_weight: scalar multiplier of the final loss (:math:`\lambda` of Eq. 4).
-        formula: ``"paper"`` or ``"mmdet"``, see :func:`balanced_l1_loss`.
+        formula: ``"scaled"`` or ``"beta_in_log"``, see :func:`balanced_l1_loss`.
 
     ``forward(pred, target, weight=None, avg_factor=None, reduction_override=None)``:
 
@@ -225,11 +227,11 @@ class BalancedL1Loss(nn.Module):
 
     def __init__(self, *, alpha: float = 0.5, gamma: float = 1.5, beta: float = 1.0,
                  reduction: str = "mean", loss_weight: float = 1.0,
-                 formula: str = "paper") -> None:
+                 formula: BalancedL1Formula = "scaled") -> None:
         super().__init__()
         self._b = _check_hyperparameters(alpha=alpha, gamma=gamma, beta=beta)
         _check_reduction(reduction)
-        _check_formula(formula)
+        check_one_of(formula, FORMULAS, "formula")
         if not math.isfinite(loss_weight):
             raise ValueError(f"loss_weight must be finite, got {loss_weight}")
         self.alpha = float(alpha)

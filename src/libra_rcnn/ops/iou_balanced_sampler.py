@@ -35,16 +35,17 @@ ranking and selection run in NumPy on the host; results are the same on every de
 Choices (mmdetection's ``IoUBalancedNegSampler`` / ``InstanceBalancedPosSampler`` /
 ``CombinedSampler`` semantics unless stated):
 
-* ``binning="paper"`` (default): the bins span ``[floor, max IoU among the sampled-by-bins
-  negatives]`` with ``floor = max(floor_thr, 0)``, so every bin is usable, as Eq. 2 intends. Bins
-  are half-open ``[start, end)`` (up to float rounding exactly at an edge) except the last, which
-  also holds the maximum itself. ``num // K`` samples per bin; the remainder ``num % K`` goes one
-  each to the highest-IoU bins (the hard end, the point of the method).
-* ``binning="mmdet"``: as mmdetection 3.3. The bins span ``[floor, max IoU over ALL candidates)``
-  (positives and ground truths added as proposals included, so usually 1.0, which leaves the top
-  bins nearly empty of negatives), every bin half-open with edges computed in the IoUs' precision
-  (the maximum itself is in no bin), ``int(num / K)`` per bin, and the remainder filled uniformly
-  from all not-yet-chosen binned negatives (those outside every bin included).
+* ``binning="negatives"`` (default; the paper's Eq. 2): the bins span ``[floor, max IoU among
+  the negatives being binned]`` with ``floor = max(floor_thr, 0)``, so every bin is usable, as
+  Eq. 2 intends. Bins are half-open ``[start, end)`` (up to float rounding exactly at an edge)
+  except the last, which also holds the maximum itself. ``num // K`` samples per bin; the
+  remainder ``num % K`` goes one each to the highest-IoU bins (the hard end, the point of the
+  method).
+* ``binning="all_candidates"``: as mmdetection 3.3. The bins span ``[floor, max IoU over ALL
+  candidates)`` (positives and ground truths added as proposals included, so usually 1.0, which
+  leaves the top bins nearly empty of negatives), every bin half-open with edges computed in the
+  IoUs' precision (the maximum itself is in no bin), ``int(num / K)`` per bin, and the remainder
+  filled uniformly from all not-yet-chosen binned negatives (those outside every bin included).
 * Either way a bin with too few candidates gives all of them and the shortfall is filled at
   random from the not-yet-chosen negatives.
 * Floor variant (``floor_thr >= 0``): negatives with IoU ``< floor_thr`` (exactly ``== 0`` when
@@ -69,47 +70,81 @@ Choices (mmdetection's ``IoUBalancedNegSampler`` / ``InstanceBalancedPosSampler`
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple
+import typing
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import (check_minus_one_or_non_negative, check_non_negative_int, check_one_of,
+                      check_positive_int, check_unit_interval)
+
 __all__ = [
     "BINNINGS",
+    "Binning",
+    "SamplingSettings",
     "random_choice",
     "iou_balanced_negative_sample",
     "instance_balanced_positive_sample",
     "sample_positives_negatives",
 ]
 
-#: How the IoU bins of Eq. 2 are laid out (see the module docstring).
-BINNINGS = ("paper", "mmdet")
+#: How the IoU bins of Eq. 2 are laid out (see the module docstring): over the IoU range of the
+#: negatives being binned, or up to the highest IoU of all candidates (mmdetection's rule).
+Binning = Literal["negatives", "all_candidates"]
+BINNINGS: tuple[str, ...] = typing.get_args(Binning)
 
 
 # --------------------------------------------------------------------------------------------
-# checks
+# settings and checks
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the RoI minibatch of one image is sampled (see :func:`sample_positives_negatives`).
+
+    Checked once, when made (``ValueError`` naming the field); the samplers trust it afterwards.
+    ``libra_rcnn.models.config.SamplerConfig`` holds the same fields for a config file.
+
+    Attributes:
+        num: RoIs per image, ``>= 0``.
+        pos_fraction: share of ``num`` demanded as positives, in ``[0, 1]``.
+        neg_pos_ub: at most ``neg_pos_ub * max(num_pos, 1)`` negatives; ``-1``: no cap.
+        pos_balance: instance-balanced positives, else random.
+        neg_balance: IoU-balanced negatives, else random.
+        num_bins: ``K`` of Eq. 2, ``>= 1`` (``1`` is random sampling).
+        floor_thr: ``< 0`` disables the floor set; ``[0, 1)``: negatives with IoU below it
+            (``== 0`` exactly when it is 0) form a floor set sampled at random.
+        floor_fraction: share of the negatives drawn from the floor set, in ``[0, 1]``.
+        binning: the bins' layout, ``"negatives"`` or ``"all_candidates"`` (module docstring).
+    """
+
+    num: int = 512
+    pos_fraction: float = 0.25
+    neg_pos_ub: float = -1.0
+    pos_balance: bool = False
+    neg_balance: bool = False
+    num_bins: int = 3
+    floor_thr: float = -1.0
+    floor_fraction: float = 0.0
+    binning: Binning = "negatives"
+
+    def __post_init__(self) -> None:
+        check_non_negative_int(self.num, "num")
+        check_unit_interval(self.pos_fraction, "pos_fraction")
+        check_minus_one_or_non_negative(self.neg_pos_ub, "neg_pos_ub", "no cap")
+        check_positive_int(self.num_bins, "num_bins")
+        if not self.floor_thr < 1.0:  # NaN too
+            raise ValueError(f"floor_thr must be < 1 (negative disables the floor set), "
+                             f"got {self.floor_thr!r}")
+        check_unit_interval(self.floor_fraction, "floor_fraction")
+        check_one_of(self.binning, BINNINGS, "binning")
 
 
 def _check_num(num: int, name: str = "num") -> None:
-    if isinstance(num, bool) or not isinstance(num, int):
-        raise ValueError(f"{name} must be an int, got {type(num).__name__}")
-    if num < 0:
-        raise ValueError(f"{name} must be >= 0, got {num}")
-
-
-def _check_negative_settings(
-    num_bins: int, floor_thr: float, floor_fraction: float, binning: str
-) -> None:
-    if binning not in BINNINGS:
-        raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}")
-    if not (0.0 <= floor_fraction <= 1.0):
-        raise ValueError(f"floor_fraction must lie in [0, 1], got {floor_fraction!r}")
-    if math.isnan(floor_thr):
-        raise ValueError("floor_thr must not be NaN")
+    check_non_negative_int(num, name)
 
 
 def _check_index_vector(t: Tensor, name: str) -> None:
@@ -287,18 +322,18 @@ def _np_iou_balanced_negative(
     neg_inds: np.ndarray,
     ious: np.ndarray,
     num: int,
-    num_bins: int,
-    floor_thr: float,
-    floor_fraction: float,
+    settings: SamplingSettings,
     generator: Optional[torch.Generator],
     device: torch.device,
     range_max: Optional[np.generic] = None,
 ) -> np.ndarray:
     """Host :func:`iou_balanced_negative_sample`; ``ious[i]`` is the IoU of ``neg_inds[i]``;
-    ``range_max``: ``None`` for the paper's bins, else mmdetection's bins up to it."""
+    ``settings`` gives ``num_bins``, ``floor_thr`` and ``floor_fraction``; ``range_max``:
+    ``None`` for bins over the negatives' own range, else mmdetection's bins up to it."""
     if neg_inds.size <= num:
         return neg_inds
-    num_balanced = int(num * (1.0 - floor_fraction))
+    num_bins, floor_thr = settings.num_bins, settings.floor_thr
+    num_balanced = int(num * (1.0 - settings.floor_fraction))
     if floor_thr < 0:
         # no floor set: the floor_fraction share (if any) is uniform over all negatives, which
         # is the same as topping up the binned picks uniformly
@@ -377,10 +412,10 @@ def iou_balanced_negative_sample(
     max_overlaps: Tensor,
     num: int,
     *,
-    num_bins: int = 3,
-    floor_thr: float = -1.0,
-    floor_fraction: float = 0.0,
-    binning: str = "paper",
+    num_bins: int = SamplingSettings.num_bins,
+    floor_thr: float = SamplingSettings.floor_thr,
+    floor_fraction: float = SamplingSettings.floor_fraction,
+    binning: Binning = SamplingSettings.binning,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """IoU-balanced sampling of negatives (Sec. 3.1, Eq. 2), with mmdetection's floor variant.
@@ -394,8 +429,9 @@ def iou_balanced_negative_sample(
             negatives with IoU below it (``== 0`` exactly when it is 0) in a floor set sampled at
             random, and bins span ``[floor_thr, max]`` over the others.
         floor_fraction: share of ``num`` drawn from the floor set, in ``[0, 1]``.
-        binning: ``"paper"`` or ``"mmdet"``, the bins' layout (see the module docstring);
-            ``"mmdet"`` spans the bins up to the largest of *all* ``max_overlaps``.
+        binning: the bins' layout (see the module docstring): ``"negatives"`` spans them over
+            the binned negatives' own IoU range; ``"all_candidates"`` up to the largest of *all*
+            ``max_overlaps``.
         generator: optional ``torch.Generator``.
     Returns:
         LongTensor[min(num, M)] of distinct entries of ``neg_inds``; all of them when ``M <= num``.
@@ -403,16 +439,15 @@ def iou_balanced_negative_sample(
     _check_index_vector(neg_inds, "neg_inds")
     _check_overlaps(max_overlaps)
     _check_num(num)
-    _check_negative_settings(num_bins, floor_thr, floor_fraction, binning)
+    settings = SamplingSettings(num_bins=num_bins, floor_thr=floor_thr,
+                                floor_fraction=floor_fraction, binning=binning)
 
     neg_inds = neg_inds.long()
     if neg_inds.numel() <= num:
         return neg_inds.clone()
-    range_max = _host(max_overlaps).max() if binning == "mmdet" else None
-    picked = _np_iou_balanced_negative(
-        _host(neg_inds), _host(max_overlaps[neg_inds]), num, num_bins, floor_thr,
-        floor_fraction, generator, neg_inds.device, range_max,
-    )
+    range_max = _host(max_overlaps).max() if binning == "all_candidates" else None
+    picked = _np_iou_balanced_negative(_host(neg_inds), _host(max_overlaps[neg_inds]), num,
+                                       settings, generator, neg_inds.device, range_max)
     return _device_tensor(picked, neg_inds.device)
 
 
@@ -459,38 +494,60 @@ def sample_positives_negatives(
     labels: Tensor,
     max_overlaps: Tensor,
     matched_gt_inds: Tensor,
+    settings: SamplingSettings = SamplingSettings(),
     *,
-    num: int = 512,
-    pos_fraction: float = 0.25,
-    neg_pos_ub: float = -1.0,
-    pos_balance: bool = False,
-    neg_balance: bool = False,
-    num_bins: int = 3,
-    floor_thr: float = -1.0,
-    floor_fraction: float = 0.0,
-    binning: str = "paper",
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Sample the RoI minibatch of one image (Libra R-CNN's combined sampler).
 
-    ``num_pos = min(#pos, int(num * pos_fraction))`` positives (instance-balanced when
-    ``pos_balance``, else random); ``num_neg = num - num_pos``, capped at
-    ``int(neg_pos_ub * max(num_pos, 1))`` when ``neg_pos_ub >= 0``, then at ``#neg``
-    (IoU-balanced when ``neg_balance``, else random; ``binning`` as in
-    :func:`iou_balanced_negative_sample`). Keyword names match
-    ``libra_rcnn.models.config.SamplerConfig``; ``add_gt_as_proposals`` is the detector's job.
+    With ``s = settings``: ``num_pos = min(#pos, int(s.num * s.pos_fraction))`` positives
+    (instance-balanced when ``s.pos_balance``, else random); ``num_neg = s.num - num_pos``,
+    capped at ``int(s.neg_pos_ub * max(num_pos, 1))`` when ``s.neg_pos_ub >= 0``, then at
+    ``#neg`` (IoU-balanced when ``s.neg_balance``, else random; ``s.binning`` as in
+    :func:`iou_balanced_negative_sample`). Ground truths added as proposals are the detector's job.
 
     Args:
         labels: LongTensor[N]; ``>= 1`` positive, ``0`` negative, ``-1`` ignored.
         max_overlaps: FloatTensor[N], largest IoU with any ground truth (0 without ground truth).
         matched_gt_inds: LongTensor[N], matched ground-truth index (read for positives only).
+        settings: :class:`SamplingSettings` (checked when it was made).
     Returns:
         ``(pos_inds, neg_inds)``: disjoint LongTensors of indices into the N candidates, on the
         device of ``labels``.
     """
+    _check_candidates(labels, max_overlaps, matched_gt_inds, settings.neg_balance)
+    device = labels.device
+    num_pos = int(settings.num * settings.pos_fraction)
+    if device.type != "cpu" and not (settings.pos_balance or settings.neg_balance):
+        # accelerator and random only (e.g. RPN anchors, 1e5 per image): stay on the device
+        pos_inds = random_choice(torch.nonzero(labels >= 1).squeeze(1), num_pos, generator)
+        num_neg = _negative_count(settings.num, pos_inds.numel(), settings.neg_pos_ub)
+        neg_inds = random_choice(torch.nonzero(labels == 0).squeeze(1), num_neg, generator)
+        return pos_inds, neg_inds
+
+    # the same host code on every device, so that a seed gives the same samples everywhere
+    host_labels = _host(labels)
+    pos_candidates = np.flatnonzero(host_labels >= 1)
+    if settings.pos_balance:
+        pos_pick = _np_instance_balanced_positive(
+            pos_candidates, _host(matched_gt_inds), num_pos, generator, device)
+    else:
+        pos_pick = _np_random_choice(pos_candidates, num_pos, generator, device)
+    num_neg = _negative_count(settings.num, pos_pick.size, settings.neg_pos_ub)
+    neg_pick = _np_sample_negatives(np.flatnonzero(host_labels == 0), max_overlaps, num_neg,
+                                    settings, generator, device)
+    return _device_tensor(pos_pick, device), _device_tensor(neg_pick, device)
+
+
+def _check_candidates(labels: Tensor, max_overlaps: Tensor, matched_gt_inds: Tensor,
+                      overlaps_read: bool) -> None:
+    """One image's candidates: 1-D integer labels and matches and 1-D overlaps of one length
+    (floating when ``overlaps_read``, i.e. the IoU bins read them)."""
     _check_index_vector(labels, "labels")
     _check_index_vector(matched_gt_inds, "matched_gt_inds")
-    if not isinstance(max_overlaps, Tensor) or max_overlaps.dim() != 1:
+    if overlaps_read:
+        _check_overlaps(max_overlaps)
+    elif not isinstance(max_overlaps, Tensor) or max_overlaps.dim() != 1:
         raise ValueError("max_overlaps must be a 1-D tensor")
     n = labels.numel()
     if max_overlaps.numel() != n or matched_gt_inds.numel() != n:
@@ -498,48 +555,18 @@ def sample_positives_negatives(
             "labels, max_overlaps and matched_gt_inds must have the same length, got "
             f"{n}, {max_overlaps.numel()} and {matched_gt_inds.numel()}"
         )
-    _check_num(num)
-    if not (0.0 <= pos_fraction <= 1.0):
-        raise ValueError(f"pos_fraction must lie in [0, 1], got {pos_fraction!r}")
-    if math.isnan(neg_pos_ub):
-        raise ValueError("neg_pos_ub must not be NaN")
-    # checked even when neg_balance is off, so a bad config fails on every path
-    _check_negative_settings(num_bins, floor_thr, floor_fraction, binning)
-    if neg_balance:
-        _check_overlaps(max_overlaps)  # the bins read the IoUs
 
-    device = labels.device
-    num_pos_expected = int(num * pos_fraction)
-    if device.type != "cpu" and not (pos_balance or neg_balance):
-        # accelerator and random only (e.g. RPN anchors, 1e5 per image): stay on the device
-        pos_inds = random_choice(torch.nonzero(labels >= 1).squeeze(1), num_pos_expected,
-                                 generator)
-        num_neg = _negative_count(num, pos_inds.numel(), neg_pos_ub)
-        neg_inds = random_choice(torch.nonzero(labels == 0).squeeze(1), num_neg, generator)
-        return pos_inds, neg_inds
 
-    # the same host code on every device, so that a seed gives the same samples everywhere
-    host_labels = _host(labels)
-    pos_candidates = np.flatnonzero(host_labels >= 1)
-    neg_candidates = np.flatnonzero(host_labels == 0)
-    if pos_balance:
-        pos_pick = _np_instance_balanced_positive(
-            pos_candidates, _host(matched_gt_inds), num_pos_expected, generator, device
-        )
-    else:
-        pos_pick = _np_random_choice(pos_candidates, num_pos_expected, generator, device)
-
-    num_neg = _negative_count(num, pos_pick.size, neg_pos_ub)
-    if neg_balance and neg_candidates.size > num_neg:
-        host_overlaps = _host(max_overlaps)
-        range_max = host_overlaps.max() if binning == "mmdet" else None
-        neg_pick = _np_iou_balanced_negative(
-            neg_candidates, host_overlaps[neg_candidates], num_neg, num_bins, floor_thr,
-            floor_fraction, generator, device, range_max,
-        )
-    else:
-        neg_pick = _np_random_choice(neg_candidates, num_neg, generator, device)
-    return _device_tensor(pos_pick, device), _device_tensor(neg_pick, device)
+def _np_sample_negatives(neg_candidates: np.ndarray, max_overlaps: Tensor, num: int,
+                         settings: SamplingSettings, generator: Optional[torch.Generator],
+                         device: torch.device) -> np.ndarray:
+    """``num`` of the host candidate negatives, IoU-balanced when ``settings.neg_balance``."""
+    if not settings.neg_balance or neg_candidates.size <= num:
+        return _np_random_choice(neg_candidates, num, generator, device)
+    host_overlaps = _host(max_overlaps)
+    range_max = host_overlaps.max() if settings.binning == "all_candidates" else None
+    return _np_iou_balanced_negative(neg_candidates, host_overlaps[neg_candidates], num,
+                                     settings, generator, device, range_max)
 
 
 def _negative_count(num: int, num_pos: int, neg_pos_ub: float) -> int:
