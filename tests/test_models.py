@@ -625,7 +625,8 @@ def test_heads_without_box_parts_take_torchvisions():
         assert (type(head.box_coder), head.box_coder.weights) == (type(parts.box_coder),
                                                                   parts.box_coder.weights)
         assert head.batched_nms is parts.batched_nms
-    assert rpn.proposal_matcher.high_threshold == 0.7 and roi_heads.box_coder.weights == (10, 10, 5, 5)
+    assert rpn.proposal_matcher.high_threshold == 0.7
+    assert roi_heads.box_coder.weights == (10, 10, 5, 5)
     boxes = torch.tensor([[0.0, 0.0, 5e-3, 5e-3], [0.0, 0.0, 2e-2, 2e-2], [0.0, 0.0, 1.0, 1.0]])
     assert rpn.box_filter(boxes).tolist() == [0, 1, 2]  # >= 1e-3 px
     assert roi_heads.box_filter(boxes).tolist() == [1, 2]  # >= 1e-2 px
@@ -639,7 +640,8 @@ def test_heads_without_box_parts_take_torchvisions():
      r"^rpn_allowed_border must be -1 \(every anchor\) or a number >= 0, got -2.0$"),
     (lambda: ProposalSettings(post_nms_top_n_test=0),
      r"^rpn_post_nms_top_n_test must be a positive int, got 0$"),
-    (lambda: DetectionSettings(score_thresh=1.5), r"^box_score_thresh must lie in \[0, 1\], got 1.5$"),
+    (lambda: DetectionSettings(score_thresh=1.5),
+     r"^box_score_thresh must lie in \[0, 1\], got 1.5$"),
     (lambda: DetectionSettings(detections_per_img=0),
      r"^box_detections_per_img must be a positive int, got 0$"),
 ])

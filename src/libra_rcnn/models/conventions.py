@@ -127,8 +127,8 @@ class TorchvisionConvention:
         foreground, the others background (both conventions' R-CNN rule); deltas coded with
         ``box_coder_weights`` (torchvision's; mmdetection's ``target_stds`` are their
         reciprocals)."""
-        return BoxParts(matcher=Matcher(iou_threshold, iou_threshold, allow_low_quality_matches=False),
-                        box_coder=self.box_coder(box_coder_weights),
+        matcher = Matcher(iou_threshold, iou_threshold, allow_low_quality_matches=False)
+        return BoxParts(matcher=matcher, box_coder=self.box_coder(box_coder_weights),
                         box_filter=self.roi_box_filter(), batched_nms=self.batched_nms)
 
     def retinanet_box_parts(self) -> BoxParts:

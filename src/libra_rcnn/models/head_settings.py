@@ -4,8 +4,9 @@
 * :class:`AnchorSampling` -- which anchors the RPN matches and samples in training;
 * :class:`DetectionSettings` -- how the RoI heads and RetinaNet select their detections.
 
-The defaults are ``ModelConfig``'s, which are torchvision's Faster R-CNN's. Each object is checked once,
-when made: a one-line ``ValueError`` names the ``ModelConfig`` field the value stands for.
+The defaults are ``ModelConfig``'s, which are torchvision's Faster R-CNN's. Each object is
+checked once, when made: a one-line ``ValueError`` names the ``ModelConfig`` field the value
+stands for.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@
 
 Inference is torchvision's ``postprocess_detections`` with the convention's small-box rule and
 batched NMS handed in (with its matcher and box coder, as one :class:`~.box_coder.BoxParts`) and
-the thresholds of a :class:`~.head_settings.DetectionSettings`. Targets are checked once, by the detector
-(:mod:`.validation`).
+the thresholds of a :class:`~.head_settings.DetectionSettings`. Targets are checked once, by the
+detector (:mod:`.validation`).
 """
 
 from __future__ import annotations
