@@ -4,6 +4,7 @@ the Libra switches off, and the effect of each switch (sampler, box loss)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import pytest
@@ -21,7 +22,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from libra_rcnn.models import (
     ARCHS,
+    AnchorSampling,
     BoxLossConfig,
+    DetectionSettings,
     LibraCascadeRCNN,
     LibraFastRCNN,
     LibraFasterRCNN,
@@ -29,7 +32,10 @@ from libra_rcnn.models import (
     LibraRetinaNet,
     LibraRoIHeads,
     LibraRPN,
+    ModelConfig,
+    ProposalSettings,
     SamplerConfig,
+    TorchvisionConvention,
     baseline_model_config,
     build_model,
     libra_model_config,
@@ -431,12 +437,13 @@ def test_balanced_l1_changes_the_roi_box_loss():
 # RPN: neg_pos_ub and the box loss
 
 
-def _rpn(**kwargs):
+def _rpn(neg_pos_ub=-1.0, **kwargs):
     anchor_generator = torchvision_rpn_anchor_generator()
     return LibraRegionProposalNetwork(
         anchor_generator, RPNHead(CHANNELS, 3),
-        pre_nms_top_n={"training": 100, "testing": 100}, post_nms_top_n={"training": 50, "testing": 50},
-        **kwargs)
+        proposals=ProposalSettings(pre_nms_top_n_train=100, pre_nms_top_n_test=100,
+                                   post_nms_top_n_train=50, post_nms_top_n_test=50),
+        sampling=AnchorSampling(neg_pos_ub=neg_pos_ub), **kwargs)
 
 
 def test_rpn_neg_pos_ub_caps_negatives():
@@ -572,3 +579,72 @@ def test_box_loss_config_errors_at_construction():
         _roi_heads(dataclasses.replace(SamplerConfig(), num_bins=0))
     with pytest.raises(ValueError, match="rpn_neg_pos_ub"):
         _rpn(neg_pos_ub=-3.0)
+
+
+def _signature_defaults(cls) -> dict:
+    return {name: p.default for name, p in inspect.signature(cls).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_head_settings_defaults_are_model_configs_and_torchvisions():
+    cfg = ModelConfig()
+    proposals, sampling, detection = ProposalSettings(), AnchorSampling(), DetectionSettings()
+    assert (proposals.pre_nms_top_n_train, proposals.pre_nms_top_n_test,
+            proposals.post_nms_top_n_train, proposals.post_nms_top_n_test) == (
+        cfg.rpn_pre_nms_top_n_train, cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_train,
+        cfg.rpn_post_nms_top_n_test)
+    assert (sampling.batch_size_per_image, sampling.positive_fraction, sampling.neg_pos_ub,
+            sampling.allowed_border) == (cfg.rpn_batch_size_per_image, cfg.rpn_positive_fraction,
+                                         cfg.rpn_neg_pos_ub, cfg.rpn_allowed_border)
+    assert (detection.score_thresh, detection.nms_thresh, detection.detections_per_img) == (
+        cfg.box_score_thresh, cfg.box_nms_thresh, cfg.box_detections_per_img)
+    faster = _signature_defaults(FasterRCNN)
+    assert (proposals.nms_thresh, proposals.score_thresh) == (faster["rpn_nms_thresh"],
+                                                              faster["rpn_score_thresh"])
+    assert (detection.score_thresh, detection.nms_thresh, detection.detections_per_img) == (
+        faster["box_score_thresh"], faster["box_nms_thresh"], faster["box_detections_per_img"])
+    retina = _signature_defaults(RetinaNet)  # its 300 detections per image are not the default
+    assert (detection.score_thresh, detection.nms_thresh) == (retina["score_thresh"],
+                                                              retina["nms_thresh"])
+    assert _signature_defaults(LibraRetinaNet)["topk_candidates"] == retina["topk_candidates"]
+
+
+def test_heads_without_box_parts_take_torchvisions():
+    rpn = _rpn()
+    pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2)
+    roi_heads = LibraRoIHeads(pool, nn.Identity(), nn.Identity())
+    expected = {"rpn": TorchvisionConvention().rpn_box_parts(),
+                "roi": TorchvisionConvention().roi_box_parts()}
+    for name, head in (("rpn", rpn), ("roi", roi_heads)):
+        parts = expected[name]
+        matcher = head.proposal_matcher
+        assert (type(matcher), matcher.high_threshold, matcher.low_threshold,
+                matcher.allow_low_quality_matches) == (
+            type(parts.matcher), parts.matcher.high_threshold, parts.matcher.low_threshold,
+            parts.matcher.allow_low_quality_matches)
+        assert (type(head.box_coder), head.box_coder.weights) == (type(parts.box_coder),
+                                                                  parts.box_coder.weights)
+        assert head.batched_nms is parts.batched_nms
+    assert rpn.proposal_matcher.high_threshold == 0.7
+    assert roi_heads.box_coder.weights == (10, 10, 5, 5)
+    boxes = torch.tensor([[0.0, 0.0, 5e-3, 5e-3], [0.0, 0.0, 2e-2, 2e-2], [0.0, 0.0, 1.0, 1.0]])
+    assert rpn.box_filter(boxes).tolist() == [0, 1, 2]  # >= 1e-3 px
+    assert roi_heads.box_filter(boxes).tolist() == [1, 2]  # >= 1e-2 px
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: AnchorSampling(batch_size_per_image=0),
+     r"^rpn_batch_size_per_image must be a positive int, got 0$"),
+    (lambda: AnchorSampling(positive_fraction=1.5), r"^rpn_positive_fraction must lie in \[0, 1\]"),
+    (lambda: AnchorSampling(allowed_border=-2.0),
+     r"^rpn_allowed_border must be -1 \(every anchor\) or a number >= 0, got -2.0$"),
+    (lambda: ProposalSettings(post_nms_top_n_test=0),
+     r"^rpn_post_nms_top_n_test must be a positive int, got 0$"),
+    (lambda: DetectionSettings(score_thresh=1.5),
+     r"^box_score_thresh must lie in \[0, 1\], got 1.5$"),
+    (lambda: DetectionSettings(detections_per_img=0),
+     r"^box_detections_per_img must be a positive int, got 0$"),
+])
+def test_head_settings_are_checked_when_made(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -18,7 +18,7 @@ from .backbone import (
     fpn_backbone,
     resolve_backbone_weights,
 )
-from .box_coder import MMDetBoxCoder, keep_all_boxes, keep_boxes_at_least, keep_nonempty_boxes, mmdet_batched_nms
+from .box_coder import BoxParts, MMDetBoxCoder, keep_all_boxes, keep_boxes_at_least, keep_nonempty_boxes, mmdet_batched_nms
 from .box_losses import box_regression_loss_sum, check_box_loss_config, check_box_loss_values
 from .builders import (
     ARCHS,
@@ -51,6 +51,7 @@ from .cascade import CascadeRoIHeads, LibraCascadeRCNN, refine_boxes
 from .config import BalancedFeaturePyramidConfig, BoxLossConfig, CascadeConfig, ModelConfig, SamplerConfig
 from .conventions import MMDetConvention, TorchvisionConvention, convention_parts
 from .faster_rcnn import ClassAgnosticPredictor, LibraFastRCNN, LibraFasterRCNN
+from .head_settings import AnchorSampling, DetectionSettings, ProposalSettings
 from .proposals import dump_proposals, load_proposals, select_proposals
 from .matcher import MaxIoUMatcher
 from .retinanet import LibraRetinaNet, LibraRetinaNetHead, LibraRetinaNetRegressionHead, MMDetRetinaNetHead
@@ -63,6 +64,10 @@ from .validation import validate_images, validate_inputs, validate_proposals, va
 
 __all__ = [
     "ARCHS",
+    "AnchorSampling",
+    "BoxParts",
+    "DetectionSettings",
+    "ProposalSettings",
     "FixedStrideAnchorGenerator",
     "FrozenStatsBatchNorm2d",
     "MMDetBoxCoder",

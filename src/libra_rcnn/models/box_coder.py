@@ -12,22 +12,27 @@
   fewer than 10000 boxes, one NMS per class otherwise; torchvision switches at 1000 (CPU) or 5000
   (CUDA) boxes. The two give the same boxes except where float rounding of the offset coordinates
   decides an IoU at the threshold; :func:`mmdet_batched_nms` follows mmdetection exactly.
+
+:class:`BoxParts` groups the four parts a detector head takes from its convention (matcher, box
+coder, small-box rule, batched NMS); ``libra_rcnn.models.conventions`` builds one per head.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import boxes as box_ops
 
 __all__ = [
     "MIN_DETECTION_SIZE",
     "MIN_PROPOSAL_SIZE",
     "BoxFilter",
+    "BoxParts",
     "MMDetBoxCoder",
     "BatchedNMS",
     "keep_all_boxes",
@@ -45,6 +50,24 @@ _MMDET_SPLIT_THRESHOLD = 10000
 #: heads narrower or lower detections.
 MIN_PROPOSAL_SIZE = 1e-3
 MIN_DETECTION_SIZE = 1e-2
+
+
+@dataclass(frozen=True)
+class BoxParts:
+    """The convention's parts of one detector head, handed in together.
+
+    Attributes:
+        matcher: anchor / RoI to ground-truth matcher (``Matcher`` or a subclass).
+        box_coder: delta coder (``BoxCoder`` or :class:`MMDetBoxCoder`).
+        box_filter: ``boxes [N, 4] -> kept indices``, applied to the clipped boxes before NMS;
+            ``None`` keeps every box.
+        batched_nms: ``(boxes, scores, groups, iou) -> kept indices`` by decreasing score.
+    """
+
+    matcher: Matcher
+    box_coder: BoxCoder
+    box_filter: Optional[BoxFilter]
+    batched_nms: BatchedNMS
 
 
 class MMDetBoxCoder(BoxCoder):

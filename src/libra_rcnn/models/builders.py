@@ -44,13 +44,13 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 from torchvision.models import WeightsEnum
-from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.rpn import RPNHead
 
 from ..checks import (check_field_types, check_int_between, check_minus_one_or_non_negative,
                       check_one_of, check_positive_int, check_unit_interval)
 from .backbone import NUM_LEVELS, fpn_backbone, input_normalization
 from .efficientnet import EFFICIENTNET_NAMES, IMAGENET, NORMS as EFFICIENTNET_NORMS
+from .box_coder import BoxParts
 from .box_losses import check_box_loss_values
 from .cascade import CascadeRoIHeads, LibraCascadeRCNN
 from .config import (
@@ -63,6 +63,7 @@ from .config import (
 )
 from .conventions import CONVENTIONS, TorchvisionConvention, convention_parts
 from .faster_rcnn import LibraFastRCNN, LibraFasterRCNN, box_head_and_predictor
+from .head_settings import AnchorSampling, DetectionSettings, ProposalSettings
 from .retinanet import LibraRetinaNet
 from .roi_heads import LibraRoIHeads, sampling_settings
 from .rpn import LibraRegionProposalNetwork, LibraRPN
@@ -380,26 +381,29 @@ def _rpn(cfg: ModelConfig, parts: TorchvisionConvention,
     return LibraRegionProposalNetwork(
         anchor_generator,
         head,
-        pre_nms_top_n={"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
-        post_nms_top_n={"training": cfg.rpn_post_nms_top_n_train,
-                        "testing": cfg.rpn_post_nms_top_n_test},
-        batch_size_per_image=cfg.rpn_batch_size_per_image,
-        positive_fraction=cfg.rpn_positive_fraction,
-        neg_pos_ub=float(cfg.rpn_neg_pos_ub),
-        allowed_border=float(cfg.rpn_allowed_border),
+        proposals=ProposalSettings(pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+                                   pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+                                   post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+                                   post_nms_top_n_test=cfg.rpn_post_nms_top_n_test),
+        sampling=AnchorSampling(batch_size_per_image=cfg.rpn_batch_size_per_image,
+                                positive_fraction=cfg.rpn_positive_fraction,
+                                neg_pos_ub=float(cfg.rpn_neg_pos_ub),
+                                allowed_border=float(cfg.rpn_allowed_border)),
         box_loss=dataclasses.replace(cfg.rpn_box_loss),
-        proposal_matcher=parts.rpn_matcher(),
-        box_coder=parts.box_coder((1.0, 1.0, 1.0, 1.0)),
-        box_filter=parts.rpn_box_filter(),
-        batched_nms=parts.batched_nms,
+        box_parts=parts.rpn_box_parts(),
         generator=generator,
     )
 
 
+def _detection_settings(cfg: ModelConfig) -> DetectionSettings:
+    return DetectionSettings(score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
+                             detections_per_img=cfg.box_detections_per_img)
+
+
 def _roi_heads(cfg: ModelConfig, parts: TorchvisionConvention,
-               generator: Optional[torch.Generator], *, iou_threshold: float = 0.5,
-               box_coder_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0),
+               generator: Optional[torch.Generator], *, box_parts: Optional[BoxParts] = None,
                class_agnostic: bool = False) -> LibraRoIHeads:
+    """Faster R-CNN's RoI heads; ``box_parts`` default: the convention's ``roi_box_parts()``."""
     box_head, box_predictor = box_head_and_predictor(cfg.fpn_channels, cfg.num_classes,
                                                      cfg.representation_size,
                                                      class_agnostic=class_agnostic)
@@ -409,13 +413,8 @@ def _roi_heads(cfg: ModelConfig, parts: TorchvisionConvention,
         box_predictor,
         sampler=dataclasses.replace(cfg.roi_sampler),
         box_loss=dataclasses.replace(cfg.box_loss),
-        score_thresh=cfg.box_score_thresh,
-        nms_thresh=cfg.box_nms_thresh,
-        detections_per_img=cfg.box_detections_per_img,
-        proposal_matcher=Matcher(iou_threshold, iou_threshold, allow_low_quality_matches=False),
-        box_coder=parts.box_coder(box_coder_weights),
-        box_filter=parts.roi_box_filter(),
-        batched_nms=parts.batched_nms,
+        detection=_detection_settings(cfg),
+        box_parts=parts.roi_box_parts() if box_parts is None else box_parts,
         generator=generator,
     )
 
@@ -424,8 +423,9 @@ def _cascade_roi_heads(cfg: ModelConfig, parts: TorchvisionConvention,
                        generator: Optional[torch.Generator]) -> CascadeRoIHeads:
     """One :class:`LibraRoIHeads` per stage, with the stage's IoU threshold and box coder
     (torchvision weights ``1 / std``) and the shared sampler and box loss settings."""
-    stages = [_roi_heads(cfg, parts, generator, iou_threshold=float(threshold),
-                         box_coder_weights=tuple(1.0 / s for s in stds), class_agnostic=True)
+    stages = [_roi_heads(cfg, parts, generator, class_agnostic=True,
+                         box_parts=parts.roi_box_parts(float(threshold),
+                                                       tuple(1.0 / s for s in stds)))
               for threshold, stds in zip(cfg.cascade.iou_thresholds, cfg.cascade.box_coder_stds)]
     return CascadeRoIHeads(stages, cfg.cascade.stage_loss_weights)
 
@@ -443,13 +443,8 @@ def _retinanet(cfg: ModelConfig, parts: TorchvisionConvention, backbone: nn.Modu
         anchor_generator,
         transform,
         num_classes=cfg.num_classes,
-        proposal_matcher=parts.retinanet_matcher(),
-        box_coder=parts.box_coder((1.0, 1.0, 1.0, 1.0)),
-        box_filter=parts.retinanet_box_filter(),
-        batched_nms=parts.batched_nms,
-        score_thresh=cfg.box_score_thresh,
-        nms_thresh=cfg.box_nms_thresh,
-        detections_per_img=cfg.box_detections_per_img,
+        box_parts=parts.retinanet_box_parts(),
+        detection=_detection_settings(cfg),
     )
 
 

@@ -1,9 +1,9 @@
 """Cascade R-CNN (Cai & Vasconcelos, CVPR 2018) from Libra RoI heads, as mmdetection 3.3 runs it.
 
 :class:`CascadeRoIHeads` chains stages, each a :class:`~libra_rcnn.models.roi_heads.LibraRoIHeads`
-with its own box head, class-agnostic box predictor, IoU threshold (its matcher), box coder and
-loss settings (so IoU-balanced sampling and the balanced L1 loss work per stage, each a switch
-as for Faster R-CNN):
+with its own box head, class-agnostic box predictor, box parts (a matcher at its IoU threshold,
+a box coder) and loss settings (so IoU-balanced sampling and the balanced L1 loss work per
+stage, each a switch as for Faster R-CNN):
 
 * training: stage ``k`` matches and samples its RoIs among its input boxes (plus the ground
   truth, with ``add_gt_as_proposals``), computes Fast R-CNN's two losses, weighted by
@@ -64,9 +64,11 @@ class CascadeRoIHeads(nn.Module):
     Args:
         stages: one :class:`LibraRoIHeads` per stage, each with a class-agnostic box predictor
             (``bbox_pred`` of 4 outputs, e.g. ``box_head_and_predictor(..., class_agnostic=True)``)
-            and its own matcher (IoU threshold), box coder, sampler and box loss. The last
-            stage's ``score_thresh``, ``nms_thresh``, ``detections_per_img``, ``box_filter`` and
-            ``batched_nms`` post-process the detections.
+            and its own box parts (matcher at its IoU threshold, box coder: e.g.
+            ``convention.roi_box_parts(iou_threshold, box_coder_weights)``), sampler and box
+            loss. The last stage's detection settings (``score_thresh``, ``nms_thresh``,
+            ``detections_per_img``) and box parts (``box_filter``, ``batched_nms``)
+            post-process the detections.
         stage_loss_weights: one weight per stage for both of its losses.
 
     ``forward(features, proposals, image_shapes, targets=None)``: torchvision's ``RoIHeads``

@@ -1,7 +1,9 @@
 """The two conventions a detector can follow, as the parts that differ.
 
 ``ModelConfig.convention`` names one; :func:`convention_parts` returns the object that builds its
-parts, and :func:`libra_rcnn.models.build_model` hands them to the detectors. Side by side:
+parts, and :func:`libra_rcnn.models.build_model` hands them to the detectors (each head's matcher,
+box coder, small-box rule and batched NMS as one :class:`~.box_coder.BoxParts`; a head given
+none takes torchvision's). Side by side:
 
 ======================  ==================================  ==================================
 part                    ``"torchvision"``                   ``"mmdet"``
@@ -54,6 +56,7 @@ from .box_coder import (
     MIN_PROPOSAL_SIZE,
     BatchedNMS,
     BoxFilter,
+    BoxParts,
     MMDetBoxCoder,
     keep_all_boxes,
     keep_boxes_at_least,
@@ -111,6 +114,28 @@ class TorchvisionConvention:
 
     def retinanet_box_filter(self) -> Optional[BoxFilter]:
         return None
+
+    def rpn_box_parts(self) -> BoxParts:
+        """The RPN's matcher, box coder (weights 1), small-proposal rule and batched NMS."""
+        return BoxParts(matcher=self.rpn_matcher(), box_coder=self.box_coder((1.0, 1.0, 1.0, 1.0)),
+                        box_filter=self.rpn_box_filter(), batched_nms=self.batched_nms)
+
+    def roi_box_parts(self, iou_threshold: float = 0.5,
+                      box_coder_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+                      ) -> BoxParts:
+        """The RoI heads' parts: RoIs of IoU ``>= iou_threshold`` with a ground truth are
+        foreground, the others background (both conventions' R-CNN rule); deltas coded with
+        ``box_coder_weights`` (torchvision's; mmdetection's ``target_stds`` are their
+        reciprocals)."""
+        matcher = Matcher(iou_threshold, iou_threshold, allow_low_quality_matches=False)
+        return BoxParts(matcher=matcher, box_coder=self.box_coder(box_coder_weights),
+                        box_filter=self.roi_box_filter(), batched_nms=self.batched_nms)
+
+    def retinanet_box_parts(self) -> BoxParts:
+        """RetinaNet's matcher, box coder (weights 1), small-box rule and batched NMS."""
+        return BoxParts(matcher=self.retinanet_matcher(),
+                        box_coder=self.box_coder((1.0, 1.0, 1.0, 1.0)),
+                        box_filter=self.retinanet_box_filter(), batched_nms=self.batched_nms)
 
     def init_weights(self, model: nn.Module) -> None:
         """torchvision's modules initialise themselves."""

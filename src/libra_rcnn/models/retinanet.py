@@ -12,9 +12,10 @@ Two heads, one per convention:
   channel ``l - 1``) and both losses summed over the batch and divided by the batch's number of
   foreground anchors (at least 1).
 
-:class:`LibraRetinaNet` takes its parts built (backbone, head, anchor generator, transform,
-matcher, box coder, small-box rule, batched NMS); ``build_model`` assembles them from a
-``ModelConfig``.
+:class:`LibraRetinaNet` takes its parts built (backbone, head, anchor generator, transform, and
+the matcher, box coder, small-box rule and batched NMS as one :class:`~.box_coder.BoxParts`) and
+its post-processing thresholds as a :class:`~.head_settings.DetectionSettings`;
+``build_model`` assembles them from a ``ModelConfig``.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import sigmoid_focal_loss
 
-from .box_coder import BatchedNMS, BoxFilter
+from .box_coder import BoxParts
 from .box_losses import box_regression_loss_sum, check_box_loss_config
 from .config import BoxLossConfig, default_retina_box_loss
+from .head_settings import DetectionSettings
 from .validation import validate_inputs
 
 __all__ = [
@@ -163,11 +165,15 @@ class LibraRetinaNet(RetinaNet):
         anchor_generator: anchors on P3-P7.
         transform: resizes, normalises and batches the images and maps the detections back.
         num_classes: classes including background (labels in ``[1, num_classes)``).
-        proposal_matcher: anchor matcher (default torchvision's ``Matcher(0.5, 0.4, True)``).
-        box_coder: delta coder (default ``BoxCoder((1, 1, 1, 1))``); also the head's.
-        box_filter: ``boxes [N, 4] -> kept indices`` before NMS (default: keep all, torchvision).
-        batched_nms: ``(boxes, scores, labels, iou) -> kept indices`` (default torchvision's).
-        score_thresh, nms_thresh, detections_per_img, topk_candidates: as torchvision's.
+        box_parts: :class:`BoxParts`: anchor matcher, delta coder (also the head's), the rule
+            applied to the decoded boxes before NMS, batched NMS (default torchvision's,
+            ``TorchvisionConvention().retinanet_box_parts()``: ``Matcher(0.5, 0.4, True)``,
+            ``BoxCoder((1, 1, 1, 1))``, every box kept, torchvision's batched NMS).
+        detection: :class:`DetectionSettings` (default: score above 0.05 and NMS at 0.5, as
+            torchvision's; 100 detections per image, as mmdetection's and ``ModelConfig``'s,
+            where torchvision's RetinaNet keeps 300).
+        topk_candidates: the best (anchor, class) scores kept per level before NMS, as
+            torchvision's.
     """
 
     def __init__(
@@ -178,26 +184,26 @@ class LibraRetinaNet(RetinaNet):
         transform: GeneralizedRCNNTransform,
         *,
         num_classes: int,
-        proposal_matcher: Optional[Matcher] = None,
-        box_coder: Optional[BoxCoder] = None,
-        box_filter: Optional[BoxFilter] = None,
-        batched_nms: Optional[BatchedNMS] = None,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        detections_per_img: int = 100,
+        box_parts: Optional[BoxParts] = None,
+        detection: Optional[DetectionSettings] = None,
         topk_candidates: int = 1000,
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2 (background included), got {num_classes!r}")
+        if box_parts is None:
+            from .conventions import TorchvisionConvention  # it imports this module's heads
+
+            box_parts = TorchvisionConvention().retinanet_box_parts()
+        detection = DetectionSettings() if detection is None else detection
         super().__init__(backbone, num_classes, anchor_generator=anchor_generator, head=head,
-                         proposal_matcher=proposal_matcher, score_thresh=score_thresh,
-                         nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+                         proposal_matcher=box_parts.matcher, score_thresh=detection.score_thresh,
+                         nms_thresh=detection.nms_thresh,
+                         detections_per_img=detection.detections_per_img,
                          topk_candidates=topk_candidates)
         self.transform = transform
-        if box_coder is not None:
-            self.box_coder = head.regression_head.box_coder = box_coder
-        self.box_filter = box_filter
-        self.batched_nms = box_ops.batched_nms if batched_nms is None else batched_nms
+        self.box_coder = head.regression_head.box_coder = box_parts.box_coder
+        self.box_filter = box_parts.box_filter
+        self.batched_nms = box_parts.batched_nms
         self.num_classes = num_classes
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None) -> Any:

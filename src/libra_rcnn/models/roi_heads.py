@@ -13,8 +13,9 @@
   sampled positives divided by the number of sampled RoIs.
 
 Inference is torchvision's ``postprocess_detections`` with the convention's small-box rule and
-batched NMS handed in (:mod:`.box_coder`). Targets are checked once, by the detector
-(:mod:`.validation`).
+batched NMS handed in (with its matcher and box coder, as one :class:`~.box_coder.BoxParts`) and
+the thresholds of a :class:`~.head_settings.DetectionSettings`. Targets are checked once, by the
+detector (:mod:`.validation`).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from torchvision.ops import boxes as box_ops
 
 from ..checks import check_positive_int
 from ..ops.iou_balanced_sampler import SamplingSettings, sample_positives_negatives
-from .box_coder import MIN_DETECTION_SIZE, BatchedNMS, BoxFilter, keep_boxes_at_least
+from .box_coder import BoxParts
 from .box_losses import box_regression_loss_sum, check_box_loss_config
 from .config import BoxLossConfig, SamplerConfig
+from .conventions import TorchvisionConvention
+from .head_settings import DetectionSettings
 
 __all__ = ["LibraRoIHeads", "check_sampler_config", "fastrcnn_loss", "match_proposals",
            "sampling_settings"]
@@ -127,13 +130,13 @@ class LibraRoIHeads(RoIHeads):
         box_roi_pool, box_head, box_predictor: as torchvision's ``RoIHeads``.
         sampler: :class:`SamplerConfig` (``num`` RoIs per image, ``pos_fraction``, balancing).
         box_loss: :class:`BoxLossConfig` of the localisation loss.
-        score_thresh, nms_thresh, detections_per_img: inference post-processing.
-        proposal_matcher: RoI-to-ground-truth matcher (default ``Matcher(0.5, 0.5)``, the same
-            rule as mmdetection's R-CNN assigner).
-        box_coder: delta coder (default torchvision's ``BoxCoder((10, 10, 5, 5))``).
-        box_filter: ``boxes [N, 4] -> kept indices`` applied to the scored detections before NMS
-            (default torchvision's: width and height ``>= MIN_DETECTION_SIZE``, 1e-2 px).
-        batched_nms: ``(boxes, scores, labels, iou) -> kept indices`` (default torchvision's).
+        detection: :class:`DetectionSettings` of the inference post-processing (default: score
+            above 0.05, NMS at 0.5, 100 detections per image).
+        box_parts: :class:`BoxParts`: RoI matcher, delta coder, the rule applied to the scored
+            detections before NMS, batched NMS (default torchvision's,
+            ``TorchvisionConvention().roi_box_parts()``: ``Matcher(0.5, 0.5)``, the same rule as
+            mmdetection's R-CNN assigner; ``BoxCoder((10, 10, 5, 5))``; width and height
+            ``>= MIN_DETECTION_SIZE``, 1e-2 px; torchvision's batched NMS).
         generator: optional ``torch.Generator`` for the RoI sampling.
     """
 
@@ -145,25 +148,21 @@ class LibraRoIHeads(RoIHeads):
         *,
         sampler: Optional[SamplerConfig] = None,
         box_loss: Optional[BoxLossConfig] = None,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        detections_per_img: int = 100,
-        proposal_matcher: Optional[det_utils.Matcher] = None,
-        box_coder: Optional[det_utils.BoxCoder] = None,
-        box_filter: Optional[BoxFilter] = None,
-        batched_nms: Optional[BatchedNMS] = None,
+        detection: Optional[DetectionSettings] = None,
+        box_parts: Optional[BoxParts] = None,
         generator: Optional[torch.Generator] = None,
     ) -> None:
         sampler = SamplerConfig() if sampler is None else sampler
         sampling = sampling_settings(sampler)
+        detection = DetectionSettings() if detection is None else detection
+        box_parts = TorchvisionConvention().roi_box_parts() if box_parts is None else box_parts
         super().__init__(box_roi_pool, box_head, box_predictor, 0.5, 0.5, sampler.num,
-                         sampler.pos_fraction, None, score_thresh, nms_thresh, detections_per_img)
-        if proposal_matcher is not None:
-            self.proposal_matcher = proposal_matcher
-        if box_coder is not None:
-            self.box_coder = box_coder
-        self.box_filter = keep_boxes_at_least(MIN_DETECTION_SIZE) if box_filter is None else box_filter
-        self.batched_nms = box_ops.batched_nms if batched_nms is None else batched_nms
+                         sampler.pos_fraction, None, detection.score_thresh, detection.nms_thresh,
+                         detection.detections_per_img)
+        self.proposal_matcher = box_parts.matcher
+        self.box_coder = box_parts.box_coder
+        self.box_filter = box_parts.box_filter
+        self.batched_nms = box_parts.batched_nms
         self.sampler = sampler
         self.sampling = sampling
         self.box_loss = check_box_loss_config(BoxLossConfig() if box_loss is None else box_loss, "box_loss")
@@ -249,8 +248,9 @@ class LibraRoIHeads(RoIHeads):
             labels, scores = labels[:, 1:].reshape(-1), scores[:, 1:].reshape(-1)
             keep = torch.where(scores > self.score_thresh)[0]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = self.box_filter(boxes)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            if self.box_filter is not None:
+                keep = self.box_filter(boxes)
+                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = self.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
             all_boxes.append(boxes[keep])
             all_scores.append(scores[keep])

@@ -7,11 +7,13 @@
   positive, 5 in mmdetection's Libra Faster R-CNN) drawing from a generator the module owns;
 * mmdetection's ``allowed_border`` (``>= 0``): only anchors inside the image, up to that many
   pixels beyond it, are matched and sampled in training (``-1``: every anchor, as torchvision);
+  both are fields of :class:`~.head_settings.AnchorSampling`;
 * a configurable box loss (``smooth_l1`` with ``beta = 1/9`` as torchvision, ``l1`` as
   mmdetection, or the balanced L1 loss of Sec. 3.3), normalised as both do: the sum over the
   coordinates of the sampled positive anchors divided by the number of sampled anchors;
-* the convention's parts handed in: anchor generator, matcher, box coder, the small-proposal rule
-  and the batched NMS (:mod:`.conventions` builds both sets);
+* the convention's parts handed in: the anchor generator, and the matcher, box coder,
+  small-proposal rule and batched NMS as one :class:`~.box_coder.BoxParts` (:mod:`.conventions`
+  builds both sets);
 * :meth:`~LibraRegionProposalNetwork.propose`, which also returns the proposals' objectness
   scores (torchvision's ``forward`` drops them), for RPN-only models and proposal dumping.
 
@@ -26,18 +28,18 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 
-from ..checks import check_minus_one_or_non_negative, check_positive_int, check_unit_interval
 from ..ops.iou_balanced_sampler import SamplingSettings, sample_positives_negatives
-from .box_coder import MIN_PROPOSAL_SIZE, BatchedNMS, BoxFilter, keep_boxes_at_least
+from .box_coder import BoxParts
 from .box_losses import box_regression_loss_sum, check_box_loss_config
 from .config import BoxLossConfig, default_rpn_box_loss
+from .conventions import TorchvisionConvention
+from .head_settings import AnchorSampling, ProposalSettings
 from .validation import validate_inputs
 
 __all__ = ["LibraRegionProposalNetwork", "LibraRPN"]
@@ -48,22 +50,14 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
 
     Args:
         anchor_generator, head: as torchvision's ``RegionProposalNetwork``.
-        pre_nms_top_n, post_nms_top_n: ``{"training": int, "testing": int}`` (pre: per level).
-        batch_size_per_image, positive_fraction: anchors sampled per image (256 / 0.5).
-        neg_pos_ub: when ``>= 0``, sample at most ``int(neg_pos_ub * max(num_pos, 1))``
-            negatives per image; ``-1`` disables the cap (torchvision's behaviour).
-        allowed_border: when ``>= 0``, training matches and samples only the anchors with
-            ``x1, y1 >= -allowed_border`` and ``x2 < width + allowed_border``, ``y2 < height +
-            allowed_border`` (the resized image's size); the others are ignored. ``-1``: every
-            anchor (torchvision's behaviour).
-        nms_thresh, score_thresh: proposal post-processing.
+        proposals: :class:`ProposalSettings` (default: torchvision's 2000 / 1000 per level before
+            NMS, 2000 / 1000 after, in training / at inference; NMS at 0.7).
+        sampling: :class:`AnchorSampling` (default: 256 anchors per image, half positive, no
+            negative cap, every anchor, as torchvision).
         box_loss: :class:`BoxLossConfig` of the anchor regression loss (default smooth L1, 1/9).
-        proposal_matcher: anchor-to-ground-truth matcher (default torchvision's
-            ``Matcher(0.7, 0.3, allow_low_quality_matches=True)``).
-        box_coder: delta coder (default torchvision's ``BoxCoder((1, 1, 1, 1))``).
-        box_filter: ``boxes [N, 4] -> kept indices`` applied to clipped proposals before NMS
-            (default torchvision's: width and height ``>= 1e-3``).
-        batched_nms: ``(boxes, scores, levels, iou) -> kept indices`` (default torchvision's).
+        box_parts: :class:`BoxParts`: anchor matcher, delta coder, the rule applied to clipped
+            proposals before NMS, batched NMS (default torchvision's:
+            ``TorchvisionConvention().rpn_box_parts()``).
         generator: optional ``torch.Generator`` for the anchor sampling (``None``: global RNG).
     """
 
@@ -72,42 +66,30 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         anchor_generator: AnchorGenerator,
         head: nn.Module,
         *,
-        pre_nms_top_n: dict[str, int],
-        post_nms_top_n: dict[str, int],
-        batch_size_per_image: int = 256,
-        positive_fraction: float = 0.5,
-        neg_pos_ub: float = -1.0,
-        allowed_border: float = -1.0,
-        nms_thresh: float = 0.7,
-        score_thresh: float = 0.0,
+        proposals: Optional[ProposalSettings] = None,
+        sampling: Optional[AnchorSampling] = None,
         box_loss: Optional[BoxLossConfig] = None,
-        proposal_matcher: Optional[Matcher] = None,
-        box_coder: Optional[BoxCoder] = None,
-        box_filter: Optional[BoxFilter] = None,
-        batched_nms: Optional[BatchedNMS] = None,
+        box_parts: Optional[BoxParts] = None,
         generator: Optional[torch.Generator] = None,
     ) -> None:
-        check_positive_int(batch_size_per_image, "rpn_batch_size_per_image")
-        check_unit_interval(positive_fraction, "rpn_positive_fraction")
-        check_minus_one_or_non_negative(neg_pos_ub, "rpn_neg_pos_ub", "no cap")
-        check_minus_one_or_non_negative(allowed_border, "rpn_allowed_border", "every anchor")
-        for key in ("training", "testing"):
-            check_positive_int(pre_nms_top_n.get(key), f"rpn_pre_nms_top_n[{key!r}]")
-            check_positive_int(post_nms_top_n.get(key), f"rpn_post_nms_top_n[{key!r}]")
-        super().__init__(anchor_generator, head, 0.7, 0.3, batch_size_per_image, positive_fraction,
-                         pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh=score_thresh)
-        if proposal_matcher is not None:
-            self.proposal_matcher = proposal_matcher
-        if box_coder is not None:
-            self.box_coder = box_coder
-        self.box_filter = keep_boxes_at_least(MIN_PROPOSAL_SIZE) if box_filter is None else box_filter
-        self.batched_nms = box_ops.batched_nms if batched_nms is None else batched_nms
+        proposals = ProposalSettings() if proposals is None else proposals
+        sampling = AnchorSampling() if sampling is None else sampling
+        box_parts = TorchvisionConvention().rpn_box_parts() if box_parts is None else box_parts
+        super().__init__(anchor_generator, head, 0.7, 0.3, sampling.batch_size_per_image,
+                         sampling.positive_fraction, proposals.pre_nms_top_n,
+                         proposals.post_nms_top_n, proposals.nms_thresh,
+                         score_thresh=proposals.score_thresh)
+        self.proposal_matcher = box_parts.matcher
+        self.box_coder = box_parts.box_coder
+        self.box_filter = box_parts.box_filter
+        self.batched_nms = box_parts.batched_nms
         self.box_loss = check_box_loss_config(
             default_rpn_box_loss() if box_loss is None else box_loss, "rpn_box_loss")
-        # random anchors (the IoU-balanced parts are off), checked above
-        self.sampling = SamplingSettings(num=batch_size_per_image, pos_fraction=positive_fraction,
-                                         neg_pos_ub=float(neg_pos_ub))
-        self.allowed_border = float(allowed_border)
+        # random anchors (the IoU-balanced parts are off), checked by AnchorSampling
+        self.sampling = SamplingSettings(num=sampling.batch_size_per_image,
+                                         pos_fraction=sampling.positive_fraction,
+                                         neg_pos_ub=float(sampling.neg_pos_ub))
+        self.allowed_border = float(sampling.allowed_border)
         self.generator = generator
 
     @property
@@ -222,8 +204,9 @@ class LibraRegionProposalNetwork(RegionProposalNetwork):
         for boxes, scores, level, shape in zip(proposals[batch, top_n], scores_all,
                                                levels[batch, top_n], image_shapes):
             boxes = box_ops.clip_boxes_to_image(boxes, shape)
-            keep = self.box_filter(boxes)
-            boxes, scores, level = boxes[keep], scores[keep], level[keep]
+            if self.box_filter is not None:
+                keep = self.box_filter(boxes)
+                boxes, scores, level = boxes[keep], scores[keep], level[keep]
             keep = torch.where(scores >= self.score_thresh)[0]  # >=, as torchvision
             boxes, scores, level = boxes[keep], scores[keep], level[keep]
             keep = self.batched_nms(boxes, scores, level, self.nms_thresh)[: self.post_nms_top_n()]
