@@ -331,7 +331,6 @@ def test_speed_benchmark_smoke_run(tmp_path):
     assert rows["train", "cascade_rcnn"]["versus"] == "faster_rcnn"
     assert rows["infer", "libra_cascade_rcnn"]["versus"] == "libra_faster_rcnn"
     assert all(r["median_ms"] > 0 and r["ratio_vs_faster"] > 0 for r in rows.values())
-    assert rows["train", "faster_rcnn"]["ratio_vs_faster"] == 1.0
     assert len(rows["train", "cascade_rcnn"]["rois_per_stage"]) == 3
     assert len(rows["train", "faster_rcnn"]["rois_per_stage"]) == 1
 
