@@ -636,3 +636,24 @@ def test_cascade_rows_compare_with_the_faster_rcnn_of_their_kind(acc):
     cfg = acc.row_config(libra, (), "bccd", "pretrained")
     assert cfg.model.arch == "cascade_rcnn" and cfg.model.bfp.enabled
     assert cfg.model.box_loss.kind == "balanced_l1" and cfg.model.roi_sampler.neg_balance
+
+
+def _table_cells(markdown: str) -> list:
+    """The data rows of every table in ``markdown``, each without its first (label) cell."""
+    rows = []
+    for line in markdown.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] not in ("Method", "") and set(cells[1]) != {"-"}:
+            rows.append(tuple(cells[1:]))
+    return rows
+
+
+def test_docs_fine_tuned_tables_are_the_committed_results(acc):
+    """Every number of the fine-tuned BCCD tables in docs/benchmarks.md is the benchmark's own
+    rendering of the committed results file (labels may be shortened in the docs)."""
+    report = json.loads((REPO_ROOT / "benchmarks/results/accuracy_bccd_pretrained_cpu.json")
+                        .read_text())
+    rendered = _table_cells(acc._markdown(report))
+    docs = set(_table_cells((REPO_ROOT / "docs/benchmarks.md").read_text()))
+    assert len(rendered) >= 5  # two methods in the AP and per-class tables, one gain row
+    assert [row for row in rendered if row not in docs] == []
