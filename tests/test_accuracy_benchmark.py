@@ -650,10 +650,12 @@ def _table_cells(markdown: str) -> list:
 
 def test_docs_fine_tuned_tables_are_the_committed_results(acc):
     """Every number of the fine-tuned BCCD tables in docs/benchmarks.md is the benchmark's own
-    rendering of the committed results file (labels may be shortened in the docs)."""
+    rendering of the committed results file."""
     report = json.loads((REPO_ROOT / "benchmarks/results/accuracy_bccd_pretrained_cpu.json")
                         .read_text())
-    rendered = _table_cells(acc._markdown(report))
+    # the docs name the last Table-2 row by its detector only
+    rendered = _table_cells(acc._markdown(report).replace(
+        "+ balanced L1 loss = Libra Faster R-CNN", "Libra Faster R-CNN"))
     docs = set(_table_cells((REPO_ROOT / "docs/benchmarks.md").read_text()))
-    assert len(rendered) >= 5  # two methods in the AP and per-class tables, one gain row
+    assert len(rendered) >= 5  # two methods in the AP and per-class tables, one gain row at least
     assert [row for row in rendered if row not in docs] == []
