@@ -643,7 +643,8 @@ def _table_cells(markdown: str) -> list:
     rows = []
     for line in markdown.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] not in ("Method", "") and set(cells[1]) != {"-"}:
+        if (line.startswith("|") and len(cells) > 1 and cells[0] not in ("Method", "")
+                and set(cells[1]) != {"-"}):
             rows.append(tuple(cells[1:]))
     return rows
 
