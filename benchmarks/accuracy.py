@@ -658,17 +658,16 @@ def _gain_cell(gain: Optional[dict], spread: str) -> str:
     return cell
 
 
-def _markdown(report: dict) -> str:
+_SPREAD_WORDS = {"half_range": "half the range", "std": "the sample standard deviation"}
+
+
+def _header_lines(report: dict) -> list[str]:
     settings, data = report["settings"], report["data"]
     seeds = settings["seeds"] + settings["more_seeds"]
-    spread = settings["spread"]
-    spread_words = {"half_range": "half the range", "std": "the sample standard deviation"}[spread]
-    title = report["dataset"]["title"]
-    test_name = f"`{report['dataset']['key']}/test`"
-    lines = [
-        f"# Accuracy on real photos: {title}, "
-        + {"pretrained": "fine-tuned from ImageNet-pretrained EfficientNet-Lite0",
-           "scratch": "trained from scratch"}[settings.get("regime", "scratch")],
+    regime = {"pretrained": "fine-tuned from ImageNet-pretrained EfficientNet-Lite0",
+              "scratch": "trained from scratch"}[settings.get("regime", "scratch")]
+    return [
+        f"# Accuracy on real photos: {report['dataset']['title']}, {regime}",
         "",
         f"Command: `{report['command']}`  ",
         f"Commit: `{report['git']['commit']}`"
@@ -677,17 +676,19 @@ def _markdown(report: dict) -> str:
         f"{settings['recipe']}, torch threads: {settings['threads'] or 'default'}"
         + ("; **smoke run: the numbers mean nothing**" if settings["smoke"] else ""),
         "",
-        f"COCO bbox metrics on {test_name} ({data['test_images']} images, "
-        f"{data['test_boxes']} boxes), x100. Cells: mean ± {spread_words} over the "
-        f"seeds done (column `seeds`; of {seeds} requested), a single value where only one "
-        f"is done; `-`: undefined (pycocotools' -1, no ground truth in that size range). "
+        f"COCO bbox metrics on `{report['dataset']['key']}/test` ({data['test_images']} images, "
+        f"{data['test_boxes']} boxes), x100. Cells: mean ± {_SPREAD_WORDS[settings['spread']]} "
+        f"over the seeds done (column `seeds`; of {seeds} requested), a single value where only "
+        f"one is done; `-`: undefined (pycocotools' -1, no ground truth in that size range). "
         f"ΔAP, ΔAP75: the row's AP (AP75) minus its family baseline's, paired by seed.",
         "",
-        "| Method | seeds | AP | AP50 | AP75 | APs | APm | APl | ΔAP | ΔAP75 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    done = [row for row in report["rows"] if row["per_seed"]]
-    for row in report["rows"]:
+
+
+def _metrics_table(rows: Sequence[dict], spread: str) -> list[str]:
+    lines = ["| Method | seeds | AP | AP50 | AP75 | APs | APm | APl | ΔAP | ΔAP75 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
         n = len(row["per_seed"])
         if n == 0:
             lines.append(f"| {row['name']} | 0 | " + " | ".join(["not yet run"] * 6) + " | | |")
@@ -696,73 +697,98 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {row['name']} | {n} | " + " | ".join(cells)
                      + f" | {_gain_cell(row['delta_AP'], spread)}"
                      + f" | {_gain_cell(row.get('delta_AP75'), spread)} |")
+    return lines
+
+
+def _class_table(done: Sequence[dict], data: Mapping[str, Any], spread: str) -> list[str]:
     classes = data["classes"]
-    if done:
-        lines += [
-            "",
-            f"Per-class AP (x100, mean ± {spread_words}; test boxes: "
-            + ", ".join(f"{c} {data['test_boxes_per_class'][c]}" for c in classes)
-            + "); ΔAP per class against the family baseline, paired by seed:",
-            "",
-            "| Method | seeds | " + " | ".join(f"AP {c}" for c in classes) + " | "
-            + " | ".join(f"ΔAP {c}" for c in classes) + " |",
-            "|---|---|" + "---|" * (2 * len(classes)),
-        ]
-        for row in done:
-            n = len(row["per_seed"])
-            cells = [format_cell(row["stats_per_class"][c]["AP"], num_seeds=n, spread=spread)
-                     for c in classes]
-            gains = [_gain_cell((row["delta_AP_per_class"] or {}).get(c), spread)
-                     for c in classes]
-            lines.append(f"| {row['name']} | {n} | " + " | ".join(cells + gains) + " |")
-        lines += ["", "Paired AP gains (x100), seed by seed; the mean's 95 % confidence interval "
-                      "by Student's t (n - 1 degrees of freedom):", "",
-                  "| Method | against | gain per seed | mean ± std | 95 % interval | "
-                  "every gain > 0 |",
-                  "|---|---|---|---|---|---|"]
-        by_key = {row["key"]: row for row in report["rows"]}
-        for row in done:
-            for other_key, gain in ((row["baseline"], row["delta_AP"]),
-                                    (row.get("partner"), row.get("delta_AP_partner"))):
-                if gain is None:
-                    continue
-                per_seed = ", ".join(f"{100 * g:+.1f} (seed {s})"
-                                     for s, g in zip(gain["seeds"], gain["gains"]))
-                std = "" if gain["std"] is None else f" ± {100 * gain['std']:.1f}"
-                interval = "" if gain.get("ci95") is None else \
-                    f"[{100 * gain['ci95'][0]:+.1f}, {100 * gain['ci95'][1]:+.1f}]"
-                lines.append(f"| {row['name']} | {by_key[other_key]['name']} | {per_seed} | "
-                             f"{100 * gain['mean']:+.1f}{std} | {interval} | "
-                             f"{'yes' if gain['all_positive'] else 'no'} |")
-    lines.append("")
-    changed = {split: conv for split, conv in data["conversion"].items()
-               if conv["dropped_empty_boxes"] or conv["clipped_boxes"] or conv["skipped_files"]
-               or conv["dropped_degenerate_boxes"]}
-    for split, conv in changed.items():
-        degenerate = "; ".join(f"{d['image']} {d['category']} {d['bbox']}"
-                               for d in conv["dropped_degenerate_boxes"])
+    lines = [
+        "",
+        f"Per-class AP (x100, mean ± {_SPREAD_WORDS[spread]}; test boxes: "
+        + ", ".join(f"{c} {data['test_boxes_per_class'][c]}" for c in classes)
+        + "); ΔAP per class against the family baseline, paired by seed:",
+        "",
+        "| Method | seeds | " + " | ".join(f"AP {c}" for c in classes) + " | "
+        + " | ".join(f"ΔAP {c}" for c in classes) + " |",
+        "|---|---|" + "---|" * (2 * len(classes)),
+    ]
+    for row in done:
+        n = len(row["per_seed"])
+        cells = [format_cell(row["stats_per_class"][c]["AP"], num_seeds=n, spread=spread)
+                 for c in classes]
+        gains = [_gain_cell((row["delta_AP_per_class"] or {}).get(c), spread) for c in classes]
+        lines.append(f"| {row['name']} | {n} | " + " | ".join(cells + gains) + " |")
+    return lines
+
+
+def _gains_table(done: Sequence[dict], rows: Sequence[dict]) -> list[str]:
+    """Each row's paired AP gains against its baseline and its partner, seed by seed."""
+    lines = ["", "Paired AP gains (x100), seed by seed; the mean's 95 % confidence interval "
+                 "by Student's t (n - 1 degrees of freedom):", "",
+             "| Method | against | gain per seed | mean ± std | 95 % interval | every gain > 0 |",
+             "|---|---|---|---|---|---|"]
+    names = {row["key"]: row["name"] for row in rows}
+    for row in done:
+        for other_key, gain in ((row["baseline"], row["delta_AP"]),
+                                (row.get("partner"), row.get("delta_AP_partner"))):
+            if gain is None:
+                continue
+            per_seed = ", ".join(f"{100 * g:+.1f} (seed {s})"
+                                 for s, g in zip(gain["seeds"], gain["gains"]))
+            std = "" if gain["std"] is None else f" ± {100 * gain['std']:.1f}"
+            interval = "" if gain.get("ci95") is None else \
+                f"[{100 * gain['ci95'][0]:+.1f}, {100 * gain['ci95'][1]:+.1f}]"
+            lines.append(f"| {row['name']} | {names[other_key]} | {per_seed} | "
+                         f"{100 * gain['mean']:+.1f}{std} | {interval} | "
+                         f"{'yes' if gain['all_positive'] else 'no'} |")
+    return lines
+
+
+def _conversion_lines(conversion: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per split whose conversion dropped, clipped or skipped anything."""
+    lines = []
+    for split, conv in conversion.items():
+        degenerate = conv["dropped_degenerate_boxes"]
+        if not (conv["dropped_empty_boxes"] or conv["clipped_boxes"] or conv["skipped_files"]
+                or degenerate):
+            continue
+        listed = "; ".join(f"{d['image']} {d['category']} {d['bbox']}" for d in degenerate)
         lines.append(f"Conversion of {split}: {conv['dropped_empty_boxes']} empty box(es) "
-                     f"dropped, {len(conv['dropped_degenerate_boxes'])} degenerate box(es) "
+                     f"dropped, {len(degenerate)} degenerate box(es) "
                      f"(at most 1 px wide or high) dropped"
-                     + (f" ({degenerate})" if degenerate else "")
+                     + (f" ({listed})" if listed else "")
                      + f", {conv['clipped_boxes']} clipped to the image, "
                      f"{len(conv['skipped_files'])} file(s) skipped.")
-    if changed:
-        lines.append("")
-    hist = report.get("iou_histogram")
-    if hist:
-        from libra_rcnn.analysis.iou_distribution import SERIES_LABELS
+    return lines + [""] if lines else []
 
-        shares = ", ".join(f"{SERIES_LABELS.get(name, name)} {100 * v:.0f}%"
-                           for name, v in hist["share_above"].items())
-        lines += [
-            f"IoU of sampled negatives (Figure 3), seed-{hist['seed']} Libra Faster R-CNN on "
-            f"`{report['dataset']['key']}/train` ({len(hist['image_ids'])} images, "
-            f"{hist['num_sampled']['random']} negatives per selection, IoU-balanced bins "
-            f"'{hist.get('binning', 'negatives')}'): share above IoU {hist['share_threshold']:g}: "
-            f"{shares}. ![IoU histogram](iou_histogram.png) (`iou_histogram.csv`)",
-            "",
-        ]
+
+def _histogram_lines(hist: Mapping[str, Any], dataset_key: str) -> list[str]:
+    from libra_rcnn.analysis.iou_distribution import SERIES_LABELS
+
+    shares = ", ".join(f"{SERIES_LABELS.get(name, name)} {100 * v:.0f}%"
+                       for name, v in hist["share_above"].items())
+    return [
+        f"IoU of sampled negatives (Figure 3), seed-{hist['seed']} Libra Faster R-CNN on "
+        f"`{dataset_key}/train` ({len(hist['image_ids'])} images, "
+        f"{hist['num_sampled']['random']} negatives per selection, IoU-balanced bins "
+        f"'{hist.get('binning', 'negatives')}'): share above IoU {hist['share_threshold']:g}: "
+        f"{shares}. ![IoU histogram](iou_histogram.png) (`iou_histogram.csv`)",
+        "",
+    ]
+
+
+def _markdown(report: dict) -> str:
+    """``accuracy.md``: the metrics table, then (once a row has a seed) per-class AP and the
+    paired gains, the data conversion's changes and Figure 3's shares."""
+    spread = report["settings"]["spread"]
+    rows = report["rows"]
+    done = [row for row in rows if row["per_seed"]]
+    lines = _header_lines(report) + _metrics_table(rows, spread)
+    if done:
+        lines += _class_table(done, report["data"], spread) + _gains_table(done, rows)
+    lines += [""] + _conversion_lines(report["data"]["conversion"])
+    if report.get("iou_histogram"):
+        lines += _histogram_lines(report["iou_histogram"], report["dataset"]["key"])
     return "\n".join(lines)
 
 
@@ -888,6 +914,126 @@ def _boxes_per_class(data: Mapping[str, Any]) -> Dict[str, int]:
     return counts
 
 
+def _class_names(data: Mapping[str, Any]) -> List[str]:
+    return [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Splits:
+    """The data set's train and test splits, converted to COCO once."""
+    train_json: Path
+    train_folder: Path
+    train_data: dict
+    test_json: Path
+    test_folder: Path
+    test_data: dict
+
+
+def _convert_splits(dataset: Dataset, data_root: Path, out_dir: Path, smoke: bool) -> _Splits:
+    prefix = "smoke" if smoke else dataset.key
+    train_json = (out_dir / "data" / f"{prefix}_train.json").resolve()
+    test_json = (out_dir / "data" / f"{prefix}_test.json").resolve()
+    (train_folder, train_set), (test_folder, test_set) = (
+        _split_paths(dataset, data_root.resolve(), split) for split in dataset.splits)
+    train_data = convert_split(train_folder, train_json, class_names=dataset.class_names,
+                               num_images=SMOKE_TRAIN_IMAGES if smoke else None,
+                               image_set=train_set)
+    test_data = convert_split(test_folder, test_json, class_names=_class_names(train_data),
+                              num_images=SMOKE_TEST_IMAGES if smoke else None,
+                              image_set=test_set)
+    return _Splits(train_json, train_folder, train_data, test_json, test_folder, test_data)
+
+
+@dataclasses.dataclass
+class _Measured:
+    """What the (row, seed) runs gave, by row key, then seed."""
+    metrics: Dict[str, Dict[int, dict]]
+    per_class: Dict[str, Dict[int, dict]]
+    seconds: Dict[str, Dict[int, Optional[float]]]
+    interrupted: Optional[Exception] = None
+
+
+def _run_plan(rows: Sequence[Row], plan: Mapping[int, Sequence[str]],
+              args: argparse.Namespace, *, dataset: Dataset, splits: _Splits, runs_dir: Path,
+              shared: Sequence[str], epochs: Optional[int], max_iters: Optional[int]) -> _Measured:
+    """Train (or read) every planned (row, seed), seed by seed: after the first seed the table
+    is complete, with one value per cell. An interruption stops the loop and is returned with
+    the pairs finished so far."""
+    from libra_rcnn.analysis import AblationInterrupted
+    from libra_rcnn.data import ground_truth_coco
+
+    keys = [row.key for row in rows]
+    measured = _Measured({k: {} for k in keys}, {k: {} for k in keys}, {k: {} for k in keys})
+    test_gt = ground_truth_coco(json.loads(splits.test_json.read_text()))
+    try:
+        for seed, row_keys in plan.items():
+            for row in (ROWS[key] for key in row_keys):
+                logger.info("row %r, seed %d", row.key, seed)
+                entry = _run_one(row, seed, config=dataset.config(row, args.regime),
+                                 runs_dir=runs_dir, shared=shared, epochs=epochs,
+                                 max_iters=max_iters, device=args.device)
+                measured.metrics[row.key][seed] = entry["metrics"]
+                measured.seconds[row.key][seed] = entry["seconds"]
+                if not args.train_only:
+                    measured.per_class[row.key][seed] = _per_class(
+                        Path(entry["dir"]) / "val_results.json", test_gt)
+    except AblationInterrupted as exc:
+        measured.interrupted = exc
+    return measured
+
+
+def _row_entries(rows: Sequence[Row], measured: _Measured, class_names: Sequence[str], *,
+                 dataset: Dataset, regime: str) -> List[dict]:
+    """Each row's report entry: its per-seed values, their statistics, and its paired gains
+    over its family baseline (AP, AP75, per class) and over its partner (AP)."""
+    by_key = {}
+    for row in rows:
+        per_seed, per_class = measured.metrics[row.key], measured.per_class[row.key]
+        by_key[row.key] = {
+            "key": row.key, "name": row.name, "config": dataset.config(row, regime),
+            "overrides": list(row.overrides), "baseline": row.baseline, "partner": row.partner,
+            "per_seed": per_seed, "per_class": per_class, "seconds": measured.seconds[row.key],
+            "stats": aggregate_seeds(per_seed) if per_seed else None,
+            "stats_per_class": _class_stats(per_class, class_names) if per_class else None}
+    for row in rows:
+        entry = by_key[row.key]
+        base = by_key.get(row.baseline) if row.baseline != row.key else None
+        partner = by_key.get(row.partner) if row.partner else None
+        entry["delta_AP"] = base and paired_gains(entry["per_seed"], base["per_seed"])
+        entry["delta_AP75"] = base and paired_gains(entry["per_seed"], base["per_seed"], "AP75")
+        entry["delta_AP_partner"] = partner and paired_gains(entry["per_seed"],
+                                                             partner["per_seed"])
+        entry["delta_AP_per_class"] = base and {
+            c: paired_gains({s: v[c] for s, v in entry["per_class"].items()},
+                            {s: v[c] for s, v in base["per_class"].items()})
+            for c in class_names}
+    return [by_key[row.key] for row in rows]
+
+
+def _libra_histogram(seed: int, splits: _Splits, out_dir: Path, *, device: str) -> dict:
+    """Figure 3 from the final checkpoint of Libra Faster R-CNN's run of ``seed``."""
+    from libra_rcnn.analysis.ablation import variant_dir_name
+
+    libra = ROWS["libra_faster_rcnn"]
+    checkpoint = (out_dir / "runs" / libra.key / f"seed_{seed}" / variant_dir_name(libra.name)
+                  / "latest.pth")
+    hist = _iou_histogram(checkpoint, splits.train_json, splits.train_folder, out_dir,
+                          num_images=len(splits.train_data["images"]), device=device)
+    hist["seed"] = seed
+    return hist
+
+
+def _data_summary(data_root: Path, splits: _Splits) -> dict:
+    train, test = splits.train_data, splits.test_data
+    return {"root": str(data_root.resolve()), "classes": _class_names(train),
+            "train_images": len(train["images"]), "train_boxes": len(train["annotations"]),
+            "test_images": len(test["images"]), "test_boxes": len(test["annotations"]),
+            "train_boxes_per_class": _boxes_per_class(train),
+            "test_boxes_per_class": _boxes_per_class(test),
+            "conversion": {"train": train["info"]["conversion"],
+                           "test": test["info"]["conversion"]}}
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Run (or resume) every requested (row, seed), then write the table and the histogram.
     Returns the report written to ``accuracy.json``.
@@ -897,32 +1043,19 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             row config (before any training); AblationInterrupted after writing the table of
             the finished pairs when a training is interrupted (rerun to resume).
     """
-    from libra_rcnn.analysis import AblationInterrupted
-    from libra_rcnn.data import ground_truth_coco
-
     dataset = DATASETS[args.dataset]
     data_root = Path(args.data_root)
     _check_data_root(dataset, data_root)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     smoke = args.smoke
-    prefix = "smoke" if smoke else dataset.key
-    train_json = (out_dir / "data" / f"{prefix}_train.json").resolve()
-    test_json = (out_dir / "data" / f"{prefix}_test.json").resolve()
-    (train_folder, train_set), (test_folder, test_set) = (
-        _split_paths(dataset, data_root.resolve(), split) for split in dataset.splits)
-    train_data = convert_split(train_folder, train_json, class_names=dataset.class_names,
-                               num_images=SMOKE_TRAIN_IMAGES if smoke else None,
-                               image_set=train_set)
-    class_names = [c["name"] for c in sorted(train_data["categories"], key=lambda c: c["id"])]
-    test_data = convert_split(test_folder, test_json, class_names=class_names,
-                              num_images=SMOKE_TEST_IMAGES if smoke else None,
-                              image_set=test_set)
+    splits = _convert_splits(dataset, data_root, out_dir, smoke)
+    class_names = _class_names(splits.train_data)
 
     rows = [ROWS[key] for key in args.rows]
     plan = seed_plan(rows, args.seeds, args.more_seeds)
-    shared = _shared_overrides(train_json, train_folder, test_json, test_folder,
-                               num_classes=len(class_names) + 1,
+    shared = _shared_overrides(splits.train_json, splits.train_folder, splits.test_json,
+                               splits.test_folder, num_classes=len(class_names) + 1,
                                recipe=dataset.recipes[args.recipe], smoke=smoke,
                                user=args.overrides,
                                dataset=dataset.overrides.get(args.regime, ()))
@@ -937,70 +1070,24 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     cpu_threads = (args.threads or configured) if args.device == "cpu" else None
 
     if args.jobs > 1 and len(plan) > 1:
-        # the processes train; the loop below then finds every pair finished and only reads it
+        # the processes train; _run_plan then finds every pair finished and only reads it
         _train_seeds_in_processes(args, plan, out_dir)
-
-    per_seed: Dict[str, Dict[int, dict]] = {row.key: {} for row in rows}
-    per_class: Dict[str, Dict[int, dict]] = {row.key: {} for row in rows}
-    seconds: Dict[str, Dict[int, Optional[float]]] = {row.key: {} for row in rows}
-    test_gt = ground_truth_coco(json.loads(test_json.read_text()))
-    interrupted = None
-    # seed by seed: after the first seed the table is complete, with one value per cell
-    try:
-        with _torch_threads(cpu_threads):
-            for seed, keys in plan.items():
-                for row in (ROWS[key] for key in keys):
-                    logger.info("row %r, seed %d", row.key, seed)
-                    entry = _run_one(row, seed, config=dataset.config(row, args.regime),
-                                     runs_dir=out_dir / "runs", shared=shared, epochs=epochs,
-                                     max_iters=max_iters, device=args.device)
-                    per_seed[row.key][seed] = entry["metrics"]
-                    seconds[row.key][seed] = entry["seconds"]
-                    if not args.train_only:
-                        per_class[row.key][seed] = _per_class(
-                            Path(entry["dir"]) / "val_results.json", test_gt)
-    except AblationInterrupted as exc:  # write the finished pairs' table, then re-raise
-        interrupted = exc
+    with _torch_threads(cpu_threads):
+        measured = _run_plan(rows, plan, args, dataset=dataset, splits=splits,
+                             runs_dir=out_dir / "runs", shared=shared, epochs=epochs,
+                             max_iters=max_iters)
+    interrupted = measured.interrupted
     if args.train_only:  # a --jobs process: the parent writes the histogram and the table
         if interrupted is not None:
             raise interrupted
         return {}
 
     hist = None
-    libra = ROWS["libra_faster_rcnn"]
     first = next(iter(plan))
-    if interrupted is None and libra.key in per_seed and first in per_seed[libra.key]:
-        from libra_rcnn.analysis.ablation import variant_dir_name
-
-        checkpoint = (out_dir / "runs" / libra.key / f"seed_{first}"
-                      / variant_dir_name(libra.name) / "latest.pth")
+    if interrupted is None and first in measured.metrics.get("libra_faster_rcnn", {}):
         with _torch_threads(cpu_threads):
-            hist = _iou_histogram(checkpoint, train_json, train_folder, out_dir,
-                                  num_images=len(train_data["images"]), device=args.device)
-        hist["seed"] = first
+            hist = _libra_histogram(first, splits, out_dir, device=args.device)
 
-    by_key = {}
-    for row in rows:
-        entry = {"key": row.key, "name": row.name, "config": dataset.config(row, args.regime),
-                 "overrides": list(row.overrides), "baseline": row.baseline,
-                 "partner": row.partner, "per_seed": per_seed[row.key],
-                 "per_class": per_class[row.key], "seconds": seconds[row.key]}
-        entry["stats"] = aggregate_seeds(per_seed[row.key]) if per_seed[row.key] else None
-        entry["stats_per_class"] = (_class_stats(per_class[row.key], class_names)
-                                    if per_class[row.key] else None)
-        by_key[row.key] = entry
-    for row in rows:
-        entry = by_key[row.key]
-        base = by_key.get(row.baseline) if row.baseline != row.key else None
-        partner = by_key.get(row.partner) if row.partner else None
-        entry["delta_AP"] = base and paired_gains(entry["per_seed"], base["per_seed"])
-        entry["delta_AP75"] = base and paired_gains(entry["per_seed"], base["per_seed"], "AP75")
-        entry["delta_AP_partner"] = partner and paired_gains(entry["per_seed"],
-                                                             partner["per_seed"])
-        entry["delta_AP_per_class"] = base and {
-            c: paired_gains({s: v[c] for s, v in entry["per_class"].items()},
-                            {s: v[c] for s, v in base["per_class"].items()})
-            for c in class_names}
     report = {
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.accuracy",
                              *sys.argv[1:]]) if args.command is None else args.command,
@@ -1018,16 +1105,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                      "min_size": faster.model.min_size, "max_size": faster.model.max_size,
                      "backbone": faster.model.backbone, "norm": faster.model.norm,
                      "batch_size": faster.train.batch_size},
-        "data": {"root": str(data_root.resolve()), "classes": class_names,
-                 "train_images": len(train_data["images"]),
-                 "train_boxes": len(train_data["annotations"]),
-                 "test_images": len(test_data["images"]),
-                 "test_boxes": len(test_data["annotations"]),
-                 "train_boxes_per_class": _boxes_per_class(train_data),
-                 "test_boxes_per_class": _boxes_per_class(test_data),
-                 "conversion": {"train": train_data["info"]["conversion"],
-                                "test": test_data["info"]["conversion"]}},
-        "rows": [by_key[row.key] for row in rows],
+        "data": _data_summary(data_root, splits),
+        "rows": _row_entries(rows, measured, class_names, dataset=dataset, regime=args.regime),
         "iou_histogram": hist,
         "interrupted": None if interrupted is None else str(interrupted),
     }
