@@ -70,11 +70,13 @@ with ``--device cuda``) trains longer at the paper's input scale (:data:`GPU_REC
 
 Run: ``python -m benchmarks.accuracy [--dataset fruit|bccd] [--regime pretrained|scratch]
 [--data-root D] [--seeds 0 1] [--more-seeds 2 3] [--rows ...] [--epochs N] [--device cpu|cuda] [--recipe cpu|gpu]
-[--set KEY=VALUE ...] [--jobs N] [--smoke]``. ``--jobs N`` trains N seeds at once in separate
-processes (each with CPU count / N threads), then merges. ``--set`` overrides a shared setting
-of every row (how the shared settings were tuned on the baseline row). ``--smoke`` runs 4 train
-/ 2 test images, 2 iterations per row, one seed, 64 px: it checks the pipeline in well under a
-minute and measures nothing.
+[--set KEY=VALUE ...] [--jobs N] [--reuse ACCURACY_JSON] [--smoke]``. ``--jobs N`` trains N
+seeds at once in separate processes (each with CPU count / N threads), then merges.
+``--reuse`` adds rows to a finished table: the earlier table's rows that ``--rows`` leaves out
+join the new one as they are, once checked to be made with the same settings. ``--set``
+overrides a shared setting of every row (how the shared settings were tuned on the baseline
+row). ``--smoke`` runs 4 train / 2 test images, 2 iterations per row, one seed, 64 px: it checks
+the pipeline in well under a minute and measures nothing.
 """
 
 from __future__ import annotations
@@ -661,6 +663,15 @@ def _gain_cell(gain: Optional[dict], spread: str) -> str:
 _SPREAD_WORDS = {"half_range": "half the range", "std": "the sample standard deviation"}
 
 
+def _reused_line(reused: Optional[dict]) -> str:
+    if not reused:
+        return ""
+    figure = ", and Figure 3," if "libra_faster_rcnn" in reused["rows"] else ""
+    return (f"  \nRows {', '.join(f'`{key}`' for key in reused['rows'])}{figure} read from "
+            f"`{reused['file']}` (commit `{reused['git']['commit']}`, finished "
+            f"{reused['time_utc']}), not trained again")
+
+
 def _header_lines(report: dict) -> list[str]:
     settings, data = report["settings"], report["data"]
     seeds = settings["seeds"] + settings["more_seeds"]
@@ -674,7 +685,8 @@ def _header_lines(report: dict) -> list[str]:
         + (" (with uncommitted changes)" if report["git"]["dirty"] else "") + "  ",
         f"Finished: {report['time_utc']}; device {settings['device']}, recipe "
         f"{settings['recipe']}, torch threads: {settings['threads'] or 'default'}"
-        + ("; **smoke run: the numbers mean nothing**" if settings["smoke"] else ""),
+        + ("; **smoke run: the numbers mean nothing**" if settings["smoke"] else "")
+        + _reused_line(report.get("reused")),
         "",
         f"COCO bbox metrics on `{report['dataset']['key']}/test` ({data['test_images']} images, "
         f"{data['test_boxes']} boxes), x100. Cells: mean ± {_SPREAD_WORDS[settings['spread']]} "
@@ -885,6 +897,8 @@ def _split_paths(dataset: Dataset, data_root: Path, split: str) -> tuple[Path, O
 
 
 def _check_data_root(dataset: Dataset, data_root: Path) -> None:
+    from libra_rcnn.errors import UserInputError
+
     for split in dataset.splits:
         if dataset.image_sets:
             needed = [data_root / "Annotations", data_root / "ImageSets" / "Main" / f"{split}.txt"]
@@ -894,8 +908,8 @@ def _check_data_root(dataset: Dataset, data_root: Path) -> None:
             what = f"the {dataset.key} set's train/ and test/ with VOC XML next to the images"
         for path in needed:
             if not path.exists():
-                raise ValueError(f"--data-root {data_root}: no {path.relative_to(data_root)} "
-                                 f"(expected {what})")
+                raise UserInputError(f"--data-root {data_root}: no "
+                                     f"{path.relative_to(data_root)} (expected {what})")
 
 
 def _class_stats(per_class: Mapping[int, Mapping[str, Mapping[str, float]]],
@@ -1034,14 +1048,122 @@ def _data_summary(data_root: Path, splits: _Splits) -> dict:
                            "test": test["info"]["conversion"]}}
 
 
+#: The settings an earlier table must share for its rows to join this one: everything that
+#: makes a (row, seed) what it is except the rows themselves and the data files' location.
+_REUSE_SETTINGS = ("seeds", "more_seeds", "smoke", "device", "regime", "recipe", "threads",
+                   "epochs", "max_iters", "spread", "convention", "min_size", "max_size",
+                   "backbone", "norm", "batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reused:
+    """Rows of an earlier ``accuracy.json`` that join this table as they are, untrained."""
+    file: Path
+    report: dict  # the earlier report
+    entries: List[dict]  # its row entries that this run does not train
+
+    @property
+    def row_keys(self) -> List[str]:
+        return [entry["key"] for entry in self.entries]
+
+    @property
+    def histogram(self) -> Optional[dict]:
+        return self.report.get("iou_histogram")
+
+    def provenance(self) -> dict:
+        return {"file": str(self.file.resolve()), "rows": self.row_keys,
+                "command": self.report.get("command"), "git": self.report.get("git"),
+                "time_utc": self.report.get("time_utc")}
+
+
+def _shared_without_data(overrides: Sequence[str]) -> List[str]:
+    return [o for o in overrides if not o.startswith("data.")]
+
+
+def read_reused(path: Path, *, dataset: Dataset, regime: str, settings: Mapping[str, Any],
+                rows: Sequence[Row]) -> Reused:
+    """The rows of the earlier table ``path`` that ``rows`` leaves out, checked to be what
+    they would be if trained now: same data set and settings, each row's config and overrides
+    as defined today.
+
+    Raises:
+        UserInputError: ``path`` is unreadable, not a finished table, or made otherwise.
+    """
+    from libra_rcnn.errors import UserInputError
+
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"--reuse {path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(report, dict) or not {"dataset", "settings", "rows"} <= set(report):
+        raise UserInputError(f"--reuse {path}: not an accuracy.json (no dataset, settings "
+                             f"and rows)")
+    if report.get("interrupted"):
+        raise UserInputError(f"--reuse {path}: an interrupted table; finish it first")
+    if report["dataset"].get("key") != dataset.key:
+        raise UserInputError(f"--reuse {path}: a table of {report['dataset'].get('key')!r}, "
+                             f"not {dataset.key!r}")
+    earlier = dict(report["settings"])
+    earlier["shared_overrides"] = _shared_without_data(earlier.get("shared_overrides", ()))
+    now = dict(settings, shared_overrides=_shared_without_data(settings["shared_overrides"]))
+    differ = [f"{key}: {earlier.get(key)!r} there, {now[key]!r} here"
+              for key in (*_REUSE_SETTINGS, "shared_overrides") if earlier.get(key) != now[key]]
+    if differ:
+        raise UserInputError(f"--reuse {path}: made with other settings ({'; '.join(differ)})")
+    needed = {"key", "config", "overrides", "per_seed", "per_class", "seconds"}
+    broken = [entry for entry in report["rows"]
+              if not isinstance(entry, dict) or not needed <= set(entry)]
+    if broken:
+        raise UserInputError(f"--reuse {path}: a row entry lacks some of {sorted(needed)}")
+    asked = {row.key for row in rows}
+    entries = [entry for entry in report["rows"] if entry["key"] not in asked]
+    for entry in entries:
+        row = ROWS.get(entry["key"])
+        if (row is None or entry["overrides"] != list(row.overrides)
+                or entry["config"] != dataset.config(row, regime)):
+            raise UserInputError(f"--reuse {path}: row {entry['key']!r} was made with another "
+                                 f"config or other overrides than it has now; train it with "
+                                 f"--rows")
+    if not entries:
+        raise UserInputError(f"--reuse {path}: --rows trains all of its rows; nothing to reuse")
+    return Reused(path, report, entries)
+
+
+def _add_reused(reused: Reused, measured: _Measured, table: Sequence[str]) -> List[Row]:
+    """Add the reused rows' per-seed values to ``measured``; return every row, in table
+    order."""
+    for entry in reused.entries:
+        key = entry["key"]
+        measured.metrics[key] = {int(s): v for s, v in entry["per_seed"].items()}
+        measured.per_class[key] = {int(s): v for s, v in entry["per_class"].items()}
+        measured.seconds[key] = {int(s): v for s, v in entry["seconds"].items()}
+    return [ROWS[key] for key in table if key in measured.metrics]
+
+
+def _settings(args: argparse.Namespace, rows: Sequence[Row], faster: Any, *,
+              dataset: Dataset, shared: Sequence[str], threads: Optional[int], epochs: int,
+              max_iters: Optional[int]) -> dict:
+    """The report's ``settings``: what every row of the table shares (``faster``: the
+    resolved config of the Faster R-CNN row, else of the first row)."""
+    return {"seeds": list(args.seeds), "more_seeds": list(args.more_seeds),
+            "rows": [r.key for r in rows], "smoke": args.smoke, "device": args.device,
+            "regime": args.regime, "recipe": args.recipe, "threads": threads,
+            "epochs": epochs, "max_iters": max_iters, "shared_overrides": list(shared),
+            "spread": dataset.spread, "convention": faster.model.convention,
+            "min_size": faster.model.min_size, "max_size": faster.model.max_size,
+            "backbone": faster.model.backbone, "norm": faster.model.norm,
+            "batch_size": faster.train.batch_size}
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Run (or resume) every requested (row, seed), then write the table and the histogram.
     Returns the report written to ``accuracy.json``.
 
     Raises:
-        ValueError: ``args.data_root`` lacks the data set's splits; ConfigError for a bad
-            row config (before any training); AblationInterrupted after writing the table of
-            the finished pairs when a training is interrupted (rerun to resume).
+        UserInputError: ``args.data_root`` lacks the data set's splits, or ``args.reuse``
+            is not a table this run can join; ConfigError for a bad row config (both before
+            any training); AblationInterrupted after writing the table of the finished pairs
+            when a training is interrupted (rerun to resume).
     """
     dataset = DATASETS[args.dataset]
     data_root = Path(args.data_root)
@@ -1069,6 +1191,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     configured = row_config(rows[0], (), args.dataset, args.regime).train.num_threads
     cpu_threads = (args.threads or configured) if args.device == "cpu" else None
 
+    settings = _settings(args, rows, faster, dataset=dataset, shared=shared,
+                         threads=cpu_threads, epochs=epochs or faster.train.epochs,
+                         max_iters=max_iters)
+    reused = None if args.reuse is None else read_reused(
+        Path(args.reuse), dataset=dataset, regime=args.regime, settings=settings, rows=rows)
+
     if args.jobs > 1 and len(plan) > 1:
         # the processes train; _run_plan then finds every pair finished and only reads it
         _train_seeds_in_processes(args, plan, out_dir)
@@ -1087,6 +1215,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if interrupted is None and first in measured.metrics.get("libra_faster_rcnn", {}):
         with _torch_threads(cpu_threads):
             hist = _libra_histogram(first, splits, out_dir, device=args.device)
+    if reused is not None:
+        rows = _add_reused(reused, measured, dataset.rows[args.regime])
+        if "libra_faster_rcnn" in reused.row_keys:
+            hist = reused.histogram
 
     report = {
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.accuracy",
@@ -1096,15 +1228,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "environment": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                         "torch": _version("torch"), "torchvision": _version("torchvision")},
         "dataset": {"key": dataset.key, "title": dataset.title},
-        "settings": {"seeds": list(args.seeds), "more_seeds": list(args.more_seeds),
-                     "rows": [r.key for r in rows], "smoke": smoke, "device": args.device,
-                     "regime": args.regime, "recipe": args.recipe, "threads": cpu_threads,
-                     "epochs": epochs or faster.train.epochs, "max_iters": max_iters,
-                     "shared_overrides": shared, "spread": dataset.spread,
-                     "convention": faster.model.convention,
-                     "min_size": faster.model.min_size, "max_size": faster.model.max_size,
-                     "backbone": faster.model.backbone, "norm": faster.model.norm,
-                     "batch_size": faster.train.batch_size},
+        "settings": settings,
+        "reused": None if reused is None else reused.provenance(),
         "data": _data_summary(data_root, splits),
         "rows": _row_entries(rows, measured, class_names, dataset=dataset, regime=args.regime),
         "iou_histogram": hist,
@@ -1191,6 +1316,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="train up to N seeds at once, each in its own process with "
                              "--threads threads (default threads: CPU count / N); on 2 "
                              "cores, --jobs 2 halves the table's time (default: 1)")
+    parser.add_argument("--reuse", metavar="ACCURACY_JSON", default=None,
+                        help="an earlier accuracy.json of the same data set and settings: "
+                             "its rows that --rows leaves out join the table as they are "
+                             "(per-seed values, per-class AP, Figure 3), untrained; for adding "
+                             "rows to a finished table")
     parser.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
@@ -1245,6 +1375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv is not None:
         args.command = " ".join(["python -m benchmarks.accuracy", *argv])
     from libra_rcnn.analysis import AblationInterrupted
+    from libra_rcnn.errors import UserInputError
 
     try:
         report = run_benchmark(args)
@@ -1255,12 +1386,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}; finished runs are kept, rerun the same command to retry",
               file=sys.stderr)
         return 1
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.train_only:
         return 0
     print(Path(args.output_dir, "accuracy.md").read_text())
     print(f"wrote {Path(args.output_dir) / 'accuracy.md'} and "
           f"{Path(args.output_dir) / 'accuracy.json'}")
-    if report["iou_histogram"]:
+    reused = report["reused"]["rows"] if report["reused"] else ()
+    if report["iou_histogram"] and "libra_faster_rcnn" not in reused:
         for path in report["iou_histogram"]["files"].values():
             print(f"wrote {path}")
     return 0

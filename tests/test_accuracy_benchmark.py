@@ -27,6 +27,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from figure_checks import assert_drawn, colour_pixels
+from libra_rcnn.errors import UserInputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("apple", "banana", "orange")
@@ -120,6 +121,8 @@ def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
     args = ["--smoke", "--regime", "scratch", "--data-root", str(tiny_fruit), "--output-dir",
             str(out), "--threads", "1", "--set", "train.momentum=0.8", "--quiet"]
     first = _run(args)
+    earlier = tmp_path / "earlier.json"
+    shutil.copy(out / "accuracy.json", earlier)
 
     # the data: 4 annotated train images (the empty one skipped), 2 test images, fixed classes
     train = json.loads((out / "data" / "smoke_train.json").read_text())
@@ -200,6 +203,18 @@ def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
     again = json.loads((out / "accuracy.json").read_text())
     assert again["settings"]["threads"] == 2
     assert [r["per_seed"] for r in again["rows"]] == [r["per_seed"] for r in report["rows"]]
+
+    # --reuse: the earlier table's other rows join a table that asks for one row, untrained
+    _run(args + ["--rows", "faster_rcnn", "--reuse", str(earlier)])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    joined = json.loads((out / "accuracy.json").read_text())
+    assert joined["settings"]["rows"] == ["faster_rcnn"]
+    assert joined["reused"]["rows"] == [
+        "iou_sampling", "bfp", "libra_faster_rcnn", "retinanet", "libra_retinanet"]
+    assert joined["reused"]["file"] == os.path.relpath(earlier, REPO_ROOT)
+    for key in ("rows", "iou_histogram", "data"):
+        assert joined[key] == report[key], key
+    assert "not trained again" in (out / "accuracy.md").read_text()
 
 
 @pytest.mark.slow  # a third run of the script; the two datasets' runs above and below stay
@@ -554,6 +569,64 @@ def test_arguments(acc, tmp_path):
         acc.run_benchmark(missing)
     assert args.dataset == "fruit" and args.more_seeds == [2, 3, 4, 5, 6, 7]
     assert args.recipe == "cpu"
+
+
+def test_reuse_takes_the_rows_not_asked_for_from_a_table_made_the_same_way(acc, tmp_path):
+    committed = REPO_ROOT / "benchmarks/results/accuracy_bccd_pretrained_cpu.json"
+    report = json.loads(committed.read_text())
+    dataset, rows = acc.DATASETS["bccd"], [acc.ROWS["iou_sampling"]]
+    settings = dict(report["settings"])
+    # the data files' location is the output folder's, not part of what a run is
+    settings["shared_overrides"] = [o.replace("work_dirs/", "elsewhere/")
+                                    for o in settings["shared_overrides"]]
+
+    def read(text=None, **changed):
+        path = committed
+        if text is not None:
+            path = tmp_path / "earlier.json"
+            path.write_text(text)
+        return acc.read_reused(path, dataset=dataset, regime="pretrained",
+                               settings=dict(settings, **changed), rows=rows)
+
+    reused = read()
+    assert reused.row_keys == [r["key"] for r in report["rows"]]
+    assert reused.histogram == report["iou_histogram"]
+    assert reused.provenance()["git"] == report["git"]
+    errors = {
+        "threads: 2 there, 1 here": dict(threads=1),
+        "seeds: ": dict(seeds=[0]),
+        "shared_overrides: ": dict(shared_overrides=settings["shared_overrides"] + ["x.y=1"]),
+    }
+    for message, changed in errors.items():
+        with pytest.raises(UserInputError, match=re.escape(message)):
+            read(**changed)
+    edited = json.loads(committed.read_text())
+    edited["rows"][1]["overrides"].append("model.box_loss.alpha=0.3")
+    broken = {
+        "another config or other overrides": json.dumps(edited),
+        "cannot read it as JSON": "{not json",
+        "not an accuracy.json": json.dumps({"rows": []}),
+        "not 'bccd'": json.dumps(dict(report, dataset={"key": "fruit"})),
+        "interrupted": json.dumps(dict(report, interrupted="stopped")),
+        "lacks some of": json.dumps(dict(report, rows=[{"key": "faster_rcnn"}])),
+    }
+    for message, text in broken.items():
+        with pytest.raises(UserInputError, match=re.escape(message)):
+            read(text)
+    with pytest.raises(UserInputError, match="nothing to reuse"):
+        acc.read_reused(committed, dataset=dataset, regime="pretrained", settings=settings,
+                        rows=[acc.ROWS[r["key"]] for r in report["rows"]])
+
+
+def test_a_bad_reuse_file_is_one_line_before_any_training(acc, tiny_fruit, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = acc.main(["--smoke", "--data-root", str(tiny_fruit), "--output-dir", str(out),
+                     "--reuse", str(tmp_path / "missing.json")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --reuse ") and "missing.json" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (out / "runs").exists()
 
 
 def test_arguments_bccd(acc, tmp_path):
