@@ -69,8 +69,8 @@ Recipes (``--recipe``): ``cpu`` is the config files' schedule; ``bccd``'s ``gpu`
 with ``--device cuda``) trains longer at the paper's input scale (:data:`GPU_RECIPE`).
 
 Run: ``python -m benchmarks.accuracy [--dataset fruit|bccd] [--regime pretrained|scratch]
-[--data-root D] [--seeds 0 1] [--more-seeds 2 3] [--rows ...] [--epochs N] [--device cpu|cuda] [--recipe cpu|gpu]
-[--set KEY=VALUE ...] [--jobs N] [--reuse ACCURACY_JSON] [--smoke]``. ``--jobs N`` trains N
+[--data-root D] [--seeds 0 1] [--more-seeds 2 3] [--rows ...] [--epochs N]
+[--device cpu|cuda] [--recipe cpu|gpu] [--set KEY=VALUE ...] [--jobs N] [--reuse ACCURACY_JSON] [--smoke]``. ``--jobs N`` trains N
 seeds at once in separate processes (each with CPU count / N threads), then merges.
 ``--reuse`` adds rows to a finished table: the earlier table's rows that ``--rows`` leaves out
 join the new one as they are, once checked to be made with the same settings. ``--set``
@@ -1049,10 +1049,11 @@ def _data_summary(data_root: Path, splits: _Splits) -> dict:
 
 
 #: The settings an earlier table must share for its rows to join this one: everything that
-#: makes a (row, seed) what it is except the rows themselves and the data files' location.
-_REUSE_SETTINGS = ("seeds", "more_seeds", "smoke", "device", "regime", "recipe", "threads",
-                   "epochs", "max_iters", "spread", "convention", "min_size", "max_size",
-                   "backbone", "norm", "batch_size")
+#: makes a (row, seed) what it is, except the rows themselves, the data files' location and
+#: how the seeds were split between ``--seeds`` and ``--more-seeds`` (compared as one list).
+_REUSE_SETTINGS = ("all_seeds", "smoke", "device", "regime", "recipe", "threads", "epochs",
+                   "max_iters", "spread", "convention", "min_size", "max_size", "backbone",
+                   "norm", "batch_size", "shared_overrides")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1076,8 +1077,11 @@ class Reused:
                 "time_utc": self.report.get("time_utc")}
 
 
-def _shared_without_data(overrides: Sequence[str]) -> List[str]:
-    return [o for o in overrides if not o.startswith("data.")]
+def _comparable(settings: Mapping[str, Any]) -> dict:
+    return dict(settings, all_seeds=sorted([*settings.get("seeds", ()),
+                                            *settings.get("more_seeds", ())]),
+                shared_overrides=[o for o in settings.get("shared_overrides", ())
+                                  if not o.startswith("data.")])
 
 
 def read_reused(path: Path, *, dataset: Dataset, regime: str, settings: Mapping[str, Any],
@@ -1103,11 +1107,9 @@ def read_reused(path: Path, *, dataset: Dataset, regime: str, settings: Mapping[
     if report["dataset"].get("key") != dataset.key:
         raise UserInputError(f"--reuse {path}: a table of {report['dataset'].get('key')!r}, "
                              f"not {dataset.key!r}")
-    earlier = dict(report["settings"])
-    earlier["shared_overrides"] = _shared_without_data(earlier.get("shared_overrides", ()))
-    now = dict(settings, shared_overrides=_shared_without_data(settings["shared_overrides"]))
+    earlier, now = _comparable(report["settings"]), _comparable(settings)
     differ = [f"{key}: {earlier.get(key)!r} there, {now[key]!r} here"
-              for key in (*_REUSE_SETTINGS, "shared_overrides") if earlier.get(key) != now[key]]
+              for key in _REUSE_SETTINGS if earlier.get(key) != now[key]]
     if differ:
         raise UserInputError(f"--reuse {path}: made with other settings ({'; '.join(differ)})")
     needed = {"key", "config", "overrides", "per_seed", "per_class", "seconds"}

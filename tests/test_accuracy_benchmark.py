@@ -590,11 +590,13 @@ def test_reuse_takes_the_rows_not_asked_for_from_a_table_made_the_same_way(acc, 
 
     reused = read()
     assert reused.row_keys == [r["key"] for r in report["rows"]]
+    # the same seeds, given to every row
+    assert read(seeds=list(range(8)), more_seeds=[]).row_keys == reused.row_keys
     assert reused.histogram == report["iou_histogram"]
     assert reused.provenance()["git"] == report["git"]
     errors = {
         "threads: 2 there, 1 here": dict(threads=1),
-        "seeds: ": dict(seeds=[0]),
+        "all_seeds: [0, 1, 2, 3, 4, 5, 6, 7] there, [0, 2, 3, 4, 5, 6, 7] here": dict(seeds=[0]),
         "shared_overrides: ": dict(shared_overrides=settings["shared_overrides"] + ["x.y=1"]),
     }
     for message, changed in errors.items():
