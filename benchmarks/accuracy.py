@@ -70,8 +70,9 @@ with ``--device cuda``) trains longer at the paper's input scale (:data:`GPU_REC
 
 Run: ``python -m benchmarks.accuracy [--dataset fruit|bccd] [--regime pretrained|scratch]
 [--data-root D] [--seeds 0 1] [--more-seeds 2 3] [--rows ...] [--epochs N]
-[--device cpu|cuda] [--recipe cpu|gpu] [--set KEY=VALUE ...] [--jobs N] [--reuse ACCURACY_JSON] [--smoke]``. ``--jobs N`` trains N
-seeds at once in separate processes (each with CPU count / N threads), then merges.
+[--device cpu|cuda] [--recipe cpu|gpu] [--set KEY=VALUE ...] [--jobs N]
+[--reuse ACCURACY_JSON] [--smoke]``. ``--jobs N`` trains N seeds at once in separate processes
+(each with CPU count / N threads), then merges.
 ``--reuse`` adds rows to a finished table: the earlier table's rows that ``--rows`` leaves out
 join the new one as they are, once checked to be made with the same settings. ``--set``
 overrides a shared setting of every row (how the shared settings were tuned on the baseline
