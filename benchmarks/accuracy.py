@@ -1238,8 +1238,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "iou_histogram": hist,
         "interrupted": None if interrupted is None else str(interrupted),
     }
-    (out_dir / "accuracy.json").write_text(json.dumps(relative_paths(report), indent=2) + "\n")
-    (out_dir / "accuracy.md").write_text(_markdown(report))
+    written = relative_paths(report)
+    (out_dir / "accuracy.json").write_text(json.dumps(written, indent=2) + "\n")
+    (out_dir / "accuracy.md").write_text(_markdown(written))
     if interrupted is not None:
         raise interrupted
     return report
