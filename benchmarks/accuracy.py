@@ -1049,12 +1049,11 @@ def _data_summary(data_root: Path, splits: _Splits) -> dict:
                            "test": test["info"]["conversion"]}}
 
 
-#: The settings an earlier table must share for its rows to join this one: everything that
-#: makes a (row, seed) what it is, except the rows themselves, the data files' location and
-#: how the seeds were split between ``--seeds`` and ``--more-seeds`` (compared as one list).
-_REUSE_SETTINGS = ("all_seeds", "smoke", "device", "regime", "recipe", "threads", "epochs",
-                   "max_iters", "spread", "convention", "min_size", "max_size", "backbone",
-                   "norm", "batch_size", "shared_overrides")
+#: The settings an earlier table need not share for its rows to join this one: the rows
+#: themselves, and how the seeds were split between ``--seeds`` and ``--more-seeds`` (they are
+#: compared as one list, ``all_seeds``). Every other setting must match, the data files'
+#: location excepted.
+_REUSE_IGNORED = ("rows", "seeds", "more_seeds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1109,8 +1108,9 @@ def read_reused(path: Path, *, dataset: Dataset, regime: str, settings: Mapping[
         raise UserInputError(f"--reuse {path}: a table of {report['dataset'].get('key')!r}, "
                              f"not {dataset.key!r}")
     earlier, now = _comparable(report["settings"]), _comparable(settings)
-    differ = [f"{key}: {earlier.get(key)!r} there, {now[key]!r} here"
-              for key in _REUSE_SETTINGS if earlier.get(key) != now[key]]
+    differ = [f"{key}: {earlier.get(key)!r} there, {value!r} here"
+              for key, value in now.items()
+              if key not in _REUSE_IGNORED and earlier.get(key) != value]
     if differ:
         raise UserInputError(f"--reuse {path}: made with other settings ({'; '.join(differ)})")
     needed = {"key", "config", "overrides", "per_seed", "per_class", "seconds"}
