@@ -38,15 +38,16 @@ The Faster R-CNN rows are :data:`libra_rcnn.analysis.ABLATION_TABLES` ``["table2
 starts from :data:`~libra_rcnn.analysis.BASELINE_OVERRIDES`, so a row means the same whatever
 the base config switches on); the RetinaNet rows switch the pyramid and the loss in the same
 way. Within a family the rows share everything else: seeds, schedule, image size, batch, data
-pipeline. Each row is compared, seed by seed, with its family's baseline, each own-range
-row also with its partner of the reference's bins, and each cascade with the Faster R-CNN of
-its kind.
+pipeline. Each row is compared, seed by seed, with its family's baseline; the feature
+pyramid and balanced L1 rows also with the Table 2 row before them (the part's own step), each
+own-range row with its partner of the reference's bins, and each cascade with the Faster R-CNN
+of its kind.
 
 Seeds: ``--seeds`` for every row; ``--more-seeds`` for the headline pairs only (baseline and
-Libra Faster R-CNN; the reference's bins and the negatives' own range: :data:`HEADLINE_ROWS`).
-Pretrained: seeds 0 1 and more seeds 2-7, so the headline rows get eight and the cascade pair
-(which trains the first :data:`CASCADE_MORE_SEEDS` of them) four; scratch: 0 1, and for ``bccd``
-2 3 more.
+Libra Faster R-CNN; the reference's bins and the negatives' own range), and fine-tuned also for
+the feature pyramid row (:data:`MORE_SEED_ROWS`). Pretrained: seeds 0 1 and more seeds 2-7, so
+those rows get eight and the cascade pair (which trains the first :data:`CASCADE_MORE_SEEDS` of
+them) four; scratch: 0 1, and for ``bccd`` 2 3 more.
 
 Every (row, seed) pair is trained and evaluated by :func:`libra_rcnn.analysis.run_ablation` in
 its own folder, seed by seed (all rows of the first seed, then the next seed), so a partial run
@@ -109,6 +110,7 @@ __all__ = [
     "CASCADE_MORE_SEEDS",
     "CASCADE_ROWS",
     "HEADLINE_ROWS",
+    "MORE_SEED_ROWS",
     "ROWS",
     "ROW_KEYS",
     "SMOKE_OVERRIDES",
@@ -235,8 +237,11 @@ def _rows() -> Dict[str, Row]:
               ("iou_sampling", "+ IoU-balanced sampling"),
               ("bfp", "+ balanced feature pyramid"),
               ("libra_faster_rcnn", "+ balanced L1 loss = Libra Faster R-CNN")]
-    rows = [Row(key, name, "faster_rcnn", tuple(overrides), "faster_rcnn")
-            for (key, name), overrides in zip(faster, table2, strict=True)]
+    # Table 2 adds one part per row: each row after the first two is also compared with the
+    # row before it, the part's own step
+    steps = (None, None, "iou_sampling", "bfp")
+    rows = [Row(key, name, "faster_rcnn", tuple(overrides), "faster_rcnn", partner=step)
+            for (key, name), overrides, step in zip(faster, table2, steps, strict=True)]
     own_bins = "model.roi_sampler.binning=negatives"
     rows.append(Row("iou_sampling_own_bins",
                     "+ IoU-balanced sampling, bins over the negatives' own IoU range",
@@ -260,10 +265,14 @@ def _rows() -> Dict[str, Row]:
 #: Every row, in table order: key -> :class:`Row`.
 ROWS: Dict[str, Row] = _rows()
 ROW_KEYS: tuple[str, ...] = tuple(ROWS)
-#: The headline pairs that ``--more-seeds`` trains: baseline and Libra Faster R-CNN; the
-#: reference's IoU bins and the negatives' own range.
+#: The headline pairs: baseline and Libra Faster R-CNN; the reference's IoU bins and the
+#: negatives' own range.
 HEADLINE_ROWS: tuple[str, ...] = ("faster_rcnn", "libra_faster_rcnn", "iou_sampling",
                                   "iou_sampling_own_bins")
+#: The rows that ``--more-seeds`` trains, by regime: the headline pairs, and fine-tuned also the
+#: feature pyramid row, so that each part's step of Table 2 is paired over every seed.
+MORE_SEED_ROWS: Mapping[str, tuple[str, ...]] = {"pretrained": (*HEADLINE_ROWS, "bfp"),
+                                                 "scratch": HEADLINE_ROWS}
 #: Cascade R-CNN and Libra Cascade R-CNN: they train the first ``CASCADE_MORE_SEEDS`` of
 #: ``--more-seeds`` (a cascade step costs about 1.4 Faster R-CNN steps on the CPU).
 CASCADE_ROWS: tuple[str, ...] = ("cascade_rcnn", "libra_cascade_rcnn")
@@ -289,7 +298,7 @@ class Dataset:
     class_names: Optional[tuple[str, ...]]  # None: the sorted names found in train
     spread: str  # "half_range" or "std": the cells' ± (accuracy.json has both)
     seeds: Mapping[str, tuple[int, ...]]  # regime -> the seeds of every row
-    more_seeds: Mapping[str, tuple[int, ...]]  # regime -> more seeds of the headline rows
+    more_seeds: Mapping[str, tuple[int, ...]]  # regime -> more seeds of MORE_SEED_ROWS
     # regime -> the data set's own settings over the config (image size)
     overrides: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     recipes: Mapping[str, tuple[str, ...]] = dataclasses.field(
@@ -546,14 +555,14 @@ def _torch_threads(num: Optional[int]) -> Iterator[None]:
 # The benchmark
 
 
-def seed_plan(rows: Sequence[Row], seeds: Sequence[int],
-              more_seeds: Sequence[int]) -> Dict[int, List[str]]:
+def seed_plan(rows: Sequence[Row], seeds: Sequence[int], more_seeds: Sequence[int], *,
+              more_seed_rows: Sequence[str]) -> Dict[int, List[str]]:
     """Seed -> the keys of the rows it trains, in table order: every row for ``seeds``; for
-    ``more_seeds`` the headline rows, and the cascade rows for the first
-    :data:`CASCADE_MORE_SEEDS` of them."""
+    ``more_seeds`` the rows of ``more_seed_rows`` (:data:`MORE_SEED_ROWS` of the regime), and
+    the cascade rows for the first :data:`CASCADE_MORE_SEEDS` of them."""
     plan = {seed: [row.key for row in rows] for seed in seeds}
     for index, seed in enumerate(more_seeds):
-        keys = [row.key for row in rows if row.key in HEADLINE_ROWS
+        keys = [row.key for row in rows if row.key in more_seed_rows
                 or (row.key in CASCADE_ROWS and index < CASCADE_MORE_SEEDS)]
         if keys:
             plan[seed] = keys
@@ -1178,7 +1187,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     class_names = _class_names(splits.train_data)
 
     rows = [ROWS[key] for key in args.rows]
-    plan = seed_plan(rows, args.seeds, args.more_seeds)
+    plan = seed_plan(rows, args.seeds, args.more_seeds,
+                     more_seed_rows=MORE_SEED_ROWS[args.regime])
     shared = _shared_overrides(splits.train_json, splits.train_folder, splits.test_json,
                                splits.test_folder, num_classes=len(class_names) + 1,
                                recipe=dataset.recipes[args.recipe], smoke=smoke,
@@ -1288,8 +1298,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="training seeds of every row (default: 0 1; --smoke: 0)")
     parser.add_argument("--more-seeds", type=int, nargs="*", default=None,
-                        help="more seeds for the baseline and Libra Faster R-CNN only "
-                             "(default: fruit none, bccd 2 3; --smoke: none)")
+                        help="more seeds for the rows of MORE_SEED_ROWS only (default: "
+                             "pretrained 2-7; scratch: fruit none, bccd 2 3; --smoke: none)")
     parser.add_argument("--rows", nargs="+", choices=ROW_KEYS, default=None,
                         help="rows to run (default: all of the data set's)")
     parser.add_argument("--output-dir", default=None,

@@ -187,8 +187,10 @@ def test_smoke_run_writes_table_histogram_and_resumes(tiny_fruit, tmp_path):
     table = (out / "accuracy.md").read_text()
     assert "smoke run" in table and report["git"]["commit"] in table
     # three tables: metrics (header + 6 rows), per-class AP (header + 6), paired gains
-    # (header + 4 rows compared with a baseline)
-    assert table.count("\n| ") == 7 + 7 + 5
+    # (header + 4 rows compared with a baseline, 2 with the Table 2 row before them)
+    assert table.count("\n| ") == 7 + 7 + 7
+    assert "| + balanced feature pyramid | + IoU-balanced sampling | " in table
+    assert "| + balanced L1 loss = Libra Faster R-CNN | + balanced feature pyramid | " in table
     assert "| + balanced L1 loss = Libra Faster R-CNN | 1 |" in table
     assert "| AP apple | AP banana | AP orange |" in table
     assert "wrote" in first.stdout
@@ -287,9 +289,9 @@ def test_bccd_smoke_run_with_more_seeds_and_the_gpu_recipe(tiny_bccd, tmp_path):
     shared = report["settings"]["shared_overrides"]
     assert "train.epochs=8" in shared and "data.num_workers=4" in shared
     assert shared.index("model.min_size=800") < shared.index("model.min_size=64")
-    # --more-seeds trains the headline pairs only
+    # --more-seeds trains the headline pairs and the feature pyramid row only
     seeds = {r["key"]: sorted(r["per_seed"]) for r in report["rows"]}
-    assert seeds == {"faster_rcnn": ["0", "1"], "iou_sampling": ["0", "1"], "bfp": ["0"],
+    assert seeds == {"faster_rcnn": ["0", "1"], "iou_sampling": ["0", "1"], "bfp": ["0", "1"],
                      "iou_sampling_own_bins": ["0", "1"], "libra_faster_rcnn": ["0", "1"]}
     assert report["settings"]["regime"] == "pretrained"
     assert report["settings"]["backbone"] == "efficientnet_lite0"
@@ -430,6 +432,15 @@ def test_bccd_rows_bin_as_the_reference(acc, regime, convention):
         "model.roi_sampler.binning"}
     assert configs["libra_retinanet"]["model.retina_box_loss.formula"] == "beta_in_log"
     assert acc.ROWS["iou_sampling_own_bins"].partner == "iou_sampling"
+    # Table 2's later rows are each one part more than the row before them
+    sampling, bfp, libra = (configs[k] for k in ("iou_sampling", "bfp", "libra_faster_rcnn"))
+    assert acc.ROWS["bfp"].partner == "iou_sampling"
+    assert {k for k in bfp if bfp[k] != sampling[k]} == {"model.bfp.enabled"}
+    assert acc.ROWS["libra_faster_rcnn"].partner == "bfp"
+    assert {k for k in libra if libra[k] != bfp[k]} <= {
+        "model.box_loss.kind", "model.box_loss.alpha", "model.box_loss.gamma",
+        "model.box_loss.beta"}
+    assert libra["model.box_loss.kind"] != bfp["model.box_loss.kind"]
     assert "iou_sampling_own_bins" not in acc.DATASETS["fruit"].rows["scratch"]
 
 
@@ -633,7 +644,7 @@ def test_a_bad_reuse_file_is_one_line_before_any_training(acc, tiny_fruit, tmp_p
 
 def test_arguments_bccd(acc, tmp_path):
     args = acc.parse_args(["--dataset", "bccd"])
-    # pretrained: the headline pairs (more_seeds) at 8 seeds, every other row at 2
+    # pretrained: the rows of MORE_SEED_ROWS at 8 seeds, the cascades at 4, every other at 2
     assert args.seeds == [0, 1] and args.more_seeds == [2, 3, 4, 5, 6, 7]
     assert args.recipe == "cpu" and args.regime == "pretrained"
     assert args.rows == list(acc.ROW_KEYS) and len(args.rows) == 10
@@ -681,24 +692,30 @@ def test_git_commit_names_the_checked_out_commit_and_tracked_changes(acc, tmp_pa
     assert acc.git_commit(tmp_path) == {"commit": head, "dirty": True}
 
 
-def test_seed_plan_gives_the_headline_pairs_every_seed_and_the_cascades_four(acc):
+def test_seed_plan_gives_table2_every_seed_and_the_cascades_four(acc):
     rows = [acc.ROWS[k] for k in acc.ROW_KEYS]
-    plan = acc.seed_plan(rows, [0, 1], [2, 3, 4, 5, 6, 7])
+    plan = acc.seed_plan(rows, [0, 1], [2, 3, 4, 5, 6, 7],
+                         more_seed_rows=acc.MORE_SEED_ROWS["pretrained"])
     assert plan[0] == plan[1] == list(acc.ROW_KEYS)
     assert plan[2] == plan[3]
-    assert sorted(plan[2]) == sorted(["faster_rcnn", "iou_sampling", "libra_faster_rcnn",
-                                      "iou_sampling_own_bins", "cascade_rcnn",
+    table2 = ["faster_rcnn", "iou_sampling", "bfp", "libra_faster_rcnn"]
+    assert sorted(plan[2]) == sorted([*table2, "iou_sampling_own_bins", "cascade_rcnn",
                                       "libra_cascade_rcnn"])
     assert [k for k in acc.ROW_KEYS if k in plan[2]] == plan[2]  # table order
     for seed in (4, 5, 6, 7):
-        assert sorted(plan[seed]) == sorted(acc.HEADLINE_ROWS)
+        assert sorted(plan[seed]) == sorted([*acc.HEADLINE_ROWS, "bfp"])
     counts = {k: sum(k in keys for keys in plan.values()) for k in acc.ROW_KEYS}
     assert counts["libra_cascade_rcnn"] == counts["cascade_rcnn"] == 4
-    assert counts["faster_rcnn"] == counts["libra_faster_rcnn"] == 8
-    assert counts["bfp"] == counts["retinanet"] == 2
+    assert {counts[k] for k in [*table2, "iou_sampling_own_bins"]} == {8}
+    assert counts["libra_faster_rcnn_own_bins"] == counts["retinanet"] == 2
+    # from scratch the feature pyramid row keeps to --seeds
+    scratch = acc.seed_plan(rows, [0, 1], [2, 3], more_seed_rows=acc.MORE_SEED_ROWS["scratch"])
+    assert sorted(scratch[2]) == sorted([*acc.HEADLINE_ROWS, "cascade_rcnn",
+                                         "libra_cascade_rcnn"])
     # rows not asked for are never planned; a plan without any of its rows leaves the seed out
-    only_bfp = acc.seed_plan([acc.ROWS["bfp"]], [0], [2, 3])
-    assert only_bfp == {0: ["bfp"]}
+    only_retina = acc.seed_plan([acc.ROWS["retinanet"]], [0], [2, 3],
+                                more_seed_rows=acc.MORE_SEED_ROWS["pretrained"])
+    assert only_retina == {0: ["retinanet"]}
 
 
 def test_cascade_rows_compare_with_the_faster_rcnn_of_their_kind(acc):
