@@ -238,10 +238,10 @@ def _rows() -> Dict[str, Row]:
               ("bfp", "+ balanced feature pyramid"),
               ("libra_faster_rcnn", "+ balanced L1 loss = Libra Faster R-CNN")]
     # Table 2 adds one part per row: each row after the first two is also compared with the
-    # row before it, the part's own step
-    steps = (None, None, "iou_sampling", "bfp")
-    rows = [Row(key, name, "faster_rcnn", tuple(overrides), "faster_rcnn", partner=step)
-            for (key, name), overrides, step in zip(faster, table2, steps, strict=True)]
+    # row before it, the part's own step (the second's step is its baseline already)
+    rows = [Row(key, name, "faster_rcnn", tuple(overrides), "faster_rcnn",
+                partner=faster[i - 1][0] if i >= 2 else None)
+            for i, ((key, name), overrides) in enumerate(zip(faster, table2, strict=True))]
     own_bins = "model.roi_sampler.binning=negatives"
     rows.append(Row("iou_sampling_own_bins",
                     "+ IoU-balanced sampling, bins over the negatives' own IoU range",
