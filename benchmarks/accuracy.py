@@ -87,6 +87,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -578,6 +579,16 @@ def row_config(row: Row, shared: Sequence[str] = (), dataset: str = "fruit",
     return load_config(DATASETS[dataset].config(row, regime), [*shared, *row.overrides])
 
 
+def config_fingerprint(row: Row, dataset: str, regime: str) -> str:
+    """SHA-256 of ``row``'s resolved config on ``dataset`` without the shared overrides (those
+    are compared as settings): it changes when a shipped config file's values change, which its
+    name alone does not show."""
+    from libra_rcnn.config import config_to_dict
+
+    text = json.dumps(config_to_dict(row_config(row, (), dataset, regime)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _shared_overrides(train_json: Path, train_images: Path, test_json: Path, test_images: Path,
                       *, num_classes: int, recipe: Sequence[str], smoke: bool,
                       user: Sequence[str], dataset: Sequence[str] = ()) -> List[str]:
@@ -1015,6 +1026,7 @@ def _row_entries(rows: Sequence[Row], measured: _Measured, class_names: Sequence
         per_seed, per_class = measured.metrics[row.key], measured.per_class[row.key]
         by_key[row.key] = {
             "key": row.key, "name": row.name, "config": dataset.config(row, regime),
+            "config_sha256": config_fingerprint(row, dataset.key, regime),
             "overrides": list(row.overrides), "baseline": row.baseline, "partner": row.partner,
             "per_seed": per_seed, "per_class": per_class, "seconds": measured.seconds[row.key],
             "stats": aggregate_seeds(per_seed) if per_seed else None,
@@ -1131,11 +1143,15 @@ def read_reused(path: Path, *, dataset: Dataset, regime: str, settings: Mapping[
     entries = [entry for entry in report["rows"] if entry["key"] not in asked]
     for entry in entries:
         row = ROWS.get(entry["key"])
+        if "config_sha256" not in entry:
+            raise UserInputError(f"--reuse {path}: row {entry['key']!r} has no config_sha256, "
+                                 f"so its config values cannot be checked; train it with --rows")
         if (row is None or entry["overrides"] != list(row.overrides)
-                or entry["config"] != dataset.config(row, regime)):
+                or entry["config"] != dataset.config(row, regime)
+                or entry["config_sha256"] != config_fingerprint(row, dataset.key, regime)):
             raise UserInputError(f"--reuse {path}: row {entry['key']!r} was made with another "
-                                 f"config or other overrides than it has now; train it with "
-                                 f"--rows")
+                                 f"config, other config values or other overrides than it has "
+                                 f"now; train it with --rows")
     if not entries:
         raise UserInputError(f"--reuse {path}: --rows trains all of its rows; nothing to reuse")
     return Reused(path, report, entries)

@@ -615,8 +615,14 @@ def test_reuse_takes_the_rows_not_asked_for_from_a_table_made_the_same_way(acc, 
             read(**changed)
     edited = json.loads(committed.read_text())
     edited["rows"][0]["overrides"].append("model.box_loss.alpha=0.3")
+    other_values = json.loads(committed.read_text())
+    other_values["rows"][0]["config_sha256"] = "0" * 64
+    unchecked = json.loads(committed.read_text())
+    del unchecked["rows"][0]["config_sha256"]
     broken = {
-        "another config or other overrides": json.dumps(edited),
+        "another config, other config values or other overrides": json.dumps(edited),
+        "other config values": json.dumps(other_values),
+        "has no config_sha256": json.dumps(unchecked),
         "cannot read it as JSON": "{not json",
         "not an accuracy.json": json.dumps({"rows": []}),
         "not 'bccd'": json.dumps(dict(report, dataset={"key": "fruit"})),
@@ -629,6 +635,27 @@ def test_reuse_takes_the_rows_not_asked_for_from_a_table_made_the_same_way(acc, 
     with pytest.raises(UserInputError, match="nothing to reuse"):
         acc.read_reused(committed, dataset=dataset, regime="pretrained", settings=settings,
                         rows=[acc.ROWS[r["key"]] for r in report["rows"]])
+
+
+def test_config_fingerprint_follows_the_config_values_not_its_text(acc, tmp_path, monkeypatch):
+    shipped = REPO_ROOT / "src/libra_rcnn/configs/faster_rcnn_lite0_fpn_cpu.yaml"
+    copy = tmp_path / "faster.yaml"
+    copy.write_text(shipped.read_text())
+    fruit = acc.DATASETS["fruit"]
+    configs = {"pretrained": dict(fruit.configs["pretrained"], faster_rcnn=str(copy))}
+    monkeypatch.setitem(acc.DATASETS, "fruit", dataclasses.replace(fruit, configs=configs))
+    baseline = acc.ROWS["faster_rcnn"]
+
+    def fingerprint(row=baseline):
+        return acc.config_fingerprint(row, "fruit", "pretrained")
+
+    first = fingerprint()
+    assert re.fullmatch(r"[0-9a-f]{64}", first)
+    assert fingerprint(acc.ROWS["iou_sampling"]) != first  # the row's overrides count
+    copy.write_text("# a comment changes no value\n" + shipped.read_text())
+    assert fingerprint() == first
+    copy.write_text(shipped.read_text().replace("base_lr: 0.005", "base_lr: 0.004"))
+    assert fingerprint() != first
 
 
 def test_a_bad_reuse_file_is_one_line_before_any_training(acc, tiny_fruit, tmp_path, capsys):
@@ -741,11 +768,12 @@ def _table_cells(markdown: str) -> list:
     return rows
 
 
-def test_docs_fine_tuned_tables_are_the_committed_results(acc):
-    """Every number of the fine-tuned BCCD tables in docs/benchmarks.md is the benchmark's own
+@pytest.mark.parametrize("results", ["accuracy_bccd_pretrained_cpu.json",
+                                     "accuracy_fruit_pretrained_cpu.json"])
+def test_docs_fine_tuned_tables_are_the_committed_results(acc, results):
+    """Every number of the fine-tuned tables in docs/benchmarks.md is the benchmark's own
     rendering of the committed results file."""
-    report = json.loads((REPO_ROOT / "benchmarks/results/accuracy_bccd_pretrained_cpu.json")
-                        .read_text())
+    report = json.loads((REPO_ROOT / "benchmarks/results" / results).read_text())
     # the docs name the last Table-2 row by its detector only
     rendered = _table_cells(acc._markdown(report).replace(
         "+ balanced L1 loss = Libra Faster R-CNN", "Libra Faster R-CNN"))
