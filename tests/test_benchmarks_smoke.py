@@ -129,6 +129,30 @@ def test_end_to_end_script_smoke(tmp_path):
     assert "target:" not in stdout  # a smoke run judges no target
 
 
+def test_retina_head_signal_script_smoke(tmp_path):
+    """The measurement the RetinaNet config's group-norm head rests on: at initialisation the
+    plain head's tower shrinks the pyramid's spread layer by layer, the group-norm head's does
+    not."""
+    from PIL import Image
+
+    voc = tmp_path / "voc"
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    (voc / "ImageSets" / "Main" / "test.txt").write_text("a\n")
+    pixels = torch.Generator().manual_seed(0)
+    noise = (torch.rand(48, 64, 3, generator=pixels) * 255).to(torch.uint8).numpy()
+    Image.fromarray(noise).save(voc / "JPEGImages" / "a.jpg")
+    payload, stdout = _run_smoke("retina_head_signal", tmp_path, "--data-root", str(voc))
+    spread = {row["retina_head_norm"]: row["std"] for row in payload["rows"]}
+    assert set(spread) == {"none", "gn"}
+    assert spread["none"]["pyramid"] == pytest.approx(spread["gn"]["pyramid"], rel=1e-4)
+    plain = [spread["none"][f"tower layer {i}"] for i in range(1, 5)]
+    assert all(later < 0.5 * earlier for earlier, later in zip(plain, plain[1:]))
+    normed = [spread["gn"][f"tower layer {i}"] for i in range(1, 5)]
+    assert min(normed) > 0.5 * max(normed) and normed[-1] > 10 * plain[-1]
+    assert "head norm gn" in stdout
+
+
 def test_onnx_runtime_script_smoke(tmp_path):
     pytest.importorskip("onnxruntime")
     payload, stdout = _run_smoke("onnx_runtime", tmp_path)
