@@ -237,11 +237,16 @@ def _separate_scores(model: nn.Module) -> None:
 
 # every exportable detector in torchvision's conventions; in mmdetection's (its OpenCV-exact
 # resize, fixed-stride anchors, aligned RoIAlign...) the three that mmdetection checkpoints
-# convert to; all on ResNet-18, and Faster R-CNN on EfficientNet-Lite0 too (timm's network)
+# convert to; all on ResNet-18, and Faster R-CNN on EfficientNet-Lite0 too (timm's network),
+# and RetinaNet on it with the group-norm head of the shipped lite configs
 EXPORTED = [("faster_rcnn", "torchvision", "resnet18"), ("retinanet", "torchvision", "resnet18"),
             ("rpn", "torchvision", "resnet18"), ("cascade_rcnn", "torchvision", "resnet18"),
             ("faster_rcnn", "mmdet", "resnet18"), ("retinanet", "mmdet", "resnet18"),
-            ("cascade_rcnn", "mmdet", "resnet18"), ("faster_rcnn", "mmdet", "efficientnet_lite0")]
+            ("cascade_rcnn", "mmdet", "resnet18"), ("faster_rcnn", "mmdet", "efficientnet_lite0"),
+            ("retinanet", "torchvision", "efficientnet_lite0")]
+# group norm refuses a one-value group, so P7 (1/128 of the image) must be larger than 1 x 1
+MORE_SETTINGS = {("retinanet", "torchvision", "efficientnet_lite0"):
+                 dict(retina_head_norm="gn", fpn_channels=32, min_size=160, max_size=256)}
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +256,9 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     paths = {}
     for arch, convention, backbone in EXPORTED:
+        settings = {**SMALL, **MORE_SETTINGS.get((arch, convention, backbone), {})}
         cfg = libra_model_config(arch, backbone, settings=convention,
-                                 **used_settings(arch, SMALL))
+                                 **used_settings(arch, settings))
         model = build_model(cfg)
         _separate_scores(model)
         paths[arch, convention, backbone] = save_checkpoint(

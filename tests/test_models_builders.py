@@ -163,6 +163,13 @@ def test_bad_configs_raise_value_error_naming_the_field(overrides, match):
         libra_model_config("faster_rcnn", **overrides)
 
 
+def test_group_norm_head_needs_channels_in_groups_of_32():
+    with pytest.raises(ValueError, match="fpn_channels is 48: use a multiple of 32"):
+        libra_model_config("retinanet", retina_head_norm="gn", fpn_channels=48)
+    assert libra_model_config("retinanet", retina_head_norm="gn", fpn_channels=64).fpn_channels == 64
+    assert libra_model_config("retinanet", fpn_channels=48).fpn_channels == 48  # no group norm
+
+
 def test_bad_arch_or_backbone():
     with pytest.raises(ValueError, match="arch"):
         libra_model_config("mask_rcnn")

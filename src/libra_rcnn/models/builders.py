@@ -201,6 +201,9 @@ def check_model_values(cfg: ModelConfig) -> ModelConfig:
         check_box_loss_values(getattr(cfg, name), name)
     sampling_settings(cfg.roi_sampler, "roi_sampler")
     _check_cascade_values(cfg.cascade)
+    if cfg.arch == "retinanet" and cfg.retina_head_norm == "gn" and cfg.fpn_channels % 32:
+        raise ValueError(f"retina_head_norm: gn splits the head's fpn_channels into 32 groups; "
+                         f"fpn_channels is {cfg.fpn_channels}: use a multiple of 32")
     return cfg
 
 
