@@ -605,9 +605,11 @@ def test_reuse_takes_the_rows_not_asked_for_from_a_table_made_the_same_way(acc, 
     assert read(seeds=list(range(8)), more_seeds=[]).row_keys == reused.row_keys
     assert reused.histogram == report["iou_histogram"]
     assert reused.provenance()["git"] == report["git"]
+    there = sorted({*settings["seeds"], *settings["more_seeds"]})
+    fewer = [s for s in there if s != there[1]]
     errors = {
         "threads: 2 there, 1 here": dict(threads=1),
-        "all_seeds: [0, 1, 2, 3, 4, 5, 6, 7] there, [0, 2, 3, 4, 5, 6, 7] here": dict(seeds=[0]),
+        f"all_seeds: {there} there, {fewer} here": dict(seeds=fewer, more_seeds=[]),
         "shared_overrides: ": dict(shared_overrides=settings["shared_overrides"] + ["x.y=1"]),
     }
     for message, changed in errors.items():
